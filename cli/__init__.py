@@ -1,0 +1,1 @@
+"""spectra.cli: the ``spectra`` command (typer). Thin: parse, call the library, print."""

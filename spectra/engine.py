@@ -1,0 +1,340 @@
+"""The analysis engine: every metric for every module of a checkpoint, batched and streamed.
+
+Modules of one step are grouped by (shape, stored form); each group is cut into chunks whose working
+memory stays under ``max_batch_bytes``, and each chunk is loaded, moved to the device, analysed as one
+batch and released before the next is read. Peak memory therefore depends on the chunk budget and the
+largest shape, not on the number of modules.
+
+Per chunk:
+
+- σ(ΔW): factored operators by QR + core SVD (:func:`spectra.svd.factored_svd`), never dense; dense
+  ones (full FT, MiSS, QuanTA, DoRA, IA3) by the float64 Gram/eigh path (:func:`spectra.svd.dense_svd`);
+- alignment with W0's principal and minor subspaces for all k ≤ max(ks) at once, from the cached
+  reference vectors in base/;
+- W_t = W0 + ΔW: its full spectrum and top vectors (``wt="full"``, needed for the spectrum drift NSS),
+  only its top vectors by randomized subspace iteration (``wt="topk"``), or nothing (``wt="none"``);
+  then principal angles, intruder dimensions, NSS and bf16 update sparsity.
+
+A module whose update is NaN/Inf, whose shape does not match W0, or whose data cannot be read gets a
+row with ``status`` saying so and empty metrics; the rest of the checkpoint is still analysed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from spectra import metrics as M
+from spectra.base import BaseSpectrum
+from spectra.errors import DeltaFileError, ShapeMismatchError, SpectraError
+from spectra.names import parse_module_name
+from spectra.operators import DeltaOperator, LowRank, VectorDelta, stack
+from spectra.svd import SVDResult, default_device, dense_svd, factored_svd, randomized_topk
+
+
+@dataclass
+class EngineConfig:
+    """Options of the analysis engine.
+
+    ks: the k of E_k, ρ_k and principal angles (each ≤ the number of base vectors kept).
+    intruder_top, intruder_eps: top singular vectors of W_t examined, and the |cos| threshold ε.
+    wt: how much of W_t's SVD to compute: "full" (full spectrum: exact NSS), "topk" (randomized top
+        vectors only; NSS left empty) or "none" (no W_t metrics).
+    bf16: compute bf16 update sparsity (needs W0 + ΔW dense).
+    device: "cuda", "cpu", ... (default: CUDA when present).
+    max_batch_bytes: working-memory budget of one batch.
+    """
+
+    ks: tuple[int, ...] = (1, 8, 32)
+    intruder_top: int = 10
+    intruder_eps: float = 0.5
+    wt: Literal["full", "topk", "none"] = "full"
+    bf16: bool = True
+    device: str | None = None
+    max_batch_bytes: int = 1 << 30
+    rank_fraction: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"EngineConfig.ks must be positive integers, got {self.ks}")
+        if self.wt not in ("full", "topk", "none"):
+            raise ValueError(f"EngineConfig.wt must be 'full', 'topk' or 'none', got {self.wt!r}")
+        self.ks = tuple(sorted(set(self.ks)))
+
+
+@dataclass
+class Item:
+    """One module of one checkpoint, ready for the engine."""
+
+    module: str
+    op: DeltaOperator
+    w0: Tensor
+    base: BaseSpectrum
+
+
+def metric_columns(config: EngineConfig) -> list[str]:
+    """Names of the metric columns the engine writes, in order."""
+    cols = [
+        "fro_norm",
+        "spectral_norm",
+        "relative_size",
+        "erank",
+        "stable_rank",
+        "participation_ratio",
+        f"rank{round(config.rank_fraction * 100)}",
+    ]
+    cols += [f"E_{k}" for k in config.ks]
+    for k in config.ks:
+        cols += [
+            f"rho_{k}",
+            f"rho_left_{k}",
+            f"rho_right_{k}",
+            f"rho_baseline_{k}",
+            f"off_principal_{k}",
+            f"rho_minor_{k}",
+            f"rho_minor_left_{k}",
+            f"rho_minor_right_{k}",
+        ]
+    if config.wt != "none":
+        cols += [f"angle_left_{k}" for k in config.ks] + [f"angle_right_{k}" for k in config.ks]
+        cols += ["intruders", "nss"]
+    if config.bf16:
+        cols += ["bf16_sparsity"]
+    return cols
+
+
+def analyze_items(items: list[Item], config: EngineConfig | None = None) -> list[dict[str, Any]]:
+    """Analyse a list of same-shape items as one batch; one dict of metrics per item."""
+    config = config or EngineConfig()
+    device = torch.device(config.device) if config.device else default_device()
+    if not items:
+        return []
+    m, n = items[0].op.shape[-2:]
+    keep = items[0].base.keep
+    if keep < min(max(config.ks), m, n):
+        raise ValueError(
+            f"EngineConfig.ks asks for k = {max(config.ks)} but base/ keeps {keep} singular vectors "
+            f"of this {m}×{n} module; recompute base spectra with a larger keep or use smaller ks"
+        )
+    kmax = min(max(config.ks), keep)  # k beyond min(m, n) means the whole space
+
+    op = stack([it.op for it in items]).to(device)
+    base = BaseSpectrum(
+        *(
+            torch.stack([getattr(it.base, k) for it in items]).to(device, torch.float64)
+            for k in ("sigma", "U", "V", "U_minor", "V_minor")
+        )
+    )
+    factors = op.factors()
+    s_delta = factored_svd(*factors).S if factors is not None else dense_svd(op.to_dense()).S
+
+    out: dict[str, Tensor] = {
+        "fro_norm": M.frobenius_norm(s_delta),
+        "spectral_norm": M.spectral_norm(s_delta),
+        "relative_size": M.relative_update_size(s_delta, base.sigma),
+        "erank": M.effective_rank(s_delta),
+        "stable_rank": M.stable_rank(s_delta),
+        "participation_ratio": M.participation_ratio(s_delta),
+        f"rank{round(config.rank_fraction * 100)}": M.rank_at(s_delta, config.rank_fraction),
+    }
+    E = M.spectral_concentration(s_delta, list(config.ks))
+    principal = M.alignment_curves(op, base.U[..., :kmax], base.V[..., :kmax])
+    minor = M.alignment_curves(op, base.U_minor[..., :kmax], base.V_minor[..., :kmax])
+    for j, k in enumerate(config.ks):
+        i = min(k, kmax) - 1
+        out[f"E_{k}"] = E[..., j]
+        out[f"rho_{k}"] = principal["two_sided"][..., i]
+        out[f"rho_left_{k}"] = principal["left"][..., i]
+        out[f"rho_right_{k}"] = principal["right"][..., i]
+        out[f"off_principal_{k}"] = 1 - principal["two_sided"][..., i]
+        out[f"rho_minor_{k}"] = minor["two_sided"][..., i]
+        out[f"rho_minor_left_{k}"] = minor["left"][..., i]
+        out[f"rho_minor_right_{k}"] = minor["right"][..., i]
+
+    if config.wt != "none" or config.bf16:
+        w0 = torch.stack([it.w0 for it in items]).to(device)
+        delta = (
+            (factors[0].to(torch.float64) @ factors[1].to(torch.float64))
+            if factors is not None
+            else op.to_dense().to(torch.float64)
+        )
+        if config.bf16:
+            out["bf16_sparsity"] = M.bf16_update_sparsity(w0, delta)
+        if config.wt != "none":
+            out.update(_wt_metrics(w0.to(torch.float64) + delta, base, config, kmax))
+        del delta, w0
+
+    rows = []
+    for i, _it in enumerate(items):
+        row = {name: _scalar(v[i]) for name, v in out.items()}
+        for k in config.ks:
+            row[f"rho_baseline_{k}"] = M.alignment_baseline(min(k, kmax), m, n)
+        rows.append(row)
+    return rows
+
+
+def _wt_metrics(wt: Tensor, base: BaseSpectrum, config: EngineConfig, kmax: int) -> dict[str, Tensor]:
+    k_vec = max(kmax, config.intruder_top)
+    res: SVDResult = (
+        dense_svd(wt, k=k_vec) if config.wt == "full" else randomized_topk(wt.to(torch.float32), k=k_vec)
+    )
+    out: dict[str, Tensor] = {}
+    for k in config.ks:
+        kk = min(k, kmax)
+        out[f"angle_left_{k}"] = M.max_principal_angle(base.U[..., :kk], res.U[..., :kk])
+        out[f"angle_right_{k}"] = M.max_principal_angle(base.V[..., :kk], res.V[..., :kk])
+    out["intruders"] = M.intruder_dimensions(res.U[..., : config.intruder_top], base.U, config.intruder_eps)
+    if config.wt == "full":
+        out["nss"] = M.spectrum_drift(res.S, base.sigma)
+    return out
+
+
+def _scalar(v: Tensor) -> float | int:
+    x = v.item()
+    return int(x) if isinstance(x, (bool, int)) else float(x)
+
+
+def _item_bytes(shape: tuple[int, ...], rank: int, config: EngineConfig) -> int:
+    """Working memory of one item (float64 bytes): W0, ΔW and W_t dense plus Gram/eigh work."""
+    m, n = shape[-2:]
+    p = min(m, n)
+    kmax = max(max(config.ks), config.intruder_top)
+    dense = 8 * (4 * m * n + 2 * p * p) if (rank == 0 or config.wt != "none" or config.bf16) else 0
+    return dense + 8 * ((m + n) * (4 * kmax + 2 * rank))
+
+
+def plan_chunks(sizes: list[int], budget: int) -> list[list[int]]:
+    """Cut items (with per-item byte sizes) into consecutive chunks of at most ``budget`` bytes each
+    (an item larger than the budget gets a chunk of its own)."""
+    chunks: list[list[int]] = []
+    used = 0
+    for i, size in enumerate(sizes):
+        if chunks and used + size <= budget:
+            chunks[-1].append(i)
+            used += size
+        else:
+            chunks.append([i])
+            used = size
+    return chunks
+
+
+def analyze_checkpoint(items: list[Item], config: EngineConfig | None = None) -> list[dict[str, Any]]:
+    """Every metric for modules already in memory (any shapes): grouped by shape and stored form,
+    batched within the memory budget. One dict per item, in input order."""
+    config = config or EngineConfig()
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, it in enumerate(items):
+        rank = it.op.rank_bound if isinstance(it.op, LowRank) else 0
+        groups.setdefault((tuple(it.op.shape), rank), []).append(i)
+    rows: list[dict[str, Any]] = [{} for _ in items]
+    for (shape, rank), idx in groups.items():
+        for chunk in plan_chunks([_item_bytes(shape, rank, config)] * len(idx), config.max_batch_bytes):
+            for j, row in zip(chunk, analyze_items([items[idx[j]] for j in chunk], config), strict=True):
+                rows[idx[j]] = row
+    return rows
+
+
+def analyze_run(
+    run: Any,
+    steps: Iterable[int] | None = None,
+    config: EngineConfig | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> pd.DataFrame:
+    """Every metric for every recorded step × module of a :class:`spectra.store.Run`.
+
+    Damaged files and modules are reported in the ``status`` column and skipped; the rest is analysed.
+    ``progress(done, total, label)`` is called after each chunk (for a progress bar).
+    """
+    config = config or EngineConfig()
+    steps = list(run.steps if steps is None else steps)
+    run.ensure_base_spectra(keep=max(64, max(config.ks), config.intruder_top))
+    rows: list[dict[str, Any]] = []
+    for si, step in enumerate(steps):
+        try:
+            dfile = run.open_delta(step)
+        except DeltaFileError as e:
+            rows.append(_status_row(step, None, "unreadable", str(e)))
+            continue
+        with dfile:
+            groups: dict[tuple[Any, ...], list[str]] = {}
+            for module in dfile.modules:
+                try:
+                    info = dfile.info(module)
+                except (DeltaFileError, KeyError, OSError) as e:
+                    rows.append(_status_row(step, module, "unreadable", str(e)))
+                    continue
+                groups.setdefault((info.shape, info.kind, info.rank), []).append(module)
+            for key, modules in groups.items():
+                if key[1] == "vector":
+                    rows += [_vector_row(run, dfile, step, mod) for mod in modules]
+                    continue
+                sizes = [_item_bytes(key[0], key[2], config)] * len(modules)
+                for idx in plan_chunks(sizes, config.max_batch_bytes):
+                    rows += _analyze_chunk(run, dfile, step, [modules[i] for i in idx], config)
+                    if progress:
+                        progress(si, len(steps), f"step {step}")
+    cols = ["step", "module", "layer", "proj", "kind", "m", "n", "status", *metric_columns(config), "error"]
+    df = pd.DataFrame(rows)
+    return df.reindex(columns=cols + [c for c in df.columns if c not in cols])
+
+
+def _analyze_chunk(run: Any, dfile: Any, step: int, modules: list[str], config: EngineConfig) -> list[dict]:
+    items: list[Item] = []
+    rows: list[dict[str, Any]] = []
+    for module in modules:
+        try:
+            op = run._read_checked(dfile, module)
+            if not op.is_finite():
+                rows.append(_status_row(step, module, "nonfinite", "ΔW contains NaN or Inf"))
+                continue
+            items.append(Item(module, op, run.w0(module), run.base_spectrum(module)))
+        except ShapeMismatchError as e:
+            rows.append(_status_row(step, module, "shape_mismatch", str(e)))
+        except SpectraError as e:
+            rows.append(_status_row(step, module, "unreadable", str(e)))
+    if items:
+        kind = dfile.info(items[0].module).kind
+        for it, metrics in zip(items, analyze_items(items, config), strict=True):
+            m, n = it.op.shape[-2:]
+            rows.append(
+                {**_identity(step, it.module), "kind": kind, "m": m, "n": n, "status": "ok", **metrics}
+            )
+    return rows
+
+
+def _vector_row(run: Any, dfile: Any, step: int, module: str) -> dict[str, Any]:
+    try:
+        rec = run._read_checked(dfile, module)
+    except SpectraError as e:
+        return _status_row(step, module, "unreadable", str(e))
+    assert isinstance(rec, VectorDelta)
+    if not rec.is_finite():
+        return _status_row(step, module, "nonfinite", "Δθ contains NaN or Inf")
+    d = rec.delta.to(torch.float64)
+    theta0 = run.w0(module).to(torch.float64)
+    fro = float(torch.linalg.vector_norm(d))
+    return {
+        **_identity(step, module),
+        "kind": "vector",
+        "m": d.shape[0],
+        "n": 1,
+        "status": "ok",
+        "fro_norm": fro,
+        "spectral_norm": fro,
+        "relative_size": fro / float(torch.linalg.vector_norm(theta0)),
+    }
+
+
+def _identity(step: int, module: str | None) -> dict[str, Any]:
+    layer, proj = parse_module_name(module) if module else (None, None)
+    return {"step": step, "module": module, "layer": layer, "proj": proj}
+
+
+def _status_row(step: int, module: str | None, status: str, error: str) -> dict[str, Any]:
+    return {**_identity(step, module), "status": status, "error": error, "fro_norm": math.nan}

@@ -1,0 +1,48 @@
+"""spectra.metrics: pure functions of spectra and matrices, each documented with its formula.
+
+Notation: σ the singular values of a matrix (descending), p_i = σ_i/Σσ, W0 = U Σ Vᵀ the base weight,
+U_k, V_k its top-k singular vectors and U_{-k}, V_{-k} its bottom-k, W_t = W0 + ΔW.
+"""
+
+from spectra.metrics.collapse import CollapseRule, detect_collapse
+from spectra.metrics.precision import bf16_update_sparsity
+from spectra.metrics.spectral import (
+    effective_rank,
+    frobenius_norm,
+    participation_ratio,
+    rank_at,
+    relative_update_size,
+    spectral_concentration,
+    spectral_norm,
+    spectrum_drift,
+    stable_rank,
+)
+from spectra.metrics.subspace import (
+    alignment_baseline,
+    alignment_curves,
+    intruder_dimensions,
+    max_principal_angle,
+    principal_alignment,
+    principal_angles,
+)
+
+__all__ = [
+    "CollapseRule",
+    "alignment_baseline",
+    "alignment_curves",
+    "bf16_update_sparsity",
+    "detect_collapse",
+    "effective_rank",
+    "frobenius_norm",
+    "intruder_dimensions",
+    "max_principal_angle",
+    "participation_ratio",
+    "principal_alignment",
+    "principal_angles",
+    "rank_at",
+    "relative_update_size",
+    "spectral_concentration",
+    "spectral_norm",
+    "spectrum_drift",
+    "stable_rank",
+]

@@ -1,0 +1,536 @@
+"""The run directory: reading and writing ``run.json``, ``base/``, ``deltas/``, ``metrics.jsonl``.
+
+The on-disk format is documented in docs/format.md so that it can be read without spectra. In short::
+
+    runs/<name>/
+      run.json                 resolved configuration (+ "schema_version")
+      base/weights.h5          W0 of every adapted module   (or base/pointer.json → safetensors files)
+      base/spectra.h5          σ(W0), top/bottom singular vectors, written once by ensure_base_spectra
+      deltas/step_000050.h5    one file per recorded step, written atomically
+      metrics.jsonl            one JSON object per logged training step
+      eval.jsonl               evaluation results over training
+
+Writes go to a temporary name in the same folder and are renamed into place; readers never see a
+half-written file, and an interrupted write leaves the previous file untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import pandas as pd
+import torch
+from torch import Tensor
+
+from spectra.base import DEFAULT_KEEP, BaseSpectrum, compute_base_spectrum
+from spectra.errors import DeltaFileError, RunDirError, ShapeMismatchError
+from spectra.h5io import atomic_path, attr_str, read_tensor, write_json, write_tensor
+from spectra.operators import DeltaOperator, Dense, DoRA, LowRank, Scaled, VectorDelta
+
+SCHEMA_VERSION = 1
+DELTA_FORMAT = "spectra-delta"
+WEIGHTS_FORMAT = "spectra-base-weights"
+SPECTRA_FORMAT = "spectra-base-spectra"
+_STEP_RE = re.compile(r"^step_(\d{6,})\.h5$")
+
+Record = DeltaOperator | VectorDelta
+
+
+def delta_filename(step: int) -> str:
+    """``step_000050.h5`` for step 50."""
+    if step < 0:
+        raise ValueError(f"step must be ≥ 0, got {step}")
+    return f"step_{step:06d}.h5"
+
+
+def _check_version(f: h5py.File, path: Path, fmt: str) -> None:
+    got_fmt = attr_str(f, "format")
+    if got_fmt != fmt:
+        raise DeltaFileError(f"{path}: format attribute is {got_fmt!r}; expected {fmt!r}")
+    version = int(f.attrs.get("schema_version", -1))
+    if version != SCHEMA_VERSION:
+        raise DeltaFileError(
+            f"{path}: schema_version {version} is not supported; this spectra reads "
+            f"version {SCHEMA_VERSION} (upgrade spectra or rewrite the file)"
+        )
+
+
+def _open(path: Path, fmt: str) -> h5py.File:
+    if not path.exists():
+        raise DeltaFileError(f"{path}: file is missing")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise DeltaFileError(
+            f"{path}: not a readable HDF5 file (truncated or damaged?): {str(e).splitlines()[0]}"
+        ) from None
+    try:
+        _check_version(f, path, fmt)
+    except DeltaFileError:
+        f.close()
+        raise
+    return f
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+class RunWriter:
+    """Writes a run directory. The trainer's checkpoint callback and synthetic benchmarks use this."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        (self.path / "deltas").mkdir(parents=True, exist_ok=True)
+        (self.path / "base").mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, config: Mapping[str, Any]) -> None:
+        """``run.json``: the resolved configuration, with ``schema_version`` added."""
+        write_json(self.path / "run.json", {**config, "schema_version": SCHEMA_VERSION})
+
+    def write_base_weights(self, weights: Mapping[str, Tensor]) -> None:
+        """``base/weights.h5``: W0 of every adapted module (and θ0 of vector parameters), once."""
+        with atomic_path(self.path / "base" / "weights.h5") as tmp, h5py.File(tmp, "w") as f:
+            f.attrs["format"] = WEIGHTS_FORMAT
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            mods = f.create_group("modules")
+            for name, w in weights.items():
+                g = mods.create_group(_h5name(name))
+                g.attrs["name"] = name
+                write_tensor(g, "W0", w)
+
+    def write_base_pointer(self, files: list[str | Path], names: Mapping[str, str]) -> None:
+        """``base/pointer.json``: W0 lives in safetensors files (``names`` maps module → tensor name)."""
+        write_json(
+            self.path / "base" / "pointer.json",
+            {
+                "format": "safetensors",
+                "files": [str(Path(p).resolve()) for p in files],
+                "names": dict(names),
+                "schema_version": SCHEMA_VERSION,
+            },
+        )
+
+    def write_delta(
+        self, step: int, modules: Mapping[str, Record], shared: Mapping[str, Tensor] | None = None
+    ) -> Path:
+        """``deltas/step_NNNNNN.h5`` with every module's update in its exact stored form.
+
+        ``shared`` names matrices stored once under ``/shared`` (VeRA's random matrices): a factor that
+        is a leading block view of one of them (``shared[:rows, :cols]``) is written as a reference.
+        """
+        path = self.path / "deltas" / delta_filename(step)
+        shared = dict(shared or {})
+        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+            f.attrs["format"] = DELTA_FORMAT
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["step"] = step
+            sh = f.create_group("shared")
+            for name, t in shared.items():
+                write_tensor(sh, name, t)
+            mods = f.create_group("modules")
+            for name, rec in modules.items():
+                _write_record(mods.create_group(_h5name(name)), name, rec, shared)
+        return path
+
+    def append_metrics(self, row: Mapping[str, Any], filename: str = "metrics.jsonl") -> None:
+        """Append one JSON line to ``metrics.jsonl`` (or ``eval.jsonl``) in a single write."""
+        line = json.dumps(dict(row), sort_keys=True) + "\n"
+        with open(self.path / filename, "a") as fh:
+            fh.write(line)
+            fh.flush()
+
+
+def _h5name(module: str) -> str:
+    return module.replace("/", "|")
+
+
+def _write_record(g: h5py.Group, name: str, rec: Record, shared: Mapping[str, Tensor]) -> None:
+    g.attrs["name"] = name
+    g.attrs["shape"] = list(rec.shape)
+
+    def put(key: str, t: Tensor | None) -> None:
+        if t is None:
+            return
+        for sname, s in shared.items():
+            if t.ndim == 2 and t.data_ptr() == s.data_ptr() and t.stride() == s.stride():
+                g.attrs[f"{key}_ref"] = f"/shared/{sname}"
+                g.attrs[f"{key}_ref_shape"] = list(t.shape)
+                return
+        write_tensor(g, key, t)
+
+    if isinstance(rec, Dense):
+        g.attrs["kind"] = "dense"
+        put("delta", rec.delta)
+    elif isinstance(rec, LowRank):
+        g.attrs["kind"] = "lowrank"
+        g.attrs["scale"] = float(rec.scale)
+        for key in ("B", "A", "mid", "row", "B0", "A0"):
+            put(key, getattr(rec, key))
+    elif isinstance(rec, DoRA):
+        g.attrs["kind"] = "dora"
+        g.attrs["scale"] = float(rec.scale)
+        for key in ("B", "A", "magnitude"):
+            put(key, getattr(rec, key))
+    elif isinstance(rec, Scaled):
+        g.attrs["kind"] = "scaled"
+        g.attrs["axis"] = rec.axis
+        put("l", rec.l)
+    elif isinstance(rec, VectorDelta):
+        g.attrs["kind"] = "vector"
+        put("delta", rec.delta)
+    else:
+        raise TypeError(
+            f"write_delta: module {name!r} has an update of type {type(rec).__name__}; "
+            "expected Dense, LowRank, DoRA, Scaled or VectorDelta"
+        )
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """What the file says about one module without reading its tensors."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    rank: int  # columns of the factored form (0 for non-factored kinds)
+
+
+class DeltaFile:
+    """One open delta file; modules are read one at a time (``with DeltaFile(path) as d: ...``)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._f = _open(self.path, DELTA_FORMAT)
+        self.step = int(self._f.attrs.get("step", -1))
+        try:
+            self._groups = {attr_str(g, "name") or k: g for k, g in self._f["modules"].items()}
+        except (KeyError, OSError) as e:
+            self._f.close()
+            raise DeltaFileError(f"{self.path}: no readable /modules group ({e})") from None
+
+    def __enter__(self) -> DeltaFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._f.close()
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self._groups)
+
+    def info(self, module: str) -> ModuleInfo:
+        g = self._group(module)
+        kind = attr_str(g, "kind") or "?"
+        rank = 0
+        if kind == "lowrank":
+            rank = self._dim(g, "B", -1) + (self._dim(g, "B0", -1) if self._has(g, "B0") else 0)
+        return ModuleInfo(module, kind, tuple(int(x) for x in g.attrs["shape"]), rank)
+
+    def read(self, module: str, w0: Tensor | None = None) -> Record:
+        """The module's update as an operator. DoRA and IA3 need ``w0`` (the original base weight)."""
+        g = self._group(module)
+        kind = attr_str(g, "kind")
+        try:
+            if kind == "dense":
+                return Dense(self._get(g, "delta"))
+            if kind == "vector":
+                return VectorDelta(self._get(g, "delta"))
+            if kind == "lowrank":
+                return LowRank(
+                    self._get(g, "B"),
+                    self._get(g, "A"),
+                    float(g.attrs.get("scale", 1.0)),
+                    *(self._get(g, k) if self._has(g, k) else None for k in ("mid", "row", "B0", "A0")),
+                )
+            if kind in ("dora", "scaled"):
+                if w0 is None:
+                    raise DeltaFileError(f"{self.path}: module {module!r} ({kind}) needs W0 to be read")
+                if kind == "dora":
+                    return DoRA(
+                        w0,
+                        self._get(g, "magnitude"),
+                        self._get(g, "B"),
+                        self._get(g, "A"),
+                        float(g.attrs.get("scale", 1.0)),
+                    )
+                return Scaled(w0, self._get(g, "l"), attr_str(g, "axis") or "row")  # type: ignore[arg-type]
+        except (OSError, KeyError, ValueError) as e:
+            raise DeltaFileError(
+                f"{self.path}: module {module!r} is damaged: {str(e).splitlines()[0]}"
+            ) from None
+        raise DeltaFileError(
+            f"{self.path}: module {module!r} has unknown kind {kind!r}; expected one of "
+            "dense, lowrank, dora, scaled, vector"
+        )
+
+    def _group(self, module: str) -> h5py.Group:
+        if module not in self._groups:
+            raise DeltaFileError(f"{self.path}: no module {module!r}")
+        return self._groups[module]
+
+    def _has(self, g: h5py.Group, key: str) -> bool:
+        return key in g or f"{key}_ref" in g.attrs
+
+    def _dim(self, g: h5py.Group, key: str, axis: int) -> int:
+        if key in g:
+            return int(g[key].shape[axis])
+        return int(g.attrs[f"{key}_ref_shape"][axis])
+
+    def _get(self, g: h5py.Group, key: str) -> Tensor:
+        if key in g:
+            return read_tensor(g[key])
+        ref = attr_str(g, f"{key}_ref")
+        if ref is None:
+            raise KeyError(f"dataset {key!r} missing")
+        rows, cols = (int(x) for x in g.attrs[f"{key}_ref_shape"])
+        return read_tensor(self._f[ref], rows, cols)
+
+
+class Run:
+    """A run directory opened for analysis (see :func:`load_run`)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise RunDirError(f"{self.path}: not a directory; expected a run directory (runs/<name>/)")
+        cfg = self.path / "run.json"
+        if not cfg.exists():
+            raise RunDirError(f"{self.path}: no run.json; this is not a spectra run directory")
+        try:
+            self.config: dict[str, Any] = json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise RunDirError(f"{cfg}: not valid JSON ({e})") from None
+        version = self.config.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise RunDirError(
+                f"{cfg}: schema_version {version!r} is not supported; expected {SCHEMA_VERSION}"
+            )
+        self._weights: h5py.File | None = None
+        self._pointer: dict[str, Any] | None = None
+        self._spectra: h5py.File | None = None
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, steps={self.steps}, modules={len(self.modules)})"
+
+    # -- what is there
+    @property
+    def steps(self) -> list[int]:
+        """Recorded steps, ascending (from the names of the files in deltas/)."""
+        d = self.path / "deltas"
+        if not d.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in d.iterdir() if (m := _STEP_RE.match(p.name)))
+
+    def delta_path(self, step: int) -> Path:
+        return self.path / "deltas" / delta_filename(step)
+
+    def open_delta(self, step: int) -> DeltaFile:
+        """The delta file of ``step`` (raises :class:`DeltaFileError` when missing or damaged)."""
+        return DeltaFile(self.delta_path(step))
+
+    @property
+    def modules(self) -> list[str]:
+        """Modules with a base weight, in stored order."""
+        if (self.path / "base" / "pointer.json").exists():
+            return list(self._read_pointer()["names"])
+        return [attr_str(g, "name") or k for k, g in self._weights_file()["modules"].items()]
+
+    # -- base weights and spectra
+    def w0(self, module: str) -> Tensor:
+        """The original base weight W0 of ``module`` (from base/weights.h5 or the pointed-to files)."""
+        if (self.path / "base" / "pointer.json").exists():
+            return self._w0_from_pointer(module)
+        mods = self._weights_file()["modules"]
+        key = _h5name(module)
+        if key not in mods:
+            raise RunDirError(f"{self.path / 'base' / 'weights.h5'}: no base weight for module {module!r}")
+        return read_tensor(mods[key]["W0"])
+
+    def base_spectrum(self, module: str) -> BaseSpectrum:
+        """W0's reference spectrum, computing and caching base/spectra.h5 on first use."""
+        f = self._spectra_file()
+        key = _h5name(module)
+        if key not in f["modules"]:
+            raise RunDirError(
+                f"{self.path / 'base' / 'spectra.h5'}: no spectrum for module {module!r}; "
+                "delete the file to recompute it"
+            )
+        g = f["modules"][key]
+        return BaseSpectrum(*(read_tensor(g[k]) for k in ("sigma", "U", "V", "U_minor", "V_minor")))
+
+    def ensure_base_spectra(self, keep: int | None = None, device: torch.device | str | None = None) -> Path:
+        """Compute σ(W0) and the kept singular vectors for every matrix module once; write
+        base/spectra.h5 atomically. Does nothing if the file exists and keeps at least ``keep`` vectors
+        (any number when ``keep`` is None; a new file keeps ``DEFAULT_KEEP``)."""
+        path = self.path / "base" / "spectra.h5"
+        if path.exists():
+            try:
+                with h5py.File(path, "r") as f:
+                    if keep is None or int(f.attrs.get("keep", 0)) >= keep:
+                        return path
+            except OSError:
+                pass  # damaged cache: recompute it
+            self._close_spectra()
+        keep = DEFAULT_KEEP if keep is None else keep
+        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+            f.attrs["format"] = SPECTRA_FORMAT
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["keep"] = keep
+            mods = f.create_group("modules")
+            for module in self.modules:
+                w0 = self.w0(module)
+                if w0.ndim != 2:
+                    continue
+                spec = compute_base_spectrum(w0.to(device) if device else w0, keep)
+                g = mods.create_group(_h5name(module))
+                g.attrs["name"] = module
+                g.attrs["shape"] = list(w0.shape)
+                for k in ("sigma", "U", "V", "U_minor", "V_minor"):
+                    write_tensor(g, k, getattr(spec, k))
+        return path
+
+    # -- updates
+    def delta(self, step: int, module: str) -> Record:
+        """ΔW of ``module`` at ``step`` as an operator, checked against W0's shape."""
+        with self.open_delta(step) as d:
+            return self._read_checked(d, module)
+
+    def deltas(self, step: int) -> Iterator[tuple[str, Record]]:
+        """Stream ``(module, operator)`` pairs of one step, one module in memory at a time."""
+        with self.open_delta(step) as d:
+            for module in d.modules:
+                yield module, self._read_checked(d, module)
+
+    def _read_checked(self, d: DeltaFile, module: str) -> Record:
+        info = d.info(module)
+        w0 = self.w0(module)
+        if tuple(w0.shape) != info.shape:
+            raise ShapeMismatchError(
+                f"{d.path}: module {module!r} has ΔW of shape {info.shape} but W0 is "
+                f"{tuple(w0.shape)}; the run's base/ does not match its deltas"
+            )
+        return d.read(module, w0 if info.kind in ("dora", "scaled") else None)
+
+    # -- logs
+    @property
+    def metrics(self) -> pd.DataFrame:
+        """metrics.jsonl as a DataFrame (one row per logged training step)."""
+        return read_jsonl(self.path / "metrics.jsonl")
+
+    @property
+    def eval(self) -> pd.DataFrame:
+        """eval.jsonl as a DataFrame."""
+        return read_jsonl(self.path / "eval.jsonl")
+
+    def analyze(self, steps: list[int] | None = None, **engine_options: Any) -> pd.DataFrame:
+        """Every metric for every recorded step and module: one row per step × module.
+
+        Keyword options are those of :class:`spectra.engine.EngineConfig`.
+        """
+        from spectra.engine import EngineConfig, analyze_run
+
+        return analyze_run(self, steps, EngineConfig(**engine_options))
+
+    def close(self) -> None:
+        for f in (self._weights, self._spectra):
+            if f is not None:
+                f.close()
+        self._weights = self._spectra = None
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals
+    def _weights_file(self) -> h5py.File:
+        if self._weights is None:
+            path = self.path / "base" / "weights.h5"
+            if not path.exists():
+                raise RunDirError(
+                    f"{self.path}: no base/weights.h5 or base/pointer.json; the run has no "
+                    "base weights recorded yet"
+                )
+            try:
+                self._weights = _open(path, WEIGHTS_FORMAT)
+            except DeltaFileError as e:
+                raise RunDirError(str(e)) from None
+        return self._weights
+
+    def _spectra_file(self) -> h5py.File:
+        if self._spectra is None:
+            path = self.ensure_base_spectra()
+            try:
+                self._spectra = _open(path, SPECTRA_FORMAT)
+            except DeltaFileError as e:
+                raise RunDirError(str(e)) from None
+        return self._spectra
+
+    def _close_spectra(self) -> None:
+        if self._spectra is not None:
+            self._spectra.close()
+            self._spectra = None
+
+    def _read_pointer(self) -> dict[str, Any]:
+        if self._pointer is None:
+            path = self.path / "base" / "pointer.json"
+            try:
+                self._pointer = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise RunDirError(f"{path}: not valid JSON ({e})") from None
+        return self._pointer
+
+    def _w0_from_pointer(self, module: str) -> Tensor:
+        from safetensors import safe_open
+
+        ptr = self._read_pointer()
+        name = ptr["names"].get(module)
+        if name is None:
+            raise RunDirError(f"{self.path / 'base' / 'pointer.json'}: no tensor named for module {module!r}")
+        for file in ptr["files"]:
+            if not Path(file).exists():
+                raise RunDirError(f"{self.path / 'base' / 'pointer.json'}: base checkpoint {file} is missing")
+            with safe_open(file, framework="pt") as f:
+                if name in f.keys():
+                    return f.get_tensor(name)
+        raise RunDirError(
+            f"{self.path / 'base' / 'pointer.json'}: tensor {name!r} (module {module!r}) is in "
+            f"none of {ptr['files']}"
+        )
+
+
+def read_jsonl(path: Path) -> pd.DataFrame:
+    """A JSON-lines file as a DataFrame; a missing file gives an empty frame, a torn last line is skipped."""
+    if not path.exists():
+        return pd.DataFrame()
+    rows = []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                continue  # an interrupted append; the rest is good
+            raise RunDirError(f"{path}: line {i + 1} is not valid JSON") from None
+    return pd.DataFrame(rows)
+
+
+def load_run(path: str | Path) -> Run:
+    """Open a run directory: ``run.config``, ``run.steps``, ``run.modules``, ``run.delta(step, module)``,
+    ``run.metrics`` / ``run.eval`` (pandas) and ``run.analyze()`` (one row per step × module)."""
+    return Run(path)

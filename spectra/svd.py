@@ -1,0 +1,120 @@
+"""The SVD engine's kernels: batched, exact where metrics need exactness, on CUDA when present.
+
+Three ways to a spectrum, chosen by what the operator is and what the metric needs:
+
+- :func:`factored_svd` — ΔW = L·R with L (m, ρ), R (ρ, n): QR of L and Rᵀ, SVD of the ρ×ρ core.
+  O((m+n)ρ²) work, never forms the m×n matrix.
+- :func:`dense_svd` — full spectrum of a dense batch. Gram matrix XᵀX in float64 and ``eigh`` give the
+  right singular vectors V; singular values are then read off as column norms σ_i = ‖X v_i‖, which
+  (unlike √λ_i) keeps full relative accuracy for small σ_i, because the Rayleigh quotient is stationary
+  at eigenvectors: an eigenvector error δ changes ‖X v_i‖² only by O(δ²).
+- :func:`randomized_topk` — top-k singular triplets by randomized subspace iteration, where only the
+  top-k vectors are needed.
+
+All functions take batched tensors (b, m, n) and return float64 results on the input's device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SVDResult:
+    """Singular values S (b, p) in descending order; U (b, m, k) and V (b, n, k) for the first k of them
+    (k may be smaller than p, or 0 when no vectors were asked for)."""
+
+    S: Tensor
+    U: Tensor
+    V: Tensor
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU. (MPS has no float64, which the engine needs; it is not used.)"""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def factored_svd(L: Tensor, R: Tensor, k: int | None = None) -> SVDResult:
+    """SVD of L @ R without forming it.
+
+    L = Q₁R₁ and Rᵀ = Q₂R₂ (thin QR), so L·R = Q₁ (R₁R₂ᵀ) Q₂ᵀ; with the core's SVD R₁R₂ᵀ = Uc·S·Vcᵀ,
+    U = Q₁Uc and V = Q₂Vc. Returns ρ = L.shape[-1] singular values (the rest are exactly zero) and the
+    first ``k`` vectors (all ρ when k is None).
+    """
+    L64, R64 = L.to(torch.float64), R.to(torch.float64)
+    Q1, R1 = torch.linalg.qr(L64)
+    Q2, R2 = torch.linalg.qr(R64.mT)
+    Uc, S, Vch = torch.linalg.svd(R1 @ R2.mT)
+    k = S.shape[-1] if k is None else min(k, S.shape[-1])
+    return SVDResult(S, Q1 @ Uc[..., :k], Q2 @ Vch.mT[..., :k])
+
+
+def dense_svd(X: Tensor, k: int = 0, tail: float = 1e-3) -> SVDResult:
+    """Full spectrum of a dense batch X (b, m, n), and its first ``k`` singular vector pairs.
+
+    Work in float64 on X's device: G = XᵀX (on the smaller side), G = V Λ Vᵀ by ``eigh``, then
+    σ_i = ‖X v_i‖ and u_i = X v_i / σ_i. Where a matrix has singular values below ``tail``·σ₁, the tail
+    is refined once more: the Gram matrix of X·V_tail (norm ≈ (tail·σ₁)² instead of σ₁²) is
+    diagonalised again, so that close clusters of small singular values are resolved. Singular values
+    above 1e-6·σ₁ agree with a float64 LAPACK SVD to better than 1e-6 relative (tested).
+    """
+    if X.ndim == 2:
+        r = dense_svd(X.unsqueeze(0), k, tail)
+        return SVDResult(r.S[0], r.U[0], r.V[0])
+    X64 = X.to(torch.float64).reshape(-1, *X.shape[-2:])
+    transposed = X64.shape[-2] < X64.shape[-1]
+    if transposed:
+        X64 = X64.mT
+    _, V = torch.linalg.eigh(X64.mT @ X64)
+    V = V.flip(-1)  # descending in λ
+    Y = X64 @ V  # columns X v_i
+    S = torch.linalg.vector_norm(Y, dim=-2)
+    for i in _items_with_tail(S, tail):
+        t = int((S[i] < tail * S[i].max()).sum())
+        W = torch.linalg.eigh(Y[i, :, -t:].mT @ Y[i, :, -t:]).eigenvectors
+        V[i, :, -t:] = V[i, :, -t:] @ W
+        Y[i, :, -t:] = Y[i, :, -t:] @ W
+        S[i, -t:] = torch.linalg.vector_norm(Y[i, :, -t:], dim=-2)
+    S, order = torch.sort(S, dim=-1, descending=True)
+    k = min(k, S.shape[-1])
+    top = order[..., :k].unsqueeze(-2)
+    Vk = torch.gather(V, -1, top.expand(*V.shape[:-1], k))
+    Yk = torch.gather(Y, -1, top.expand(*Y.shape[:-1], k))
+    Uk = Yk / S[..., :k].clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(-2)
+    batch = X.shape[:-2]
+    S, Uk, Vk = S.reshape(*batch, -1), Uk.reshape(*batch, *Uk.shape[-2:]), Vk.reshape(*batch, *Vk.shape[-2:])
+    return SVDResult(S, Vk, Uk) if transposed else SVDResult(S, Uk, Vk)
+
+
+def _items_with_tail(S: Tensor, tail: float) -> list[int]:
+    """Batch items (of S, shape (b, p)) with a singular value below ``tail``·σ₁."""
+    has_tail = (S < tail * S.amax(dim=-1, keepdim=True)).any(dim=-1) & (S.amax(dim=-1) > 0)
+    return has_tail.reshape(-1).nonzero().flatten().tolist()
+
+
+def dense_svdvals_reference(X: Tensor) -> Tensor:
+    """Float64 LAPACK/cuSOLVER singular values (the reference the engine is tested against)."""
+    return torch.linalg.svdvals(X.to(torch.float64))
+
+
+def randomized_topk(X: Tensor, k: int, oversample: int = 10, n_iter: int = 4, seed: int = 0) -> SVDResult:
+    """Top-k singular triplets of X (b, m, n) by randomized subspace iteration (Halko et al. 2011).
+
+    Y = X Ω with a Gaussian Ω of k + ``oversample`` columns, ``n_iter`` rounds of Q ← qr(X Xᵀ Q) with
+    re-orthonormalisation, then the SVD of the small matrix QᵀX. Matrix products run in X's dtype; the
+    small SVD in float64. Accurate when the gap σ_k / σ_{k+oversample} is not close to 1.
+    """
+    m, n = X.shape[-2:]
+    p = min(k + oversample, m, n)
+    gen = torch.Generator(device=X.device).manual_seed(seed)
+    omega = torch.randn(*X.shape[:-2], n, p, generator=gen, device=X.device, dtype=X.dtype)
+    Q, _ = torch.linalg.qr(X @ omega)
+    for _ in range(n_iter):
+        Z, _ = torch.linalg.qr(X.mT @ Q)
+        Q, _ = torch.linalg.qr(X @ Z)
+    Ub, S, Vh = torch.linalg.svd((Q.mT @ X).to(torch.float64), full_matrices=False)
+    U = Q.to(torch.float64) @ Ub
+    return SVDResult(S[..., :k], U[..., :k], Vh.mT[..., :k])

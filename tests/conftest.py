@@ -1,0 +1,24 @@
+"""Shared fixtures: seeded generators and small synthetic runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spectra.synthetic import qwen2_shapes, write_synthetic_run
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def small_shapes() -> dict[str, tuple[int, int]]:
+    return qwen2_shapes(hidden=48, intermediate=96, kv_dim=16, layers=2)
+
+
+@pytest.fixture
+def lora_run(tmp_path, small_shapes):
+    write_synthetic_run(tmp_path / "lora", small_shapes, steps=(0, 5, 10), rank=4)
+    return tmp_path / "lora"

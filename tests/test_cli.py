@@ -1,0 +1,28 @@
+"""The `spectra` command: version, run info, and one-line errors."""
+
+from __future__ import annotations
+
+from spectra.cli.main import app
+from typer.testing import CliRunner
+
+import spectra
+
+runner = CliRunner()
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"spectra {spectra.__version__}"
+
+
+def test_info_lists_steps_and_modules(lora_run):
+    result = runner.invoke(app, ["info", str(lora_run)])
+    assert result.exit_code == 0, result.output
+    assert "steps: [0, 5, 10]" in result.output and "modules: 14" in result.output
+
+
+def test_info_on_a_non_run_is_one_line_and_non_zero(tmp_path):
+    result = runner.invoke(app, ["info", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "no run.json" in result.output and "Traceback" not in result.output

@@ -11,7 +11,6 @@ imports the trainer (``spectra.train``), the probes or the command line.
 from spectra.engine import EngineConfig, analyze_run
 from spectra.errors import (
     DeltaFileError,
-    NonFiniteError,
     RunDirError,
     ShapeMismatchError,
     SpectraError,
@@ -28,7 +27,6 @@ __all__ = [
     "DoRA",
     "EngineConfig",
     "LowRank",
-    "NonFiniteError",
     "Run",
     "RunDirError",
     "RunWriter",

@@ -170,12 +170,15 @@ def analyze_items(items: list[Item], config: EngineConfig | None = None) -> list
             out.update(_wt_metrics(w0.to(torch.float64) + delta, base, config, kmax))
         del delta, w0
 
+    # one transfer to the host per chunk, not one per value
+    names = list(out)
+    table = torch.stack([out[k].to(torch.float64) for k in names], dim=-1).cpu().tolist()
+    integer = {k for k in names if not out[k].is_floating_point()}
+    baselines = {f"rho_baseline_{k}": M.alignment_baseline(min(k, kmax), m, n) for k in config.ks}
     rows = []
-    for i, _it in enumerate(items):
-        row = {name: _scalar(v[i]) for name, v in out.items()}
-        for k in config.ks:
-            row[f"rho_baseline_{k}"] = M.alignment_baseline(min(k, kmax), m, n)
-        rows.append(row)
+    for values in table:
+        row = {k: int(v) if k in integer else v for k, v in zip(names, values, strict=True)}
+        rows.append({**row, **baselines})
     return rows
 
 
@@ -193,11 +196,6 @@ def _wt_metrics(wt: Tensor, base: BaseSpectrum, config: EngineConfig, kmax: int)
     if config.wt == "full":
         out["nss"] = M.spectrum_drift(res.S, base.sigma)
     return out
-
-
-def _scalar(v: Tensor) -> float | int:
-    x = v.item()
-    return int(x) if isinstance(x, (bool, int)) else float(x)
 
 
 def _item_bytes(shape: tuple[int, ...], rank: int, config: EngineConfig) -> int:

@@ -22,7 +22,3 @@ class DeltaFileError(SpectraError):
 
 class ShapeMismatchError(SpectraError):
     """A module's ΔW does not have the shape of its base weight W0."""
-
-
-class NonFiniteError(SpectraError):
-    """A ΔW contains NaN or Inf."""

@@ -170,8 +170,22 @@ class LowRank(DeltaOperator):
         return L @ R
 
 
+class _OnBase(DeltaOperator):
+    """An update defined through the base weight ``w0`` (a field of the subclass)."""
+
+    w0: Tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.w0.shape)
+
+    @property
+    def needs_w0(self) -> bool:
+        return True
+
+
 @dataclass(frozen=True)
-class DoRA(DeltaOperator):
+class DoRA(_OnBase):
     """DoRA: W' = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖_row, ΔW = W' − W0 (full rank in general).
 
     ``magnitude`` m has one entry per output row; the norm is taken over each row (PEFT's
@@ -184,14 +198,6 @@ class DoRA(DeltaOperator):
     A: Tensor
     scale: float | Tensor = 1.0
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.w0.shape)
-
-    @property
-    def needs_w0(self) -> bool:
-        return True
-
     def to_dense(self) -> Tensor:
         w0 = self.w0.to(self.B.dtype)
         directed = w0 + _as_scale(self.scale, self.B) * (self.B @ self.A)
@@ -200,7 +206,7 @@ class DoRA(DeltaOperator):
 
 
 @dataclass(frozen=True)
-class Scaled(DeltaOperator):
+class Scaled(_OnBase):
     """IA3: ΔW = W0 ⊙ (l − 1), with l scaling rows (``axis="row"``, l of length m, attention
     projections) or columns (``axis="column"``, l of length n, feed-forward inputs)."""
 
@@ -211,14 +217,6 @@ class Scaled(DeltaOperator):
     def __post_init__(self) -> None:
         if self.axis not in ("row", "column"):
             raise ValueError(f"Scaled: axis must be 'row' or 'column', got {self.axis!r}")
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.w0.shape)
-
-    @property
-    def needs_w0(self) -> bool:
-        return True
 
     def to_dense(self) -> Tensor:
         lm1 = self.l.to(torch.promote_types(self.l.dtype, torch.float32)) - 1

@@ -32,6 +32,7 @@ from spectra.base import DEFAULT_KEEP, BaseSpectrum, compute_base_spectrum
 from spectra.errors import DeltaFileError, RunDirError, ShapeMismatchError
 from spectra.h5io import atomic_path, attr_str, read_tensor, write_json, write_tensor
 from spectra.operators import DeltaOperator, Dense, DoRA, LowRank, Scaled, VectorDelta
+from spectra.svd import default_device
 
 SCHEMA_VERSION = 1
 DELTA_FORMAT = "spectra-delta"
@@ -393,7 +394,7 @@ class Run:
                 w0 = self.w0(module)
                 if w0.ndim != 2:
                     continue
-                spec = compute_base_spectrum(w0.to(device) if device else w0, keep)
+                spec = compute_base_spectrum(w0.to(device or default_device()), keep)
                 g = mods.create_group(_h5name(module))
                 g.attrs["name"] = module
                 g.attrs["shape"] = list(w0.shape)

@@ -31,6 +31,7 @@ from torch import Tensor
 from spectra.base import DEFAULT_KEEP, BaseSpectrum, compute_base_spectrum
 from spectra.errors import DeltaFileError, RunDirError, ShapeMismatchError
 from spectra.h5io import atomic_path, attr_str, read_tensor, write_json, write_tensor
+from spectra.metrics.collapse import CollapseRule, detect_collapse, step_medians
 from spectra.operators import DeltaOperator, Dense, DoRA, LowRank, Scaled, VectorDelta
 from spectra.svd import default_device
 
@@ -443,6 +444,16 @@ class Run:
         from spectra.engine import EngineConfig, analyze_run
 
         return analyze_run(self, steps, EngineConfig(**engine_options))
+
+    def collapse(
+        self, analysis: pd.DataFrame | None = None, rule: CollapseRule | None = None
+    ) -> pd.DataFrame:
+        """The rank-collapse flag per checkpoint (:func:`spectra.metrics.detect_collapse`), from
+        ``analysis`` (or a fresh :meth:`analyze`) and the ``reward`` column of metrics.jsonl."""
+        analysis = self.analyze() if analysis is None else analysis
+        logged = self.metrics
+        rewards = logged[["step", "reward"]].dropna() if {"step", "reward"} <= set(logged.columns) else None
+        return detect_collapse(step_medians(analysis), rewards, rule)
 
     def close(self) -> None:
         for f in (self._weights, self._spectra):

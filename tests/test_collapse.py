@@ -47,3 +47,19 @@ def test_bad_thresholds_and_missing_columns_are_named():
         CollapseRule(e1_min=0)
     with pytest.raises(ValueError, match="erank_median"):
         detect_collapse(table([0.1] * 4), None, CollapseRule(erank_max=3.0))
+
+
+def test_run_collapse_reads_analysis_and_logged_reward(lora_run):
+    import spectra
+    from spectra.store import RunWriter
+
+    w = RunWriter(lora_run)
+    for step, reward in enumerate([0.2, 0.5, 0.6, 0.6, 0.6, 0.5, 0.1, 0.05, 0.0, 0.0, 0.0]):
+        w.append_metrics({"step": step, "reward": reward})
+    run = spectra.load_run(lora_run)
+    analysis = run.analyze(device="cpu", ks=(1, 4))
+    # the synthetic LoRA updates are random (E_1 well below 0.5): a strict rule never fires, a lax one
+    # fires exactly where the reward has fallen
+    assert not run.collapse(analysis)["collapsed"].any()
+    lax = run.collapse(analysis, CollapseRule(e1_min=0.01, reward_window=2))
+    assert lax.set_index("step")["collapsed"].to_dict() == {0: False, 5: False, 10: True}

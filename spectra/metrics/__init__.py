@@ -4,7 +4,7 @@ Notation: σ the singular values of a matrix (descending), p_i = σ_i/Σσ, W0 =
 U_k, V_k its top-k singular vectors and U_{-k}, V_{-k} its bottom-k, W_t = W0 + ΔW.
 """
 
-from spectra.metrics.collapse import CollapseRule, detect_collapse
+from spectra.metrics.collapse import CollapseRule, detect_collapse, step_medians
 from spectra.metrics.precision import bf16_update_sparsity
 from spectra.metrics.spectral import (
     effective_rank,
@@ -45,4 +45,5 @@ __all__ = [
     "spectral_norm",
     "spectrum_drift",
     "stable_rank",
+    "step_medians",
 ]

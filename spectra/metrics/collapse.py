@@ -40,6 +40,14 @@ class CollapseRule:
             raise ValueError(f"CollapseRule.reward_window must be ≥ 1, got {self.reward_window}")
 
 
+def step_medians(analysis: pd.DataFrame) -> pd.DataFrame:
+    """Per checkpoint, the medians over analysed matrix modules of E_1 and effective rank
+    (``step``, ``e1_median``, ``erank_median``), from the engine's step × module table."""
+    ok = analysis[(analysis["status"] == "ok") & (analysis["kind"] != "vector")]
+    grouped = ok.groupby("step").agg(e1_median=("E_1", "median"), erank_median=("erank", "median"))
+    return grouped.reset_index()
+
+
 def detect_collapse(
     per_step: pd.DataFrame, rewards: pd.DataFrame | None = None, rule: CollapseRule | None = None
 ) -> pd.DataFrame:

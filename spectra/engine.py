@@ -44,6 +44,9 @@ class EngineConfig:
 
     ks: the k of E_k, ρ_k and principal angles (each ≤ the number of base vectors kept).
     intruder_top, intruder_eps: top singular vectors of W_t examined, and the |cos| threshold ε.
+    base_keep: singular vector pairs of W0 kept in base/ (top and bottom). Intruder dimensions are
+        counted against the kept top vectors (column ``intruder_basis``); they are exact, i.e. against
+        every singular vector of W0, when base_keep ≥ min(m, n).
     wt: how much of W_t's SVD to compute: "full" (full spectrum: exact NSS), "topk" (randomized top
         vectors only; NSS left empty) or "none" (no W_t metrics).
     bf16: compute bf16 update sparsity (needs W0 + ΔW dense).
@@ -54,6 +57,7 @@ class EngineConfig:
     ks: tuple[int, ...] = (1, 8, 32)
     intruder_top: int = 10
     intruder_eps: float = 0.5
+    base_keep: int = 64
     wt: Literal["full", "topk", "none"] = "full"
     bf16: bool = True
     device: str | None = None
@@ -103,7 +107,7 @@ def metric_columns(config: EngineConfig) -> list[str]:
         ]
     if config.wt != "none":
         cols += [f"angle_left_{k}" for k in config.ks] + [f"angle_right_{k}" for k in config.ks]
-        cols += ["intruders", "nss"]
+        cols += ["intruders", "intruder_basis", "nss"]
     if config.bf16:
         cols += ["bf16_sparsity"]
     return cols
@@ -124,7 +128,8 @@ def analyze_items(items: list[Item], config: EngineConfig | None = None) -> list
         )
     kmax = min(max(config.ks), keep)  # k beyond min(m, n) means the whole space
 
-    op = stack([it.op for it in items]).to(device)
+    # float64 from here on: bf16/float32 factors would bias norms, alignments and DoRA's difference
+    op = stack([it.op.to(device, torch.float64) for it in items])
     base = BaseSpectrum(
         *(
             torch.stack([getattr(it.base, k) for it in items]).to(device, torch.float64)
@@ -174,19 +179,24 @@ def analyze_items(items: list[Item], config: EngineConfig | None = None) -> list
     names = list(out)
     table = torch.stack([out[k].to(torch.float64) for k in names], dim=-1).cpu().tolist()
     integer = {k for k in names if not out[k].is_floating_point()}
-    baselines = {f"rho_baseline_{k}": M.alignment_baseline(min(k, kmax), m, n) for k in config.ks}
+    constants: dict[str, Any] = {
+        f"rho_baseline_{k}": M.alignment_baseline(min(k, kmax), m, n) for k in config.ks
+    }
+    if config.wt != "none":
+        constants["intruder_basis"] = keep
     rows = []
     for values in table:
         row = {k: int(v) if k in integer else v for k, v in zip(names, values, strict=True)}
-        rows.append({**row, **baselines})
+        rows.append({**row, **constants})
     return rows
 
 
 def _wt_metrics(wt: Tensor, base: BaseSpectrum, config: EngineConfig, kmax: int) -> dict[str, Tensor]:
     k_vec = max(kmax, config.intruder_top)
-    res: SVDResult = (
-        dense_svd(wt, k=k_vec) if config.wt == "full" else randomized_topk(wt.to(torch.float32), k=k_vec)
-    )
+    if config.wt == "full":
+        res: SVDResult = dense_svd(wt, k=k_vec)
+    else:  # warm start from W0's top right vectors, oversampled where base/ keeps enough
+        res = randomized_topk(wt, k=k_vec, start=base.V[..., : max(k_vec, min(base.keep, k_vec + 10))])
     out: dict[str, Tensor] = {}
     for k in config.ks:
         kk = min(k, kmax)
@@ -251,7 +261,7 @@ def analyze_run(
     """
     config = config or EngineConfig()
     steps = list(run.steps if steps is None else steps)
-    run.ensure_base_spectra(keep=max(64, max(config.ks), config.intruder_top))
+    run.ensure_base_spectra(keep=max(config.base_keep, max(config.ks), config.intruder_top))
     rows: list[dict[str, Any]] = []
     for si, step in enumerate(steps):
         try:
@@ -317,6 +327,7 @@ def _vector_row(run: Any, dfile: Any, step: int, module: str) -> dict[str, Any]:
     d = rec.delta.to(torch.float64)
     theta0 = run.w0(module).to(torch.float64)
     fro = float(torch.linalg.vector_norm(d))
+    ref = float(torch.linalg.vector_norm(theta0))
     return {
         **_identity(step, module),
         "kind": "vector",
@@ -325,7 +336,7 @@ def _vector_row(run: Any, dfile: Any, step: int, module: str) -> dict[str, Any]:
         "status": "ok",
         "fro_norm": fro,
         "spectral_norm": fro,
-        "relative_size": fro / float(torch.linalg.vector_norm(theta0)),
+        "relative_size": fro / ref if ref > 0 else math.nan,
     }
 
 

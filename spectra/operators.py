@@ -142,6 +142,13 @@ class LowRank(DeltaOperator):
             )
         if (self.B0 is None) != (self.A0 is None):
             raise ValueError("LowRank: B0 and A0 come together (PiSSA/MiLoRA initial factors)")
+        m, r, n = self.B.shape[-2], self.B.shape[-1], self.A.shape[-1]
+        _expect("LowRank", "mid", self.mid, (r,))
+        _expect("LowRank", "row", self.row, (m,))
+        if self.B0 is not None and self.A0 is not None:
+            r0 = self.B0.shape[-1]
+            _expect("LowRank", "B0", self.B0, (m, r0))
+            _expect("LowRank", "A0", self.A0, (r0, n))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -198,11 +205,20 @@ class DoRA(_OnBase):
     A: Tensor
     scale: float | Tensor = 1.0
 
+    def __post_init__(self) -> None:
+        m, n = self.w0.shape[-2:]
+        r = self.B.shape[-1]
+        _expect("DoRA", "B", self.B, (m, r))
+        _expect("DoRA", "A", self.A, (r, n))
+        _expect("DoRA", "magnitude", self.magnitude, (m,))
+
     def to_dense(self) -> Tensor:
-        w0 = self.w0.to(self.B.dtype)
-        directed = w0 + _as_scale(self.scale, self.B) * (self.B @ self.A)
+        """Formed in at least float32 (bf16 arithmetic would lose the small difference W' − W0)."""
+        dt = torch.promote_types(self.B.dtype, torch.float32)
+        w0, B, A = self.w0.to(dt), self.B.to(dt), self.A.to(dt)
+        directed = w0 + _as_scale(self.scale, B) * (B @ A)
         norm = torch.linalg.vector_norm(directed, dim=-1, keepdim=True)
-        return self.magnitude.to(self.B.dtype).unsqueeze(-1) * directed / norm - w0
+        return self.magnitude.to(dt).unsqueeze(-1) * directed / norm - w0
 
 
 @dataclass(frozen=True)
@@ -217,6 +233,7 @@ class Scaled(_OnBase):
     def __post_init__(self) -> None:
         if self.axis not in ("row", "column"):
             raise ValueError(f"Scaled: axis must be 'row' or 'column', got {self.axis!r}")
+        _expect("Scaled", "l", self.l, (self.w0.shape[-2 if self.axis == "row" else -1],))
 
     def to_dense(self) -> Tensor:
         lm1 = self.l.to(torch.promote_types(self.l.dtype, torch.float32)) - 1
@@ -236,6 +253,14 @@ class VectorDelta:
 
     def is_finite(self) -> bool:
         return bool(torch.isfinite(self.delta).all().item())
+
+
+def _expect(owner: str, name: str, t: Tensor | None, shape: tuple[int, ...]) -> None:
+    """Check the trailing dimensions of an optional tensor."""
+    if t is not None and tuple(t.shape[-len(shape) :]) != shape:
+        raise ValueError(
+            f"{owner}: {name} has shape {tuple(t.shape)}; expected (..., {', '.join(map(str, shape))})"
+        )
 
 
 def _as_scale(scale: float | Tensor, like: Tensor) -> float | Tensor:

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import h5py
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -55,8 +57,8 @@ def _check_version(f: h5py.File, path: Path, fmt: str) -> None:
     got_fmt = attr_str(f, "format")
     if got_fmt != fmt:
         raise DeltaFileError(f"{path}: format attribute is {got_fmt!r}; expected {fmt!r}")
-    version = int(f.attrs.get("schema_version", -1))
-    if version != SCHEMA_VERSION:
+    version = f.attrs.get("schema_version", None)
+    if not isinstance(version, (int, np.integer)) or version != SCHEMA_VERSION:
         raise DeltaFileError(
             f"{path}: schema_version {version} is not supported; this spectra reads "
             f"version {SCHEMA_VERSION} (upgrade spectra or rewrite the file)"
@@ -142,10 +144,19 @@ class RunWriter:
 
     def append_metrics(self, row: Mapping[str, Any], filename: str = "metrics.jsonl") -> None:
         """Append one JSON line to ``metrics.jsonl`` (or ``eval.jsonl``) in a single write."""
+        path = self.path / filename
         line = json.dumps(dict(row), sort_keys=True) + "\n"
-        with open(self.path / filename, "a") as fh:
+        if path.exists() and path.stat().st_size and not _ends_with_newline(path):
+            line = "\n" + line  # an earlier append was torn: keep this row on a line of its own
+        with open(path, "a") as fh:
             fh.write(line)
             fh.flush()
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(-1, 2)
+        return fh.read(1) == b"\n"
 
 
 def _h5name(module: str) -> str:
@@ -235,13 +246,31 @@ class DeltaFile:
     def info(self, module: str) -> ModuleInfo:
         g = self._group(module)
         kind = attr_str(g, "kind") or "?"
-        rank = 0
-        if kind == "lowrank":
-            rank = self._dim(g, "B", -1) + (self._dim(g, "B0", -1) if self._has(g, "B0") else 0)
-        return ModuleInfo(module, kind, tuple(int(x) for x in g.attrs["shape"]), rank)
+        try:
+            shape = tuple(int(x) for x in g.attrs["shape"])
+            rank = 0
+            if kind == "lowrank":
+                rank = self._dim(g, "B", -1) + (self._dim(g, "B0", -1) if self._has(g, "B0") else 0)
+        except (KeyError, TypeError, ValueError, IndexError, OSError) as e:
+            raise DeltaFileError(
+                f"{self.path}: module {module!r} lacks a readable shape or B ({e})"
+            ) from None
+        return ModuleInfo(module, kind, shape, rank)
 
     def read(self, module: str, w0: Tensor | None = None) -> Record:
-        """The module's update as an operator. DoRA and IA3 need ``w0`` (the original base weight)."""
+        """The module's update as an operator. DoRA and IA3 need ``w0`` (the original base weight).
+
+        The datasets are checked against each other and against the group's ``shape``."""
+        rec = self._read(module, w0)
+        declared = self.info(module).shape
+        if tuple(rec.shape) != declared:
+            raise DeltaFileError(
+                f"{self.path}: module {module!r} declares shape {declared} "
+                f"but its datasets make {tuple(rec.shape)}"
+            )
+        return rec
+
+    def _read(self, module: str, w0: Tensor | None) -> Record:
         g = self._group(module)
         kind = attr_str(g, "kind")
         try:
@@ -268,7 +297,7 @@ class DeltaFile:
                         float(g.attrs.get("scale", 1.0)),
                     )
                 return Scaled(w0, self._get(g, "l"), attr_str(g, "axis") or "row")  # type: ignore[arg-type]
-        except (OSError, KeyError, ValueError) as e:
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
             raise DeltaFileError(
                 f"{self.path}: module {module!r} is damaged: {str(e).splitlines()[0]}"
             ) from None
@@ -314,6 +343,8 @@ class Run:
             self.config: dict[str, Any] = json.loads(cfg.read_text())
         except json.JSONDecodeError as e:
             raise RunDirError(f"{cfg}: not valid JSON ({e})") from None
+        if not isinstance(self.config, dict):
+            raise RunDirError(f"{cfg}: expected a JSON object, found {type(self.config).__name__}")
         version = self.config.get("schema_version")
         if version != SCHEMA_VERSION:
             raise RunDirError(
@@ -358,6 +389,8 @@ class Run:
         key = _h5name(module)
         if key not in mods:
             raise RunDirError(f"{self.path / 'base' / 'weights.h5'}: no base weight for module {module!r}")
+        if "W0" not in mods[key]:
+            raise RunDirError(f"{self.path / 'base' / 'weights.h5'}: module {module!r} has no W0 dataset")
         return read_tensor(mods[key]["W0"])
 
     def base_spectrum(self, module: str) -> BaseSpectrum:
@@ -500,9 +533,16 @@ class Run:
         if self._pointer is None:
             path = self.path / "base" / "pointer.json"
             try:
-                self._pointer = json.loads(path.read_text())
+                ptr = json.loads(path.read_text())
             except json.JSONDecodeError as e:
                 raise RunDirError(f"{path}: not valid JSON ({e})") from None
+            if not (
+                isinstance(ptr, dict)
+                and isinstance(ptr.get("files"), list)
+                and isinstance(ptr.get("names"), dict)
+            ):
+                raise RunDirError(f'{path}: expected {{"files": [...], "names": {{module: tensor}}}}')
+            self._pointer = ptr
         return self._pointer
 
     def _w0_from_pointer(self, module: str) -> Tensor:
@@ -525,20 +565,24 @@ class Run:
 
 
 def read_jsonl(path: Path) -> pd.DataFrame:
-    """A JSON-lines file as a DataFrame; a missing file gives an empty frame, a torn last line is skipped."""
+    """A JSON-lines file as a DataFrame. A missing file gives an empty frame; a line that is not a JSON
+    object (a torn append from an interrupted run) is skipped with a warning naming it."""
     if not path.exists():
         return pd.DataFrame()
-    rows = []
-    lines = path.read_text().splitlines()
-    for i, line in enumerate(lines):
+    rows, bad = [], []
+    for i, line in enumerate(path.read_text().splitlines()):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                continue  # an interrupted append; the rest is good
-            raise RunDirError(f"{path}: line {i + 1} is not valid JSON") from None
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad.append(i + 1)
+    if bad:
+        warnings.warn(f"{path}: skipped {len(bad)} unreadable line(s): {bad[:10]}", stacklevel=2)
     return pd.DataFrame(rows)
 
 

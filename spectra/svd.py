@@ -84,9 +84,25 @@ def dense_svd(X: Tensor, k: int = 0, tail: float = 1e-3) -> SVDResult:
     Vk = torch.gather(V, -1, top.expand(*V.shape[:-1], k))
     Yk = torch.gather(Y, -1, top.expand(*Y.shape[:-1], k))
     Uk = Yk / S[..., :k].clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(-2)
+    _complete_null_columns(Uk, S[..., :k])
     batch = X.shape[:-2]
     S, Uk, Vk = S.reshape(*batch, -1), Uk.reshape(*batch, *Uk.shape[-2:]), Vk.reshape(*batch, *Vk.shape[-2:])
     return SVDResult(S, Vk, Uk) if transposed else SVDResult(S, Uk, Vk)
+
+
+def _complete_null_columns(U: Tensor, S: Tensor, rtol: float = 1e-10) -> None:
+    """In place: columns u_i = X v_i / σ_i with σ_i ≤ rtol·σ₁ are rounding noise; replace them by an
+    orthonormal completion of the columns before them (any such basis is a valid set of singular
+    vectors for a zero singular value, and it keeps the minor subspace orthogonal to the range)."""
+    bad = S <= rtol * S[..., :1]
+    gen = torch.Generator(device=U.device).manual_seed(0)
+    for i in bad.any(dim=-1).nonzero().flatten().tolist():
+        good = int((~bad[i]).sum())
+        G = U[i, :, :good]
+        R = torch.randn(U.shape[-2], U.shape[-1] - good, generator=gen, device=U.device, dtype=U.dtype)
+        for _ in range(2):  # project twice: classical Gram–Schmidt needs the second pass
+            R = R - G @ (G.mT @ R)
+        U[i, :, good:] = torch.linalg.qr(R).Q
 
 
 def _items_with_tail(S: Tensor, tail: float) -> list[int]:
@@ -100,17 +116,25 @@ def dense_svdvals_reference(X: Tensor) -> Tensor:
     return torch.linalg.svdvals(X.to(torch.float64))
 
 
-def randomized_topk(X: Tensor, k: int, oversample: int = 10, n_iter: int = 4, seed: int = 0) -> SVDResult:
+def randomized_topk(
+    X: Tensor, k: int, oversample: int = 10, n_iter: int = 6, seed: int = 0, start: Tensor | None = None
+) -> SVDResult:
     """Top-k singular triplets of X (b, m, n) by randomized subspace iteration (Halko et al. 2011).
 
-    Y = X Ω with a Gaussian Ω of k + ``oversample`` columns, ``n_iter`` rounds of Q ← qr(X Xᵀ Q) with
-    re-orthonormalisation, then the SVD of the small matrix QᵀX. Matrix products run in X's dtype; the
-    small SVD in float64. Accurate when the gap σ_k / σ_{k+oversample} is not close to 1.
+    Y = X Ω with Ω of k + ``oversample`` columns (Gaussian, or ``start`` (…, n, p) when given), then
+    ``n_iter`` rounds of Q ← qr(X Xᵀ Q), then the SVD of the small matrix QᵀX (float64). The error
+    of the top-k subspace shrinks like (σ_{p+1}/σ_k)^(2·n_iter) times the starting error: a warm
+    start from W0's top right singular vectors makes W_t = W0 + ΔW converge from an error of the size
+    of the angles being measured, instead of from a random subspace.
     """
     m, n = X.shape[-2:]
-    p = min(k + oversample, m, n)
-    gen = torch.Generator(device=X.device).manual_seed(seed)
-    omega = torch.randn(*X.shape[:-2], n, p, generator=gen, device=X.device, dtype=X.dtype)
+    if start is not None:
+        omega = start.to(X.dtype)
+    else:
+        p = min(k + oversample, m, n)
+        gen = torch.Generator(device=X.device).manual_seed(seed)
+        # one Ω for every batch item: results do not depend on an item's position in the batch
+        omega = torch.randn(n, p, generator=gen, device=X.device, dtype=X.dtype)
     Q, _ = torch.linalg.qr(X @ omega)
     for _ in range(n_iter):
         Z, _ = torch.linalg.qr(X.mT @ Q)

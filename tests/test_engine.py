@@ -186,3 +186,101 @@ def test_cuda_path_matches_cpu(lora_run):
     cpu, gpu = run.analyze(device="cpu"), run.analyze(device="cuda")
     cols = ["fro_norm", "erank", "rho_8", "nss", "bf16_sparsity"]
     np.testing.assert_allclose(cpu[cols].to_numpy(), gpu[cols].to_numpy(), rtol=1e-6, atol=1e-9)
+
+
+def test_bf16_factors_are_analysed_in_float64(tmp_path):
+    shapes = {"l.0.w": (32, 24)}
+    w0 = base_weights(shapes)
+    run0 = RunWriter(tmp_path / "bf16")
+    run0.write_config({})
+    run0.write_base_weights(w0)
+    base = spectra.load_run(run0.path).base_spectrum("l.0.w")
+    # an update almost entirely inside W0's top-8 subspace, stored in bf16
+    B = (base.U[:, :8] @ torch.randn(8, 4, generator=torch.Generator().manual_seed(0))).bfloat16()
+    A = (torch.randn(4, 8, generator=torch.Generator().manual_seed(1)) @ base.V[:, :8].T).bfloat16()
+    op = LowRank(B, A, 64 / 4**0.5)
+    run0.write_delta(1, {"l.0.w": op})
+    row = spectra.load_run(run0.path).analyze(ks=(8,), device="cpu").iloc[0]
+    ref = M.principal_alignment(
+        op.to(dtype=torch.float64).to_dense(), base.U[:, :8].double(), base.V[:, :8].double()
+    )
+    assert row["rho_8"] <= 1.0 and row["off_principal_8"] >= 0.0
+    assert row["rho_8"] == pytest.approx(ref.item(), rel=1e-6)
+    s = torch.linalg.svdvals(op.to(dtype=torch.float64).to_dense())
+    assert row["fro_norm"] == pytest.approx(s.norm().item(), rel=1e-9)
+
+
+def test_zero_update_has_zero_angles_and_no_drift(tmp_path):
+    shapes = {"l.0.w": (40, 30)}
+    w = RunWriter(tmp_path / "zero")
+    w.write_config({})
+    w.write_base_weights(base_weights(shapes))
+    w.write_delta(0, {"l.0.w": LowRank(torch.zeros(40, 2), torch.zeros(2, 30))})
+    for wt in ("full", "topk"):
+        row = spectra.load_run(w.path).analyze(ks=(1, 8), device="cpu", wt=wt).iloc[0]
+        assert row["angle_left_8"] < 1e-4 and row["angle_right_8"] < 1e-4, wt  # degrees
+        assert row["intruders"] == 0
+    assert row["fro_norm"] == 0 and math.isnan(row["rho_8"])
+
+
+def test_topk_results_do_not_depend_on_chunking(lora_run):
+    run = spectra.load_run(lora_run)
+    a = run.analyze(device="cpu", wt="topk").sort_values(["step", "module"])
+    b = run.analyze(device="cpu", wt="topk", max_batch_bytes=1).sort_values(["step", "module"])
+    np.testing.assert_allclose(a["angle_left_8"], b["angle_left_8"], rtol=0, atol=1e-9)
+
+
+def test_intruders_are_exact_when_every_w0_vector_is_kept(tmp_path):
+    """Boost W0's 30th direction into the top 10: not an intruder against all of W0's vectors, but
+    one against its top 20 only; the intruder_basis column says which was used."""
+    from spectra.synthetic import with_spectrum
+
+    s = 1.0 / torch.arange(1, 41, dtype=torch.float64).sqrt()
+    W0, U, V = with_spectrum(s, 50, 40, generator=torch.Generator().manual_seed(2))
+    w = RunWriter(tmp_path / "intr")
+    w.write_config({})
+    w.write_base_weights({"l.0.w": W0.float()})
+    w.write_delta(1, {"l.0.w": LowRank(U[:, 29:30].float(), 3.0 * V[:, 29:30].T.float())})
+    run = spectra.load_run(w.path)
+    exact = run.analyze(device="cpu", ks=(1,), base_keep=40).iloc[0]
+    assert exact["intruder_basis"] == 40 and exact["intruders"] == 0
+    (w.path / "base" / "spectra.h5").unlink()
+    approx = spectra.load_run(w.path).analyze(device="cpu", ks=(1,), base_keep=20).iloc[0]
+    assert approx["intruder_basis"] == 20 and approx["intruders"] == 1
+
+
+def test_rank_deficient_base_keeps_the_minor_subspace_orthogonal_to_its_range(tmp_path):
+    from spectra.base import compute_base_spectrum
+    from spectra.synthetic import with_spectrum
+
+    s = torch.cat([torch.linspace(2, 1, 20), torch.zeros(10)]).double()
+    W0 = with_spectrum(s, 36, 30, generator=torch.Generator().manual_seed(4))[0]
+    spec = compute_base_spectrum(W0, keep=8)
+    Um = spec.U_minor.double()
+    torch.testing.assert_close(Um.T @ Um, torch.eye(8, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert (spec.U[:, :8].double().T @ Um).abs().max().item() < 1e-6
+    assert (W0.T @ Um).abs().max().item() < 1e-6  # left vectors of σ = 0 lie outside W0's range
+
+
+def test_malformed_module_is_flagged_not_fatal(mixed_run):
+    import h5py
+
+    path, _w0, ops = mixed_run
+    p = RunWriter(path).write_delta(40, ops)
+    with h5py.File(p, "a") as f:
+        g = f["modules/model.layers.0.self_attn.q_proj"]
+        del g["B"]
+        g.create_dataset("B", data=np.ones((25, 3), np.float32))
+    df = spectra.load_run(path).analyze(ks=KS, device="cpu", steps=[40]).set_index("module")
+    assert df.loc["model.layers.0.self_attn.q_proj", "status"] == "unreadable"
+    assert "declares shape" in df.loc["model.layers.0.self_attn.q_proj", "error"]
+    assert (df.drop("model.layers.0.self_attn.q_proj")["status"] == "ok").all()
+
+
+def test_zero_base_vector_gives_nan_relative_size(tmp_path):
+    w = RunWriter(tmp_path / "ln0")
+    w.write_config({})
+    w.write_base_weights({"model.layers.0.norm.bias": torch.zeros(4)})
+    w.write_delta(1, {"model.layers.0.norm.bias": spectra.VectorDelta(torch.ones(4))})
+    row = spectra.load_run(w.path).analyze(device="cpu").iloc[0]
+    assert row["status"] == "ok" and row["fro_norm"] == 2.0 and math.isnan(row["relative_size"])

@@ -152,10 +152,16 @@ def test_metrics_jsonl_with_a_torn_last_line(writer):
         writer.append_metrics({"step": i, "reward": 0.1 * i})
     with open(writer.path / "metrics.jsonl", "a") as fh:
         fh.write('{"step": 3, "rew')
-    df = spectra.load_run(writer.path).metrics
+    with pytest.warns(UserWarning, match=r"metrics\.jsonl: skipped 1 unreadable line"):
+        df = spectra.load_run(writer.path).metrics
     assert df["step"].tolist() == [0, 1, 2]
     assert df["reward"].tolist() == pytest.approx([0.0, 0.1, 0.2])
     assert spectra.load_run(writer.path).eval.empty
+    # a resumed run appends after the torn line without gluing onto it
+    writer.append_metrics({"step": 3, "reward": 0.3})
+    writer.append_metrics({"step": 4, "reward": 0.4})
+    with pytest.warns(UserWarning, match="skipped 1"):
+        assert spectra.load_run(writer.path).metrics["step"].tolist() == [0, 1, 2, 3, 4]
 
 
 def test_base_pointer_to_safetensors(tmp_path, gen):
@@ -205,3 +211,44 @@ def test_file_is_readable_with_plain_h5py_as_documented(writer, gen):
         dw = g.attrs["scale"] * np.asarray(g["B"]) @ np.asarray(g["A"])
         assert g["B"].attrs["dtype"] == "float32"
     np.testing.assert_allclose(dw, (3.0 * B @ A).numpy(), rtol=1e-5)
+
+
+def test_written_files_get_the_usual_permissions(writer, gen):
+    path = writer.write_delta(1, {"a.q": Dense(rnd(gen, m, n))})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (writer.path / "run.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_inconsistent_datasets_are_a_clear_error(writer, gen):
+    path = writer.write_delta(1, {"a.q": LowRank(rnd(gen, m, r), rnd(gen, r, n), mid=rnd(gen, r))})
+    with h5py.File(path, "a") as f:
+        del f["modules/a.q/mid"]
+        f["modules/a.q"].create_dataset("mid", data=np.ones(r + 1, np.float32))
+    with pytest.raises(DeltaFileError, match=r"'a\.q' is damaged: LowRank: mid has shape \(3,\)"):
+        spectra.load_run(writer.path).delta(1, "a.q")
+    path = writer.write_delta(2, {"a.q": LowRank(rnd(gen, m + 1, r), rnd(gen, r, n))})
+    with h5py.File(path, "a") as f:
+        f["modules/a.q"].attrs["shape"] = [m, n]
+    with pytest.raises(DeltaFileError, match=r"declares shape \(10, 8\) but its datasets make \(11, 8\)"):
+        spectra.load_run(writer.path).delta(2, "a.q")
+    path = writer.write_delta(3, {"a.q": Dense(rnd(gen, m, n))})
+    with h5py.File(path, "a") as f:
+        del f["modules/a.q"].attrs["shape"]
+    with pytest.raises(DeltaFileError, match="lacks a readable shape"):
+        spectra.load_run(writer.path).delta(3, "a.q")
+
+
+def test_malformed_run_files_are_one_line_errors(writer, tmp_path):
+    (writer.path / "run.json").write_text("[1, 2]")
+    with pytest.raises(RunDirError, match="expected a JSON object"):
+        spectra.load_run(writer.path)
+    (writer.path / "run.json").write_text(json.dumps({"schema_version": "1"}))
+    with pytest.raises(RunDirError, match="schema_version '1' is not supported"):
+        spectra.load_run(writer.path)
+    other = RunWriter(tmp_path / "ptr")
+    other.write_config({})
+    (other.path / "base" / "pointer.json").write_text(json.dumps({"files": []}))
+    with pytest.raises(RunDirError, match=r"pointer\.json: expected"):
+        _ = spectra.load_run(other.path).modules

@@ -74,6 +74,8 @@ def spectral_concentration(s: Tensor, k: int | Sequence[int] = 1) -> Tensor:
     With a list of k, the last dimension of the result runs over the list.
     """
     ks = [k] if isinstance(k, int) else list(k)
+    if min(ks) < 1:
+        raise ValueError(f"spectral_concentration: k must be ≥ 1, got {ks}")
     energy = s.square()
     cum = energy.cumsum(dim=-1)
     total = cum[..., -1:].clamp_min(torch.finfo(s.dtype).tiny)

@@ -24,8 +24,8 @@ def alignment_curves(delta: Tensor | DeltaOperator, U: Tensor, V: Tensor) -> dic
 
     Factored operators are never made dense. The value is NaN when ΔW = 0.
     """
-    op = as_operator(delta)
     dtype = torch.promote_types(U.dtype, torch.float64)
+    op = as_operator(delta).to(dtype=dtype)  # bf16/float32 factors would bias ‖ΔW‖_F² and ρ
     U, V = U.to(dtype), V.to(dtype)
     fro2 = op.frobenius_sq().to(dtype)
     left_proj = op.left_project(U)  # (…, K, n)
@@ -58,12 +58,17 @@ def alignment_baseline(k: int, m: int, n: int, side: str = "both") -> float:
 
 
 def principal_angles(A: Tensor, B: Tensor) -> Tensor:
-    """Principal angles in degrees between span(A) and span(B), A and B with orthonormal columns.
+    """Principal angles in degrees between span(A) and span(B), A and B (…, d, k) with orthonormal
+    columns, ascending; the last is the largest angle.
 
-    cos θ_i = σ_i(AᵀB), so the angles come out ascending; the last is the largest angle.
+    cos θ_i = σ_i(AᵀB) (descending) and sin θ_i = σ_i(B − A·AᵀB) (ascending); θ_i = atan2(sin, cos),
+    which stays accurate for small angles where arccos alone loses half the digits (Björck & Golub 1973).
     """
-    cos = torch.linalg.svdvals(A.mT.to(torch.float64) @ B.to(torch.float64)).clamp(0.0, 1.0)
-    return torch.rad2deg(torch.arccos(cos))
+    A, B = A.to(torch.float64), B.to(torch.float64)
+    AtB = A.mT @ B
+    cos = torch.linalg.svdvals(AtB)
+    sin = torch.linalg.svdvals(B - A @ AtB).flip(-1)
+    return torch.rad2deg(torch.atan2(sin, cos))
 
 
 def max_principal_angle(A: Tensor, B: Tensor) -> Tensor:

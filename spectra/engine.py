@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 import torch
@@ -36,6 +36,9 @@ from spectra.errors import DeltaFileError, ShapeMismatchError, SpectraError
 from spectra.names import parse_module_name
 from spectra.operators import DeltaOperator, LowRank, VectorDelta, stack
 from spectra.svd import SVDResult, default_device, dense_svd, factored_svd, randomized_topk
+
+if TYPE_CHECKING:  # the store imports the engine lazily; no import cycle at run time
+    from spectra.store import DeltaFile, Run
 
 
 @dataclass
@@ -249,7 +252,7 @@ def analyze_checkpoint(items: list[Item], config: EngineConfig | None = None) ->
 
 
 def analyze_run(
-    run: Any,
+    run: Run,
     steps: Iterable[int] | None = None,
     config: EngineConfig | None = None,
     progress: Callable[[int, int, str], None] | None = None,
@@ -274,7 +277,7 @@ def analyze_run(
             for module in dfile.modules:
                 try:
                     info = dfile.info(module)
-                except (DeltaFileError, KeyError, OSError) as e:
+                except DeltaFileError as e:
                     rows.append(_status_row(step, module, "unreadable", str(e)))
                     continue
                 groups.setdefault((info.shape, info.kind, info.rank), []).append(module)
@@ -292,16 +295,18 @@ def analyze_run(
     return df.reindex(columns=cols + [c for c in df.columns if c not in cols])
 
 
-def _analyze_chunk(run: Any, dfile: Any, step: int, modules: list[str], config: EngineConfig) -> list[dict]:
+def _analyze_chunk(
+    run: Run, dfile: DeltaFile, step: int, modules: list[str], config: EngineConfig
+) -> list[dict[str, Any]]:
     items: list[Item] = []
     rows: list[dict[str, Any]] = []
     for module in modules:
         try:
-            op = run._read_checked(dfile, module)
+            op, w0 = run.read_module(dfile, module)
             if not op.is_finite():
                 rows.append(_status_row(step, module, "nonfinite", "ΔW contains NaN or Inf"))
                 continue
-            items.append(Item(module, op, run.w0(module), run.base_spectrum(module)))
+            items.append(Item(module, op, w0, run.base_spectrum(module)))
         except ShapeMismatchError as e:
             rows.append(_status_row(step, module, "shape_mismatch", str(e)))
         except SpectraError as e:
@@ -316,16 +321,16 @@ def _analyze_chunk(run: Any, dfile: Any, step: int, modules: list[str], config: 
     return rows
 
 
-def _vector_row(run: Any, dfile: Any, step: int, module: str) -> dict[str, Any]:
+def _vector_row(run: Run, dfile: DeltaFile, step: int, module: str) -> dict[str, Any]:
     try:
-        rec = run._read_checked(dfile, module)
+        rec, theta0 = run.read_module(dfile, module)
     except SpectraError as e:
         return _status_row(step, module, "unreadable", str(e))
     assert isinstance(rec, VectorDelta)
     if not rec.is_finite():
         return _status_row(step, module, "nonfinite", "Δθ contains NaN or Inf")
     d = rec.delta.to(torch.float64)
-    theta0 = run.w0(module).to(torch.float64)
+    theta0 = theta0.to(torch.float64)
     fro = float(torch.linalg.vector_norm(d))
     ref = float(torch.linalg.vector_norm(theta0))
     return {

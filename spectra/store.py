@@ -440,15 +440,16 @@ class Run:
     def delta(self, step: int, module: str) -> Record:
         """ΔW of ``module`` at ``step`` as an operator, checked against W0's shape."""
         with self.open_delta(step) as d:
-            return self._read_checked(d, module)
+            return self.read_module(d, module)[0]
 
     def deltas(self, step: int) -> Iterator[tuple[str, Record]]:
         """Stream ``(module, operator)`` pairs of one step, one module in memory at a time."""
         with self.open_delta(step) as d:
             for module in d.modules:
-                yield module, self._read_checked(d, module)
+                yield module, self.read_module(d, module)[0]
 
-    def _read_checked(self, d: DeltaFile, module: str) -> Record:
+    def read_module(self, d: DeltaFile, module: str) -> tuple[Record, Tensor]:
+        """``(ΔW operator, W0)`` of ``module`` from an open delta file, checked against W0's shape."""
         info = d.info(module)
         w0 = self.w0(module)
         if tuple(w0.shape) != info.shape:
@@ -456,7 +457,7 @@ class Run:
                 f"{d.path}: module {module!r} has ΔW of shape {info.shape} but W0 is "
                 f"{tuple(w0.shape)}; the run's base/ does not match its deltas"
             )
-        return d.read(module, w0 if info.kind in ("dora", "scaled") else None)
+        return d.read(module, w0 if info.kind in ("dora", "scaled") else None), w0
 
     # -- logs
     @property

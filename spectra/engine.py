@@ -287,7 +287,7 @@ def analyze_run(
                     continue
                 sizes = [_item_bytes(key[0], key[2], config)] * len(modules)
                 for idx in plan_chunks(sizes, config.max_batch_bytes):
-                    rows += _analyze_chunk(run, dfile, step, [modules[i] for i in idx], config)
+                    rows += _analyze_chunk(run, dfile, step, key[1], [modules[i] for i in idx], config)
                     if progress:
                         progress(si, len(steps), f"step {step}")
     cols = ["step", "module", "layer", "proj", "kind", "m", "n", "status", *metric_columns(config), "error"]
@@ -296,7 +296,7 @@ def analyze_run(
 
 
 def _analyze_chunk(
-    run: Run, dfile: DeltaFile, step: int, modules: list[str], config: EngineConfig
+    run: Run, dfile: DeltaFile, step: int, kind: str, modules: list[str], config: EngineConfig
 ) -> list[dict[str, Any]]:
     items: list[Item] = []
     rows: list[dict[str, Any]] = []
@@ -312,7 +312,6 @@ def _analyze_chunk(
         except SpectraError as e:
             rows.append(_status_row(step, module, "unreadable", str(e)))
     if items:
-        kind = dfile.info(items[0].module).kind
         for it, metrics in zip(items, analyze_items(items, config), strict=True):
             m, n = it.op.shape[-2:]
             rows.append(

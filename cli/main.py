@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from spectra.train.config import METHOD_NAMES, PROJECTIONS  # light: no trainer stack imported
 
 import spectra
 
@@ -38,14 +39,78 @@ def info(run_dir: str = typer.Argument(..., help="A run directory (runs/<name>/)
         run = spectra.load_run(run_dir)
         steps, modules = run.steps, run.modules
     except spectra.SpectraError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1) from None
+        _fail(e)
     console.print(f"[bold]{run.path}[/bold]")
     for key in ("model", "method", "rank", "alpha", "loss"):
         if key in run.config:
             console.print(f"  {key}: {run.config[key]}")
     console.print(f"  steps: {steps}")
     console.print(f"  modules: {len(modules)}")
+
+
+@app.command()
+def train(
+    method: str = typer.Option("lora", help="Adapter method: " + ", ".join(METHOD_NAMES) + "."),
+    model: str = typer.Option(
+        "organism", help="Hub id or local model directory; 'organism' = the embedded tiny model."
+    ),
+    dataset: str = typer.Option(
+        "organism", help="Hub id[:config], a .jsonl/.json/.parquet file, or 'organism'."
+    ),
+    dataset_split: str = typer.Option("train", help="Split of a hub dataset."),
+    problem_column: str | None = typer.Option(None, help="Column with the problem (found by name if unset)."),
+    answer_column: str | None = typer.Option(None, help="Column with the answer (found by name if unset)."),
+    eval_dataset: str | None = typer.Option(
+        None, help="Held-out set for eval.jsonl (the organism's test split by default)."
+    ),
+    loss: str = typer.Option("dapo", help="grpo, dapo or dr_grpo."),
+    rank: int = typer.Option(32, help="Adapter rank r (AdaLoRA: the target average rank)."),
+    alpha: float = typer.Option(64.0, help="LoRA alpha (scale s = alpha/r, alpha/sqrt(r) for rslora)."),
+    dropout: float = typer.Option(0.05, help="Adapter dropout."),
+    target_modules: str = typer.Option(",".join(PROJECTIONS), help="Comma-separated module name suffixes."),
+    num_generations: int = typer.Option(8, help="Rollouts per prompt (G)."),
+    lr: float | None = typer.Option(
+        None, help="Learning rate (constant, no warm-up) [study: 1e-5; organism: preset]."
+    ),
+    batch_size: int | None = typer.Option(None, help="Prompts per optimizer step."),
+    micro_batch_size: int | None = typer.Option(None, help="Completions per forward/backward pass."),
+    max_steps: int | None = typer.Option(None, help="Optimizer steps."),
+    max_completion_length: int | None = typer.Option(None, help="Tokens per completion."),
+    beta: float = typer.Option(0.0, help="KL coefficient (0: no reference model)."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature of rollouts and evaluation."),
+    format_reward: float = typer.Option(0.0, help="Weight of the format reward (0: accuracy only)."),
+    delta_every: int | None = typer.Option(
+        None, help="Record ΔW every N steps (and at 0 and the last step)."
+    ),
+    eval_every: int | None = typer.Option(None, help="Held-out Avg@k/Pass@k every N steps (0: off)."),
+    eval_k: int = typer.Option(4, help="Samples per held-out problem."),
+    out: str = typer.Option("runs", help="Parent directory of runs."),
+    name: str | None = typer.Option(None, help="Run directory name (default: the method)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    precision: str = typer.Option("auto", help="auto (bf16 on a GPU that has it), fp32 or bf16."),
+    use_vllm: bool = typer.Option(False, "--use-vllm", help="Generate rollouts with vLLM (colocate; GPU)."),
+    deepspeed: str | None = typer.Option(None, help="zero2, or a DeepSpeed JSON config (GPU)."),
+    report_to: str = typer.Option("", help="Comma-separated: tensorboard, wandb."),
+    resume: bool = typer.Option(False, "--resume", help="Continue runs/<name> from its last checkpoint."),
+) -> None:
+    """Train with RLVR (TRL GRPO) and record ΔW. No options: LoRA on the embedded organism (CPU, minutes)."""
+    from spectra.train import TrainConfig
+    from spectra.train import train as run_training
+
+    options = dict(locals())
+    options.pop("resume")
+    options["target_modules"] = tuple(t for t in target_modules.split(",") if t)
+    options["report_to"] = tuple(t for t in report_to.split(",") if t)
+    try:
+        run_dir = run_training(TrainConfig(**options), resume=resume)
+    except spectra.SpectraError as e:
+        _fail(e)
+    console.print(f"run written to [bold]{run_dir}[/bold]")
+
+
+def _fail(e: Exception) -> None:
+    console.print(f"[red]error:[/red] {e}")
+    raise typer.Exit(1) from None
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Notation: σ the singular values of a matrix (descending), p_i = σ_i/Σσ, W0 =
 U_k, V_k its top-k singular vectors and U_{-k}, V_{-k} its bottom-k, W_t = W0 + ΔW.
 """
 
+from spectra.metrics.accuracy import avg_at_k, mean_pass_at_k, pass_at_k
 from spectra.metrics.collapse import CollapseRule, detect_collapse, step_medians
 from spectra.metrics.precision import bf16_update_sparsity
 from spectra.metrics.spectral import (
@@ -30,13 +31,16 @@ __all__ = [
     "CollapseRule",
     "alignment_baseline",
     "alignment_curves",
+    "avg_at_k",
     "bf16_update_sparsity",
     "detect_collapse",
     "effective_rank",
     "frobenius_norm",
     "intruder_dimensions",
     "max_principal_angle",
+    "mean_pass_at_k",
     "participation_ratio",
+    "pass_at_k",
     "principal_alignment",
     "principal_angles",
     "rank_at",

@@ -1,0 +1,344 @@
+"""Verifiable rewards: boxed answers, math-verify equivalence, timeouts from any thread or process."""
+
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("math_verify")
+
+from spectra.train import rewards
+from spectra.train.rewards import (
+    accuracy_reward,
+    format_reward,
+    last_boxed,
+    score_answer,
+    score_answers,
+)
+
+# 9^(9^(9^(9^9))): parses at once, then sympy computes in verify for minutes (over 20 s measured).
+HOSTILE = r"the answer is \boxed{9^{9^{9^{9^{9}}}}}"
+TIMEOUT = 1.0
+SLACK = 1.5  # killing the worker and returning
+
+
+@pytest.fixture
+def warm_worker():
+    """A started worker, so that timings measure scoring and not the ~0.5 s start-up."""
+    assert score_answer(r"\boxed{x+1}", "1+x") == 1.0
+    return rewards._worker
+
+
+# --- last_boxed -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (r"so \boxed{42}.", "42"),
+        (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+        (r"\boxed{\frac{\sqrt{2}}{2}} done", r"\frac{\sqrt{2}}{2}"),
+        (r"first \boxed{1}, then \boxed{2}", "2"),
+        (r"\boxed{1} and finally \fbox{3}", "3"),
+        (r"\boxed {7}", "7"),
+        (r"\boxed{\{1,2\}}", r"\{1,2\}"),
+        (r"\boxed{a + \boxed{b}}", r"a + \boxed{b}"),  # a box inside a box belongs to the outer one
+        ("no box here", None),
+        (r"\boxed{\frac{1}{2}", None),  # never closed
+        (r"\boxed{1} then \boxed{2", None),  # the last box is unbalanced
+        (r"\boxed{", None),
+    ],
+)
+def test_last_boxed(text, expected):
+    assert last_boxed(text) == expected
+
+
+def test_last_boxed_on_a_megabyte_of_open_boxes_is_fast():
+    start = time.perf_counter()
+    assert last_boxed(r"\boxed{" * 150_000) is None
+    assert time.perf_counter() - start < 2.0
+
+
+# --- equivalence -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "truth"),
+    [
+        ("85", "85"),
+        ("85.0", "85"),
+        ("085", "85"),
+        ("-3.0", "-3"),
+        ("0.5", r"\frac{1}{2}"),
+        (r"\dfrac{1}{2}", r"\frac{1}{2}"),
+        (r"\frac12", "0.5"),
+        ("1/2", r"\frac{1}{2}"),
+        ("0.1234568", "0.1234567"),  # math-verify compares decimals to 6 places
+        ("1+x^2", "x^2+1"),
+        (r"\sqrt{12}", r"2\sqrt{3}"),
+        (r"\{2, 1\}", r"\{1,2\}"),
+        ("(1, 2]", "(1,2]"),
+        (r"\left(1, 2\right)", "(1,2)"),
+        ("5, 3", "3, 5"),
+        (r"85^\circ", "85"),
+        (r"\$85", "85"),
+        ("1,000", "1000"),
+        (r"\infty", r"\infty"),
+        (r"\frac{1}{2}", r"$\frac{1}{2}$"),  # truth given as a formula
+        (r"\frac{1}{2}", r"so the answer is \boxed{\frac{1}{2}}"),  # truth given as a solution
+    ],
+)
+def test_equivalent_answers_score_one(answer, truth):
+    assert score_answer(rf"The answer is \boxed{{{answer}}}.", truth) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("answer", "truth"),
+    [
+        ("86", "85"),
+        ("85.5", "85"),
+        ("12345678901234568", "12345678901234567"),
+        ("0.5", r"\frac{1}{3}"),
+        ("x^2-1", "x^2+1"),
+        ("[1,2]", "(1,2]"),
+        (r"\{1,3\}", r"\{1,2\}"),
+        ("5", "3, 5"),  # read with math-verify's defaults the bare truth "3, 5" would be 5
+        ("2", r"2\sqrt{3}"),  # ... and "2\sqrt{3}" would be 2
+        (r"\frac{}{}", "1"),  # does not parse
+    ],
+)
+def test_different_answers_score_zero(answer, truth):
+    assert score_answer(rf"The answer is \boxed{{{answer}}}.", truth) == 0.0
+
+
+@pytest.mark.parametrize(
+    "completion",
+    ["The answer is 85.", r"The answer is \boxed{85", r"\boxed{}", r"\boxed{ }", ""],
+)
+def test_no_usable_boxed_answer_scores_zero(completion):
+    assert score_answer(completion, "85") == 0.0
+
+
+def test_plain_numbers_are_compared_without_the_worker():
+    rewards.shutdown_worker()
+    assert score_answers([r"\boxed{85.0}", r"\boxed{84}", r"\boxed{-7}"], ["85", "85", "-7"]) == [
+        1.0,
+        0.0,
+        1.0,
+    ]
+    assert rewards._worker is None
+
+
+def test_score_answers_checks_lengths_and_timeout():
+    with pytest.raises(ValueError, match="2 completions but 1 truths"):
+        score_answers(["a", "b"], ["1"])
+    with pytest.raises(ValueError, match="timeout must be positive"):
+        score_answers(["a"], ["1"], timeout=0)
+
+
+# --- hostile and huge answers ------------------------------------------------------------------------
+
+
+def test_math_verify_alone_can_not_time_out_outside_the_main_thread():
+    """The premise of the worker: math-verify's signal.alarm timeouts refuse to run in a thread."""
+    import math_verify
+
+    errors = []
+
+    def parse_in_thread():
+        try:
+            math_verify.parse("$1$")
+        except ValueError as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=parse_in_thread)
+    thread.start()
+    thread.join()
+    assert len(errors) == 1 and "thread" in str(errors[0])
+
+
+def test_hostile_answer_times_out_in_the_main_thread_and_the_worker_is_replaced(warm_worker):
+    start = time.perf_counter()
+    assert score_answer(HOSTILE, "1", timeout=TIMEOUT) == 0.0
+    elapsed = time.perf_counter() - start
+    assert TIMEOUT * 0.9 < elapsed < TIMEOUT + SLACK
+    assert warm_worker.process.poll() is not None  # the hung worker was killed
+    assert score_answer(r"\boxed{\frac{2}{4}}", "0.5", timeout=TIMEOUT) == 1.0
+    assert rewards._worker is not warm_worker and rewards._worker.is_usable()
+
+
+def test_hostile_answer_times_out_in_another_thread(warm_worker):
+    results = []
+
+    def score_in_thread():
+        start = time.perf_counter()
+        results.append((score_answer(HOSTILE, "1", timeout=TIMEOUT), time.perf_counter() - start))
+
+    thread = threading.Thread(target=score_in_thread)
+    thread.start()
+    thread.join(timeout=TIMEOUT + 10)
+    assert not thread.is_alive()
+    (score, elapsed) = results[0]
+    assert score == 0.0
+    assert elapsed < TIMEOUT + SLACK
+
+
+def test_a_hostile_item_does_not_zero_its_neighbours(warm_worker):
+    completions = [r"\boxed{x+1}", HOSTILE, r"\boxed{\frac{1}{2}}", r"\boxed{\frac{1}{3}}"]
+    assert score_answers(completions, ["1+x", "1", "0.5", "0.5"], timeout=TIMEOUT) == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_threads_scoring_at_once_get_their_own_results(warm_worker):
+    results: dict[int, list[float]] = {}
+
+    def score(i: int) -> None:
+        results[i] = score_answers([rf"\boxed{{{i}/2}}", rf"\boxed{{{i}/3}}"], [f"{i / 2}", f"{i / 2}"])
+
+    threads = [threading.Thread(target=score, args=(i,)) for i in range(1, 9)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {i: [1.0, 0.0] for i in range(1, 9)}
+
+
+def test_a_megabyte_answer_scores_zero_fast():
+    huge = r"\boxed{" + "1+" * 500_000 + "1}"
+    start = time.perf_counter()
+    assert score_answer(huge, "1000001") == 0.0
+    assert score_answer(r"\boxed{" + "7" * 1_000_000 + "}", "7") == 0.0
+    assert time.perf_counter() - start < 1.0
+
+
+def test_an_answer_over_the_cap_is_not_parsed():
+    at_cap = "1+" * ((rewards.MAX_ANSWER_CHARS - 1) // 2) + "1"
+    assert len(at_cap) <= rewards.MAX_ANSWER_CHARS
+    assert score_answer(rf"\boxed{{{at_cap}}}", str(at_cap.count("1"))) == 1.0
+    assert score_answer(rf"\boxed{{{at_cap}+0+0}}", str(at_cap.count("1"))) == 0.0
+
+
+# --- other processes ---------------------------------------------------------------------------------
+
+
+def _wait_until_gone(pid: int, seconds: float = 5.0) -> bool:
+    """Whether process ``pid`` ends (or is left a zombie, if an orphan) within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _score_in_forked_child(conn) -> None:
+    conn.send((score_answer(r"\boxed{\frac{3}{6}}", "0.5"), rewards._worker.process.pid))
+    conn.close()
+
+
+def test_a_forked_child_starts_its_own_worker(warm_worker):
+    parent_end, child_end = multiprocessing.get_context("fork").Pipe()
+    child = multiprocessing.get_context("fork").Process(target=_score_in_forked_child, args=(child_end,))
+    child.start()
+    assert parent_end.poll(30)
+    score, child_worker_pid = parent_end.recv()
+    child.join(10)
+    assert score == 1.0
+    assert child_worker_pid != warm_worker.process.pid
+    assert score_answer(r"\boxed{\frac{3}{6}}", "0.5") == 1.0
+    assert rewards._worker is warm_worker  # the parent's worker was not disturbed
+    assert _wait_until_gone(child_worker_pid)  # the child's worker ends with the child (its stdin closes)
+
+
+def test_no_worker_is_left_behind_at_exit():
+    """Even when a daemon thread is still waiting on a hung answer as the interpreter exits."""
+    code = (
+        "import importlib.util, sys, threading, time\n"
+        "spec = importlib.util.spec_from_file_location('r', sys.argv[1])\n"
+        "r = importlib.util.module_from_spec(spec); spec.loader.exec_module(r)\n"
+        "assert r.score_answer(r'\\boxed{x+1}', '1+x') == 1.0\n"
+        "print(r._worker.process.pid, flush=True)\n"
+        "threading.Thread(target=r.score_answer, args=(sys.argv[2], '1', 60.0), daemon=True).start()\n"
+        "time.sleep(0.5)\n"
+    )
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", code, rewards.__file__, HOSTILE],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert time.perf_counter() - start < 10
+    assert _wait_until_gone(int(done.stdout), seconds=0.5)
+
+
+def test_shutdown_worker_kills_it(warm_worker):
+    rewards.shutdown_worker()
+    assert warm_worker.process.poll() is not None
+    assert rewards._worker is None
+
+
+# --- TRL reward functions ----------------------------------------------------------------------------
+
+
+def test_accuracy_reward_with_string_completions_as_trl_calls_it():
+    completions = [r"so \boxed{4}", r"so \boxed{5}", "no answer", r"so \boxed{\frac{8}{2}}", r"\boxed{None}"]
+    scores = accuracy_reward(
+        prompts=["2+2?"] * 5,
+        completions=completions,
+        completion_ids=[[1, 2]] * 5,
+        answer=[4, "4", "4", "4", None],
+        trainer_state=None,
+        log_extra=None,
+        log_metric=None,
+    )
+    assert scores == [1.0, 0.0, 0.0, 1.0, 0.0]
+
+
+def test_accuracy_reward_with_conversational_completions():
+    completions = [
+        [{"role": "assistant", "content": r"It is \boxed{\frac{1}{2}}."}],
+        [{"role": "assistant", "content": r"It is \boxed{2}."}],
+        [{"role": "assistant", "content": [{"type": "text", "text": r"It is \boxed{0.5}"}]}],
+        [
+            {"role": "assistant", "content": r"\boxed{7}"},
+            {"role": "tool", "content": "ok"},
+            {"role": "assistant", "content": r"\boxed{0.50}"},
+        ],
+    ]
+    assert accuracy_reward(completions, answer=[r"\frac{1}{2}"] * 4) == [1.0, 0.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        (r"Adding gives \boxed{4}", 1.0),
+        (r"Adding gives \boxed{4}.", 1.0),
+        ("Adding gives $\\boxed{4}$.\n", 1.0),
+        (r"\[ \boxed{\frac{1}{2}} \]", 1.0),
+        (r"**\boxed{4}**", 1.0),
+        (r"Adding gives 4.", 0.0),
+        (r"\boxed{4} because 2+2=4", 0.0),  # text after the answer
+        (r"\boxed{3} or \boxed{4}", 0.0),  # more than one box
+        (r"\boxed{}", 0.0),
+        (r"Adding gives \boxed{4", 0.0),
+    ],
+)
+def test_format_reward(completion, expected):
+    assert format_reward([completion]) == [expected]
+    assert format_reward([[{"role": "assistant", "content": completion}]]) == [expected]
+
+
+def test_reward_functions_are_named_for_trl():
+    # TRL logs a reward function under its __name__ (trl.trainer.utils.get_callable_name).
+    assert accuracy_reward.__name__ == "accuracy"
+    assert format_reward.__name__ == "format"

@@ -1,0 +1,93 @@
+"""The base checkpoint: where a model lives on disk, and W0 read back from its safetensors files.
+
+ΔW is always measured against the *original* W0 of the checkpoint, never against the in-memory base
+layer (PiSSA/MiLoRA replace it by a residual; merging and unmerging in bf16 drifts it). So W0 is read from
+the checkpoint's safetensors files by tensor name, whatever the model object holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from safetensors import safe_open
+from spectra.train.config import TrainConfigError
+from torch import Tensor
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local directory holding the model: ``model`` itself when it is one, else the hub snapshot.
+
+    Hub ids are fetched (or found in the local hub cache) with ``huggingface_hub.snapshot_download``,
+    restricted to the files a model needs; weights must be safetensors (no pickle).
+    """
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise TrainConfigError(f"--model {model}: directory has no config.json; expected a saved model")
+        return path
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise TrainConfigError(f"--model {model}: no such directory; expected a local model path or a hub id")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        local = snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    except HFValidationError as e:
+        raise TrainConfigError(f"--model {model}: not a valid hub id or local path ({e})") from None
+    except Exception as e:  # offline, unknown repo, gated: say which model and why in one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainConfigError(f"--model {model}: could not be fetched from the hub: {first}") from None
+    return Path(local)
+
+
+class BaseCheckpoint:
+    """Read W0 tensors by name from a model directory's safetensors files (sharded or not)."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            self.files = {name: self.dir / f for name, f in weight_map.items()}
+        else:
+            files = sorted(self.dir.glob("*.safetensors"))
+            if not files:
+                raise TrainConfigError(
+                    f"--model {self.dir}: no *.safetensors weights; spectra reads W0 from safetensors only"
+                )
+            self.files = {}
+            for f in files:
+                with safe_open(f, "pt") as h:
+                    self.files.update({name: f for name in h.keys()})
+
+    def tensor_name(self, module: str, param: str = "weight") -> str:
+        """The checkpoint's name for ``module.param``; tolerates a missing or extra ``model.`` prefix."""
+        for name in (
+            f"{module}.{param}",
+            f"model.{module}.{param}",
+            f"{module.removeprefix('model.')}.{param}",
+        ):
+            if name in self.files:
+                return name
+        raise KeyError(f"{module}.{param} is not in the checkpoint {self.dir}")
+
+    def get(self, module: str, param: str = "weight") -> Tensor:
+        """W0 (or θ0) of ``module`` as stored in the checkpoint."""
+        name = self.tensor_name(module, param)
+        with safe_open(self.files[name], "pt") as h:
+            return h.get_tensor(name)
+
+    def nbytes(self, modules: list[str], param: str = "weight") -> int:
+        """Bytes the tensors of ``modules`` take in the checkpoint."""
+        total = 0
+        for module in modules:
+            name = self.tensor_name(module, param)
+            with safe_open(self.files[name], "pt") as h:
+                sl = h.get_slice(name)
+                total += math.prod(sl.get_shape()) * _DTYPE_BYTES.get(sl.get_dtype(), 4)
+        return total
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}

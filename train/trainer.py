@@ -1,0 +1,308 @@
+"""`spectra train`: one RLVR run on TRL's GRPOTrainer, recording ΔW as it goes.
+
+The steps of :func:`train`, in order:
+
+1. resolve the configuration (organism preset or the study's values) and check every option;
+2. find the model on disk (a local directory, a hub snapshot, or the organism, built once and cached) and
+   load it through ``from_pretrained`` — the same path for all three;
+3. attach the method (:mod:`spectra.train.methods`), after which W0 is only ever read back from the
+   checkpoint's safetensors files;
+4. build the data, the rewards (math-verify on the final ``\\boxed{}``), TRL's ``GRPOConfig`` for the
+   loss, and the callbacks: ΔW recorder, metrics logger, held-out evaluation, the method's own
+   (AdaLoRA's rank allocation);
+5. train, resuming from the last trainer checkpoint with ``resume=True``: delta files and log rows
+   written after that checkpoint belong to the abandoned trajectory and are removed first.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from spectra.train.checkpoint import BaseCheckpoint, resolve_model_dir
+from spectra.train.config import ORGANISM, TrainConfig, TrainConfigError
+from spectra.train.data import build_dataset, load_rows
+from spectra.train.evaluation import HeldOutEval
+from spectra.train.methods import get_method
+from spectra.train.methods.base import Method
+from spectra.train.recorder import ConsoleLog, DeltaRecorder, MetricsLogger
+
+from spectra.h5io import atomic_path
+from spectra.store import RunWriter, read_jsonl
+
+DEEPSPEED_CONFIGS = {"zero2": Path(__file__).parent / "deepspeed" / "zero2.json"}
+_STEP_FILE = re.compile(r"step_(\d+)\.h5$")
+
+
+@dataclass
+class Session:
+    """Everything a run is made of, ready to train (see :func:`prepare`)."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    model: Any
+    tokenizer: Any
+    method: Method
+    base: BaseCheckpoint
+    recorder: DeltaRecorder
+    trainer: Any
+    resume_from: Path | None
+
+    def train(self) -> Path:
+        self.trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from else None)
+        return self.run_dir
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Run (or resume) one RLVR run; returns its run directory."""
+    return prepare(cfg, resume).train()
+
+
+def prepare(cfg: TrainConfig, resume: bool = False) -> Session:
+    """Resolve, check, load, attach and wire up a run without training it yet."""
+    cfg = cfg.resolve()
+    run_dir = Path(cfg.out) / cfg.name
+    resume_from = _prepare_run_dir(run_dir, resume)
+    if resume_from is not None:
+        stored = TrainConfig.from_dict(json.loads((run_dir / "run.json").read_text()))
+        cfg = TrainConfig(**{**stored.to_dict(), "max_steps": cfg.max_steps, "out": cfg.out}).resolve()
+    _check_accelerators(cfg)
+
+    model_dir = _model_dir(cfg)
+    tokenizer, model = load_model(model_dir, cfg)
+    method = get_method(cfg.method)
+    torch.manual_seed(cfg.seed)
+    model = method.apply(model, cfg)
+    base = BaseCheckpoint(model_dir)
+
+    organism = cfg.dataset == ORGANISM
+    rows = load_rows(cfg.dataset, cfg.dataset_split, cfg.problem_column, cfg.answer_column)
+    train_set = build_dataset(rows, tokenizer, organism)
+    eval_rows = None
+    if cfg.eval_every and cfg.eval_dataset:
+        eval_rows = load_rows(
+            cfg.eval_dataset, cfg.eval_split, cfg.problem_column, cfg.answer_column, option="--eval-dataset"
+        )[: cfg.eval_problems]
+
+    writer = RunWriter(run_dir)
+    if resume_from is None:
+        writer.write_config({**cfg.to_dict(), "model_path": str(model_dir), "versions": _versions()})
+    recorder = DeltaRecorder(
+        writer, method, model, base, cfg.delta_every, cfg.base_copy_limit_mb, resume=resume_from is not None
+    )
+    callbacks: list[Any] = [recorder, MetricsLogger(writer, recorder), *method.callbacks(model, cfg)]
+    if eval_rows is not None:
+        callbacks.append(
+            HeldOutEval(
+                writer, model, tokenizer, eval_rows, benchmark=_benchmark_name(cfg.eval_dataset),
+                every=cfg.eval_every, n=cfg.eval_k, max_new_tokens=cfg.max_completion_length,
+                organism=cfg.eval_dataset == ORGANISM, temperature=cfg.temperature, seed=cfg.seed,
+                resume=resume_from is not None,
+            )
+        )  # fmt: skip
+    trainer = build_trainer(
+        cfg, model, tokenizer, train_set, callbacks, method.optimizer(model, cfg), run_dir
+    )
+    return Session(cfg, run_dir, model, tokenizer, method, base, recorder, trainer, resume_from)
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def _model_dir(cfg: TrainConfig) -> Path:
+    if cfg.model == ORGANISM:
+        from spectra.train.organism import build_organism
+
+        return build_organism(seed=0)
+    return resolve_model_dir(cfg.model)
+
+
+def _dtype(cfg: TrainConfig) -> torch.dtype:
+    if cfg.precision == "bf16" or (
+        cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    ):
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_model(model_dir: Path, cfg: TrainConfig) -> tuple[Any, Any]:
+    """Tokenizer and causal LM from a local directory (safetensors only; no remote code)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=_dtype(cfg), use_safetensors=True, trust_remote_code=False
+        )
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainConfigError(
+            f"--model {cfg.model}: could not be loaded from {model_dir} ({first})"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, model
+
+
+# --------------------------------------------------------------------------------------------- trainer
+
+
+def grpo_config(cfg: TrainConfig, output_dir: Path):
+    """TRL's ``GRPOConfig`` for the configuration (the loss choices are documented in ``config.py``)."""
+    from trl import GRPOConfig
+
+    rollouts = cfg.batch_size * cfg.num_generations
+    bf16 = _dtype(cfg) == torch.bfloat16
+    return GRPOConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=rollouts // cfg.micro_batch_size,
+        num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_completion_length,
+        temperature=cfg.temperature,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_steps=cfg.max_steps,
+        beta=cfg.beta,
+        epsilon=cfg.epsilon,
+        epsilon_high=cfg.epsilon_high,
+        loss_type=cfg.loss,
+        scale_rewards="none" if cfg.loss == "dr_grpo" else "group",
+        mask_truncated_completions=cfg.loss == "dapo",
+        reward_weights=[1.0, cfg.format_reward] if cfg.format_reward else None,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_every,
+        save_total_limit=2,
+        report_to=list(cfg.report_to) or "none",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),
+        use_vllm=cfg.use_vllm,
+        vllm_mode="colocate",
+        deepspeed=str(DEEPSPEED_CONFIGS.get(cfg.deepspeed, cfg.deepspeed)) if cfg.deepspeed else None,
+        disable_tqdm=True,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        dataloader_num_workers=0,
+    )
+
+
+def build_trainer(cfg, model, tokenizer, train_set, callbacks, optimizer, run_dir: Path):
+    """The GRPOTrainer with the accuracy reward (and the format reward when weighted)."""
+    from spectra.train.rewards import accuracy_reward, format_reward
+    from trl import GRPOTrainer
+
+    rewards = [accuracy_reward, format_reward] if cfg.format_reward else [accuracy_reward]
+    return GRPOTrainer(
+        model=model,
+        reward_funcs=rewards,
+        args=grpo_config(cfg, run_dir / "checkpoints"),
+        train_dataset=train_set,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        optimizers=(optimizer, None),
+    )
+
+
+# ----------------------------------------------------------------------------------- run dir and resume
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
+    """Check the run directory; on resume, return the last trainer checkpoint and drop what followed it."""
+    if not resume:
+        if (run_dir / "run.json").exists():
+            raise TrainConfigError(
+                f"--name: {run_dir} already holds a run; pass --resume to continue it, or another --name"
+            )
+        return None
+    if not (run_dir / "run.json").exists():
+        raise TrainConfigError(f"--resume: {run_dir} has no run.json; there is no run to resume")
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpt_dir = run_dir / "checkpoints"
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    if last is None:
+        raise TrainConfigError(
+            f"--resume: {ckpt_dir} holds no trainer checkpoint yet; start the run again without --resume"
+        )
+    truncate_run(run_dir, int(Path(last).name.rsplit("-", 1)[1]))
+    return Path(last)
+
+
+def truncate_run(run_dir: Path, step: int) -> None:
+    """Remove what a run wrote after ``step``: later delta files and later metrics/eval rows."""
+    for p in (run_dir / "deltas").glob("step_*.h5"):
+        m = _STEP_FILE.match(p.name)
+        if m and int(m.group(1)) > step:
+            p.unlink()
+    for name in ("metrics.jsonl", "eval.jsonl"):
+        path = run_dir / name
+        if not path.exists():
+            continue
+        rows = read_jsonl(path)
+        if rows.empty or "step" not in rows:
+            continue
+        kept = rows[rows["step"] <= step]
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text("".join(json.dumps(_clean(r)) + "\n" for r in kept.to_dict("records")))
+
+
+def _clean(row: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, float) and v != v:  # NaN from a column the row did not have
+            continue
+        out[k] = v.item() if hasattr(v, "item") else v
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ misc
+
+
+def _check_accelerators(cfg: TrainConfig) -> None:
+    import importlib.util
+
+    if cfg.use_vllm:
+        if importlib.util.find_spec("vllm") is None:
+            raise TrainConfigError(
+                "--use-vllm: vllm is not installed; install it with pip install 'spectra-rlvr[gpu]'"
+            )
+        if not torch.cuda.is_available():
+            raise TrainConfigError("--use-vllm: vLLM needs a CUDA GPU and none is visible")
+    if cfg.deepspeed:
+        if importlib.util.find_spec("deepspeed") is None:
+            raise TrainConfigError(
+                "--deepspeed: deepspeed is not installed; install it with pip install 'spectra-rlvr[gpu]'"
+            )
+        if cfg.deepspeed not in DEEPSPEED_CONFIGS and not Path(cfg.deepspeed).is_file():
+            raise TrainConfigError(
+                f"--deepspeed {cfg.deepspeed}: expected zero2 or the path of a DeepSpeed JSON config"
+            )
+        if not torch.cuda.is_available():
+            raise TrainConfigError("--deepspeed: DeepSpeed training needs a CUDA GPU and none is visible")
+
+
+def _benchmark_name(source: str) -> str:
+    return Path(source).stem if Path(source).suffix else source
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for dist in ("spectra-rlvr", "torch", "transformers", "peft", "trl", "accelerate", "math-verify"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    out["cuda"] = torch.version.cuda or "none"
+    out["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    out["threads"] = str(torch.get_num_threads())
+    return out

@@ -67,6 +67,12 @@ def train(
     rank: int = typer.Option(32, help="Adapter rank r (AdaLoRA: the target average rank)."),
     alpha: float = typer.Option(64.0, help="LoRA alpha (scale s = alpha/r, alpha/sqrt(r) for rslora)."),
     dropout: float = typer.Option(0.05, help="Adapter dropout."),
+    quanta_d: int = typer.Option(3, help="QuanTA: number of tensor axes."),
+    vera_rank: int | None = typer.Option(
+        None, help="VeRA: rank of the shared random matrices (default: --rank)."
+    ),
+    adalora_init_rank: int | None = typer.Option(None, help="AdaLoRA: starting rank (default 1.5 × --rank)."),
+    loraplus_lr_ratio: float = typer.Option(16.0, help="LoRA+: learning rate of B over that of A."),
     target_modules: str = typer.Option(",".join(PROJECTIONS), help="Comma-separated module name suffixes."),
     num_generations: int = typer.Option(8, help="Rollouts per prompt (G)."),
     lr: float | None = typer.Option(
@@ -84,6 +90,9 @@ def train(
     ),
     eval_every: int | None = typer.Option(None, help="Held-out Avg@k/Pass@k every N steps (0: off)."),
     eval_k: int = typer.Option(4, help="Samples per held-out problem."),
+    eval_problems: int = typer.Option(64, help="Held-out problems per evaluation."),
+    eval_split: str = typer.Option("test", help="Split of a hub --eval-dataset."),
+    save_every: int | None = typer.Option(None, help="Trainer checkpoint for --resume every N steps."),
     out: str = typer.Option("runs", help="Parent directory of runs."),
     name: str | None = typer.Option(None, help="Run directory name (default: the method)."),
     seed: int = typer.Option(0, help="Random seed."),
@@ -94,11 +103,11 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue runs/<name> from its last checkpoint."),
 ) -> None:
     """Train with RLVR (TRL GRPO) and record ΔW. No options: LoRA on the embedded organism (CPU, minutes)."""
+    options = dict(locals())  # the options above, by name (before any other local exists)
+    options.pop("resume")
     from spectra.train import TrainConfig
     from spectra.train import train as run_training
 
-    options = dict(locals())
-    options.pop("resume")
     options["target_modules"] = tuple(t for t in target_modules.split(",") if t)
     options["report_to"] = tuple(t for t in report_to.split(",") if t)
     try:

@@ -2,7 +2,7 @@
 # Set up .venv with spectra (editable) and its dev tools, on a fresh machine.
 #   - torch: the CPU build (torch==2.13.0) where no NVIDIA GPU is present, the default build otherwise;
 #     set TORCH_SPEC to choose another (e.g. TORCH_SPEC="torch==2.13.0").
-#   - EXTRAS: more optional groups, comma-separated (e.g. EXTRAS=train).
+#   - EXTRAS: the optional groups besides dev, comma-separated (default: train; EXTRAS= for the core alone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -19,5 +19,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   echo "setup: installing $spec"
   "${pip[@]}" install "$spec"
 fi
-"${pip[@]}" install -e ".[dev${EXTRAS:+,$EXTRAS}]"
+extras=${EXTRAS-train}
+"${pip[@]}" install -e ".[dev${extras:+,$extras}]"
 echo "setup: ready ($(.venv/bin/python -c 'import torch, spectra; print("spectra", spectra.__version__, "torch", torch.__version__)'))"

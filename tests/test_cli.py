@@ -26,3 +26,19 @@ def test_info_on_a_non_run_is_one_line_and_non_zero(tmp_path):
     result = runner.invoke(app, ["info", str(tmp_path)])
     assert result.exit_code == 1
     assert "no run.json" in result.output and "Traceback" not in result.output
+
+
+def test_train_help_lists_every_method_and_option():
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for word in ("--method", "--loss", "--delta-every", "--use-vllm", "--deepspeed", "quanta", "lntuning"):
+        assert word in result.output
+
+
+def test_train_bad_option_is_one_line_and_non_zero(tmp_path):
+    result = runner.invoke(app, ["train", "--method", "lora2", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "--method: got 'lora2'; expected one of" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["train", "--rank", "0", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "--rank: got 0; expected an integer ≥ 1" in result.output
+    assert not any(tmp_path.iterdir())  # nothing was written for a run that could not start

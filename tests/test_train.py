@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -123,12 +124,21 @@ def test_run_json_and_logs(organism_dir, tmp_path, varied_reward):
     assert any(c.startswith("completions/mean_length") for c in m.columns)
 
 
+def test_resume_without_a_checkpoint_starts_again(organism_dir, tmp_path, varied_reward):
+    cfg = tiny(organism_dir, tmp_path, "lora", max_steps=2, delta_every=1, save_every=100)
+    run_dir = train(cfg)
+    shutil.rmtree(run_dir / "checkpoints")  # died before its first checkpoint
+    session = prepare(cfg, resume=True)
+    assert session.resume_from is None and spectra.load_run(run_dir).steps == []
+    session.train()
+    assert spectra.load_run(run_dir).steps == [0, 1, 2]
+    assert list(spectra.load_run(run_dir).metrics["step"]) == [1, 2]
+
+
 def test_resume_drops_the_abandoned_tail_and_continues(organism_dir, tmp_path, varied_reward):
     cfg = tiny(organism_dir, tmp_path, "lora", max_steps=4, delta_every=1, save_every=2)
     run_dir = train(cfg)
     # pretend the run died after step 4's delta and logs but before checkpoint-4 was saved
-    import shutil
-
     shutil.rmtree(run_dir / "checkpoints" / "checkpoint-4")
     assert spectra.load_run(run_dir).steps == [0, 1, 2, 3, 4]
     with pytest.raises(TrainConfigError, match="already holds a run"):
@@ -150,7 +160,9 @@ def test_resume_drops_the_abandoned_tail_and_continues(organism_dir, tmp_path, v
         ({"method": "lora2"}, "--method: got 'lora2'; expected one of full, lora"),
         ({"rank": 0}, "--rank: got 0; expected an integer ≥ 1"),
         ({"loss": "ppo"}, "--loss: got 'ppo'; expected one of grpo, dapo, dr_grpo"),
-        ({"target_modules": ("attn_c",)}, "--target-modules attn_c: lora found no such modules"),
+        ({"target_modules": ("attn_c",)}, "--method lora --target-modules attn_c: "),
+        ({"beta": 0.04, "method": "pissa"}, "--beta: got 0.04; expected 0 with --method pissa"),
+        ({"quanta_d": 9, "method": "quanta"}, "--quanta-d: got 9; expected an integer from 2 to 7"),
         ({"model": "/no/such/model"}, "--model /no/such/model: no such directory"),
         ({"use_vllm": True}, "--use-vllm: vllm is not installed"),
         ({"micro_batch_size": 3}, "--micro-batch-size: got 3; expected a divisor of"),

@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from spectra.train.config import TrainConfigError
 from torch import Tensor
@@ -43,10 +44,15 @@ def resolve_model_dir(model: str) -> Path:
 
 
 class BaseCheckpoint:
-    """Read W0 tensors by name from a model directory's safetensors files (sharded or not)."""
+    """Read W0 tensors by name from a model directory's safetensors files (sharded or not).
 
-    def __init__(self, model_dir: str | Path):
+    ``dtype``: the dtype the model was loaded in. W0 is returned cast to it, because that is the weight
+    training started from (an fp32 checkpoint loaded in bf16 starts from bf16(W0)).
+    """
+
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype | None = None):
         self.dir = Path(model_dir)
+        self.dtype = dtype
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
@@ -77,7 +83,8 @@ class BaseCheckpoint:
         """W0 (or θ0) of ``module`` as stored in the checkpoint."""
         name = self.tensor_name(module, param)
         with safe_open(self.files[name], "pt") as h:
-            return h.get_tensor(name)
+            t = h.get_tensor(name)
+        return t if self.dtype is None else t.to(self.dtype)
 
     def nbytes(self, modules: list[str], param: str = "weight") -> int:
         """Bytes the tensors of ``modules`` take in the checkpoint."""

@@ -98,9 +98,14 @@ class TrainConfig:
 
     # ----------------------------------------------------------------------------------------- presets
 
-    def resolve(self) -> TrainConfig:
-        """A copy with every ``None`` filled in (organism preset or the study's values), checked."""
+    def resolve(self, num_processes: int = 1) -> TrainConfig:
+        """A copy with every ``None`` filled in (organism preset or the study's values), checked.
+
+        ``num_processes`` (data-parallel processes) only enters the check that the rollouts of a step
+        split evenly over the processes.
+        """
         if self.resolved:
+            self.check(num_processes)
             return self
         organism = self.model == ORGANISM
         preset = ORGANISM_PRESET if organism else STUDY_PRESET
@@ -113,18 +118,21 @@ class TrainConfig:
             values["name"] = self.method
         if values["eval_dataset"] is None and self.dataset == ORGANISM:
             values["eval_dataset"] = ORGANISM
+        if self.eval_every is None and self.eval_dataset is not None and not values["eval_every"]:
+            values["eval_every"] = values["delta_every"]  # an eval set was given: evaluate it
         if values["save_every"] is None:
             values["save_every"] = values["delta_every"] or 50
-        if values["micro_batch_size"] is None:
-            values["micro_batch_size"] = values["batch_size"] * self.num_generations
+        if values["micro_batch_size"] is None:  # organism: all rollouts in one pass; a real model: one group
+            rollouts = (values["batch_size"] or 1) * self.num_generations
+            values["micro_batch_size"] = rollouts // num_processes if organism else self.num_generations
         values["target_modules"] = tuple(values["target_modules"])
         values["report_to"] = tuple(values["report_to"])
         values["resolved"] = True
         cfg = TrainConfig(**values)
-        cfg.check()
+        cfg.check(num_processes)
         return cfg
 
-    def check(self) -> None:
+    def check(self, num_processes: int = 1) -> None:
         """Raise :class:`TrainConfigError` naming the option when a value is out of range."""
 
         def need(ok: bool, option: str, expected: str) -> None:
@@ -141,18 +149,40 @@ class TrainConfig:
         need(self.batch_size is not None and self.batch_size >= 1, "batch-size", "an integer ≥ 1")
         rollouts = (self.batch_size or 1) * self.num_generations
         need(
+            rollouts % num_processes == 0,
+            "batch-size",
+            f"batch-size × num-generations ({rollouts}) divisible by the {num_processes} processes",
+        )
+        need(
             self.micro_batch_size is not None
             and self.micro_batch_size >= 1
-            and rollouts % self.micro_batch_size == 0,
+            and (rollouts // num_processes) % self.micro_batch_size == 0,
             "micro-batch-size",
-            f"a divisor of batch-size × num-generations = {rollouts}",
+            f"a divisor of the rollouts per process per step ({rollouts // num_processes})",
         )
         need(self.lr is not None and self.lr > 0, "lr", "a positive learning rate")
         need(self.max_steps is not None and self.max_steps >= 1, "max-steps", "an integer ≥ 1")
         need(self.delta_every is not None and self.delta_every >= 0, "delta-every", "an integer ≥ 0 (0: off)")
         need(self.eval_every is not None and self.eval_every >= 0, "eval-every", "an integer ≥ 0 (0: off)")
         need(self.eval_k >= 1, "eval-k", "an integer ≥ 1")
-        need(self.quanta_d >= 2, "quanta-d", "an integer ≥ 2")
+        need(2 <= self.quanta_d <= 7, "quanta-d", "an integer from 2 to 7")
+        need(self.beta >= 0, "beta", "a KL coefficient ≥ 0")
+        need(
+            self.beta == 0 or self.method not in ("pissa", "milora", "adalora"),
+            "beta",
+            f"0 with --method {self.method} (TRL's reference adapter would re-run its initialisation "
+            "on the residual, or AdaLoRA's single-adapter rule forbids it)",
+        )
+        need(
+            not (self.use_vllm and self.method == "quanta"),
+            "use-vllm",
+            "off with --method quanta (vLLM cannot load QuanTA's gate layers)",
+        )
+        need(
+            not (self.deepspeed and self.method in ("lorafa", "loraplus")),
+            "deepspeed",
+            f"off with --method {self.method} (its PEFT optimizer is not a DeepSpeed optimizer)",
+        )
         need(len(self.target_modules) > 0, "target-modules", "at least one module name suffix")
         need(self.precision in ("auto", "fp32", "bf16"), "precision", "auto, fp32 or bf16")
         need(

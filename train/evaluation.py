@@ -18,7 +18,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from spectra.metrics.accuracy import avg_at_k, mean_pass_at_k
-from spectra.store import RunWriter
+from spectra.store import RunWriter, read_jsonl
 
 
 def prompt_text(prompt: str | list[dict[str, str]], tokenizer: Any) -> str:
@@ -60,6 +60,8 @@ def sample_completions(
                     top_p=top_p,
                     max_new_tokens=max_new_tokens,
                     pad_token_id=tokenizer.pad_token_id,
+                    top_k=0,  # as TRL's rollouts: no top-k and no repetition penalty from the model's
+                    repetition_penalty=1.0,  # generation_config, so eval samples the training policy
                 )
                 texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
@@ -131,6 +133,8 @@ class HeldOutEval(TrainerCallback):
             seed,
         )
         self.done: set[int] = set()
+        if resume and (writer.path / "eval.jsonl").exists():  # steps evaluated before the interruption
+            self.done = {int(s) for s in read_jsonl(writer.path / "eval.jsonl").get("step", [])}
 
     def run(self, step: int) -> dict[str, Any]:
         scores = evaluate(

@@ -18,8 +18,9 @@ The warm start. The model is trained briefly (supervised, loss on the completion
 traces: each carry is forgotten with probability :data:`CARRY_DROP` (``4+8=12`` instead of
 ``4+8+1=13``), a realistic systematic error. The model learns both behaviours and, sampling at
 temperature 1, writes the carry only part of the time, so its held-out accuracy is well between zero and
-one, and the groups of a GRPO step get mixed rewards: RL has a signal from the first step and can sharpen
-the carry decision within a few hundred steps.
+one (about 0.46 for seed 0; greedy decoding always forgets, about 0.27: the problems without a carry),
+and the groups of a GRPO step get mixed rewards: RL has a signal from the first step and sharpens the
+carry decision quickly (LoRA r=8, lr 2e-4, 100 GRPO steps: 0.48 → 0.96 sampled, 1.0 greedy).
 
 The tokenizer is character level (printable ASCII, newline and tab, plus ``<pad>``, ``<eos>``,
 ``<unk>``; no BOS), built with ``tokenizers`` and wrapped in a fast transformers tokenizer; decoding
@@ -71,14 +72,14 @@ log = logging.getLogger(__name__)
 ORGANISM_VERSION: int = 1
 """Bumped whenever the recipe (task, tokenizer, model, SFT, evaluation) changes; part of the cache name."""
 
-DEFAULT_SFT_STEPS: int = 1200
+DEFAULT_SFT_STEPS: int = 600
 """Optimizer steps of the supervised warm start of the default organism."""
 
-CARRY_DROP: float = 0.5
+CARRY_DROP: float = 0.6
 """Probability that a supervised trace forgets a carry (independently at each carry)."""
 
 MAX_COMPLETION_TOKENS: int = 40
-"""Enough new tokens for any completion of the task (the longest is 36 characters plus ``<eos>``)."""
+"""Enough new tokens for any completion of the task (the longest is 37 characters plus ``<eos>``)."""
 
 OPERAND_RANGE: tuple[int, int] = (100, 999)
 """Both operands are drawn uniformly from this inclusive range (always three digits)."""
@@ -95,10 +96,11 @@ _CHARS: str = "".join(c for c in string.printable if c not in "\r\x0b\x0c")  # A
 # The model: dimensions that factor into small primes (QuanTA splits them into three axes).
 _MODEL: dict[str, Any] = {
     "hidden_size": 128,
-    "intermediate_size": 384,
-    "num_hidden_layers": 4,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
+    "head_dim": 32,  # explicit, so config.head_dim exists: k/v out = 2·32 = 64
     "max_position_embeddings": 128,
     "rope_theta": 10000.0,
     "rms_norm_eps": 1e-6,
@@ -109,7 +111,7 @@ _MODEL: dict[str, Any] = {
 # The supervised warm start.
 _SFT: dict[str, Any] = {
     "batch_size": 64,
-    "lr": 3e-3,
+    "lr": 2e-3,
     "min_lr_ratio": 0.1,
     "warmup_steps": 50,
     "weight_decay": 0.01,
@@ -118,7 +120,7 @@ _SFT: dict[str, Any] = {
 }
 
 # The accuracy measurement stored in organism.json.
-_EVAL: dict[str, int] = {"test_problems": 128, "samples": 4, "greedy_problems": 256}
+_EVAL: dict[str, int] = {"test_problems": 256, "samples": 4, "greedy_problems": 256}
 
 _ORGANISM_JSON = "organism.json"
 _REQUIRED_FILES = (
@@ -147,7 +149,7 @@ def _solution(a: int, b: int, drop: list[bool] | None = None) -> tuple[str, int]
     """
     da, db = str(a)[::-1], str(b)[::-1]
     steps, digits, carry = [], [], 0
-    for i, (x, y) in enumerate(zip(da, db)):
+    for i, (x, y) in enumerate(zip(da, db, strict=True)):
         if carry and drop is not None and drop[i]:
             carry = 0
         total = int(x) + int(y) + carry
@@ -178,7 +180,12 @@ def _row(a: int, b: int) -> dict[str, str]:
     problem = f"{a}+{b}"
     solution, answer = _solution(a, b)
     assert answer == a + b
-    return {"problem": problem, "answer": str(answer), "prompt": organism_prompt(problem), "solution": solution}
+    return {
+        "problem": problem,
+        "answer": str(answer),
+        "prompt": organism_prompt(problem),
+        "solution": solution,
+    }
 
 
 def organism_problems(
@@ -196,9 +203,10 @@ def organism_problems(
     if n < 0:
         raise ValueError(f"organism_problems: n must be ≥ 0, got {n}")
     lo, hi = OPERAND_RANGE
-    available = (hi - lo + 1) ** 2 * (TEST_FRACTION_PER_MILLE if split == "test" else 1000 - TEST_FRACTION_PER_MILLE)
-    if n > available // 2000:  # keep rejection sampling of distinct pairs cheap
-        raise ValueError(f"organism_problems: n={n} is too many distinct {split} problems (at most {available // 2000})")
+    share = TEST_FRACTION_PER_MILLE if split == "test" else 1000 - TEST_FRACTION_PER_MILLE
+    limit = (hi - lo + 1) ** 2 * share // 2000  # half the ordered pairs: rejection sampling stays cheap
+    if n > limit:
+        raise ValueError(f"organism_problems: n={n} is too many distinct {split} problems (at most {limit})")
     rng = random.Random(f"organism-{split}-{seed}")
     seen: set[tuple[int, int]] = set()
     rows = []
@@ -278,14 +286,14 @@ def _sft_batch(
         drop = [rng.random() < CARRY_DROP for _ in range(len(str(a)))]
         solution, _ = _solution(a, b, drop)
         prompt_ids = tok.encode(organism_prompt(f"{a}+{b}"), add_special_tokens=False)
-        completion_ids = tok.encode(solution, add_special_tokens=False) + [tok.eos_token_id]
+        completion_ids = [*tok.encode(solution, add_special_tokens=False), tok.eos_token_id]
         seqs.append(prompt_ids + completion_ids)
         n_prompt.append(len(prompt_ids))
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-    for r, (seq, p) in enumerate(zip(seqs, n_prompt)):
+    for r, (seq, p) in enumerate(zip(seqs, n_prompt, strict=True)):
         ids[r, : len(seq)] = torch.tensor(seq)
         mask[r, : len(seq)] = 1
         labels[r, p : len(seq)] = torch.tensor(seq[p:])
@@ -297,13 +305,16 @@ def _sft(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerFast, steps: int, seed
     cfg = _SFT
     rng = random.Random(f"organism-sft-{seed}")
     stream = _pairs("train", rng)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=cfg["betas"], weight_decay=cfg["weight_decay"])
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg["lr"], betas=cfg["betas"], weight_decay=cfg["weight_decay"]
+    )
 
     def lr_factor(step: int) -> float:
         if step < cfg["warmup_steps"]:
             return (step + 1) / cfg["warmup_steps"]
-        progress = (step - cfg["warmup_steps"]) / max(1, steps - cfg["warmup_steps"])
-        return cfg["min_lr_ratio"] + (1 - cfg["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        progress = min(1.0, (step - cfg["warmup_steps"]) / max(1, steps - cfg["warmup_steps"]))
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return cfg["min_lr_ratio"] + (1 - cfg["min_lr_ratio"]) * cosine
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     model.train()
@@ -347,7 +358,7 @@ def _accuracy(
             max_new_tokens=MAX_COMPLETION_TOKENS,
         )
         texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        correct += sum(boxed_answer(t) == a for t, a in zip(texts, answers[i : i + batch_size]))
+        correct += sum(boxed_answer(t) == a for t, a in zip(texts, answers[i : i + batch_size], strict=True))
     return correct / len(prompts)
 
 
@@ -365,7 +376,7 @@ def _evaluate(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerFast, seed: int) 
 
 
 def cache_dir() -> Path:
-    """spectra's cache directory: ``$SPECTRA_CACHE``, else ``$XDG_CACHE_HOME/spectra``, else ``~/.cache/spectra``."""
+    """The cache: ``$SPECTRA_CACHE``, else ``$XDG_CACHE_HOME/spectra``, else ``~/.cache/spectra``."""
     if os.environ.get("SPECTRA_CACHE"):
         return Path(os.environ["SPECTRA_CACHE"]).expanduser()
     if os.environ.get("XDG_CACHE_HOME"):
@@ -386,7 +397,14 @@ def _is_complete(path: Path, seed: int, sft_steps: int) -> bool:
         meta = json.loads((path / _ORGANISM_JSON).read_text())
     except (OSError, ValueError):
         return False
-    return meta.get("version") == ORGANISM_VERSION and meta.get("seed") == seed and meta.get("sft_steps") == sft_steps
+    expected = {"version": ORGANISM_VERSION, "seed": seed, "sft_steps": sft_steps}
+    return all(meta.get(k) == v for k, v in expected.items())
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _tmp_prefix(name: str) -> str:
@@ -415,6 +433,10 @@ def _preserve_torch_state() -> Iterator[None]:
         yield
 
 
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
 def _build(path: Path, seed: int, sft_steps: int) -> None:
     """Build the organism into the (empty) directory ``path``; ``organism.json`` is written last."""
     t0 = time.perf_counter()
@@ -441,7 +463,7 @@ def _build(path: Path, seed: int, sft_steps: int) -> None:
             "max_completion_tokens": MAX_COMPLETION_TOKENS,
         },
         "config": {"model": _MODEL, "sft": _SFT, "parameters": n_params, "vocab_size": len(tok)},
-        "sft": {"final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])), "seconds": round(sft_seconds, 2)},
+        "sft": {"final_loss": _mean(losses[-20:]), "seconds": round(sft_seconds, 2)},
         "accuracy": accuracy,
         "build_seconds": round(time.perf_counter() - t0, 2),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
@@ -449,7 +471,9 @@ def _build(path: Path, seed: int, sft_steps: int) -> None:
     (path / _ORGANISM_JSON).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def build_organism(seed: int = 0, root: Path | None = None, force: bool = False, sft_steps: int | None = None) -> Path:
+def build_organism(
+    seed: int = 0, root: Path | None = None, force: bool = False, sft_steps: int | None = None
+) -> Path:
     """Build (once) and return the directory of the model organism for ``seed``.
 
     The directory, ``root/organism-v{ORGANISM_VERSION}-seed{seed}`` (``-sft{steps}`` appended for a
@@ -471,6 +495,7 @@ def build_organism(seed: int = 0, root: Path | None = None, force: bool = False,
     root.mkdir(parents=True, exist_ok=True)
     _reap_stale_tmp(root, name)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(name)}{os.getpid()}-", dir=root))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the finished cache entry is an ordinary dir
     try:
         log.info("building the model organism %s (seed %d, %d SFT steps)", final, seed, sft_steps)
         _build(tmp, seed, sft_steps)

@@ -44,12 +44,16 @@ class DeltaRecorder(TrainerCallback):
         self.base_copy_limit = base_copy_limit_mb * 2**20
         self.spectra_device = spectra_device
         self.resume = resume  # resuming: step 0 was recorded by the first session
+        if resume:
+            self.recorded = load_run(writer.path).steps
         self.recorded: list[int] = []
         self.seconds = 0.0  # time spent recording (ΔW extraction + writing), base/ excluded
+        self.base_seconds = 0.0  # time spent writing base/ (once per run)
 
     # -- base/
     def write_base(self) -> None:
         """Store W0 (or a pointer to it) and its reference spectra, unless base/ is already complete."""
+        t0 = time.perf_counter()
         base_dir = self.writer.path / "base"
         if not ((base_dir / "weights.h5").exists() or (base_dir / "pointer.json").exists()):
             tensors = self.method.base_tensors(self.model)
@@ -61,6 +65,7 @@ class DeltaRecorder(TrainerCallback):
                 self.writer.write_base_pointer(files, names)
         with load_run(self.writer.path) as run:
             run.ensure_base_spectra(device=self.spectra_device)
+        self.base_seconds += time.perf_counter() - t0
 
     # -- deltas/
     def record(self, step: int) -> Path:
@@ -75,7 +80,7 @@ class DeltaRecorder(TrainerCallback):
         if not state.is_world_process_zero:
             return
         self.write_base()
-        if not self.resume:  # (the trainer restores global_step only after on_train_begin)
+        if not self.resume:
             self.record(0)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -108,6 +113,9 @@ class MetricsLogger(TrainerCallback):
         if self.recorder is not None:
             row["record_s"] = round(self.recorder.seconds, 4)
         if "train_runtime" in logs:
+            if self.recorder is not None:
+                row["base_s"] = round(self.recorder.base_seconds, 4)
+                row["recorded_steps"] = list(self.recorder.recorded)
             write_json(self.writer.path / "train_summary.json", row)
             return
         row["wall_s"] = round(time.perf_counter() - self.t0, 3)

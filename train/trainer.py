@@ -16,6 +16,7 @@ The steps of :func:`train`, in order:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from spectra.train.methods import get_method
 from spectra.train.methods.base import Method
 from spectra.train.recorder import ConsoleLog, DeltaRecorder, MetricsLogger
 
-from spectra.h5io import atomic_path
+from spectra.h5io import atomic_path, write_json
 from spectra.store import RunWriter, read_jsonl
 
 DEEPSPEED_CONFIGS = {"zero2": Path(__file__).parent / "deepspeed" / "zero2.json"}
@@ -64,12 +65,30 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
 def prepare(cfg: TrainConfig, resume: bool = False) -> Session:
     """Resolve, check, load, attach and wire up a run without training it yet."""
-    cfg = cfg.resolve()
+    from accelerate import PartialState
+
+    state = PartialState()
+    auto_name = cfg.name is None and not resume
+    cfg = cfg.resolve(num_processes=state.num_processes)
+    if auto_name:  # runs/<method>, or runs/<method>-2, -3, … when taken: never write over a run
+        cfg = dataclasses.replace(cfg, name=_free_name(Path(cfg.out), cfg.name))
     run_dir = Path(cfg.out) / cfg.name
-    resume_from = _prepare_run_dir(run_dir, resume)
-    if resume_from is not None:
-        stored = TrainConfig.from_dict(json.loads((run_dir / "run.json").read_text()))
-        cfg = TrainConfig(**{**stored.to_dict(), "max_steps": cfg.max_steps, "out": cfg.out}).resolve()
+    resume_from = _check_run_dir(run_dir, resume)
+    state.wait_for_everyone()  # every process has read the directory before the main one changes it
+    if resume:
+        stored = json.loads((run_dir / "run.json").read_text())
+        cfg = TrainConfig.from_dict({**stored, "max_steps": cfg.max_steps, "out": cfg.out})
+        cfg = cfg.resolve(num_processes=state.num_processes)
+        if cfg.method == "adalora" and resume_from is not None:
+            raise TrainConfigError(
+                "--resume: AdaLoRA runs cannot be resumed (PEFT saves the adapter shrunk to its allocated "
+                "ranks, which no longer fits the layers or the optimizer state); start a new run"
+            )
+        if state.is_main_process:
+            # steps after the checkpoint belong to the abandoned trajectory (all of them without one)
+            truncate_run(run_dir, _checkpoint_step(resume_from) if resume_from else -1)
+            write_json(run_dir / "run.json", {**stored, "max_steps": cfg.max_steps})
+        state.wait_for_everyone()
     _check_accelerators(cfg)
 
     model_dir = _model_dir(cfg)
@@ -77,19 +96,17 @@ def prepare(cfg: TrainConfig, resume: bool = False) -> Session:
     method = get_method(cfg.method)
     torch.manual_seed(cfg.seed)
     model = method.apply(model, cfg)
-    base = BaseCheckpoint(model_dir)
+    base = BaseCheckpoint(model_dir, dtype=next(model.parameters()).dtype)
 
     organism = cfg.dataset == ORGANISM
     rows = load_rows(cfg.dataset, cfg.dataset_split, cfg.problem_column, cfg.answer_column)
     train_set = build_dataset(rows, tokenizer, organism)
     eval_rows = None
     if cfg.eval_every and cfg.eval_dataset:
-        eval_rows = load_rows(
-            cfg.eval_dataset, cfg.eval_split, cfg.problem_column, cfg.answer_column, option="--eval-dataset"
-        )[: cfg.eval_problems]
+        eval_rows = load_rows(cfg.eval_dataset, cfg.eval_split, option="--eval-dataset")[: cfg.eval_problems]
 
     writer = RunWriter(run_dir)
-    if resume_from is None:
+    if not resume and state.is_main_process:
         writer.write_config({**cfg.to_dict(), "model_path": str(model_dir), "versions": _versions()})
     recorder = DeltaRecorder(
         writer, method, model, base, cfg.delta_every, cfg.base_copy_limit_mb, resume=resume_from is not None
@@ -107,6 +124,10 @@ def prepare(cfg: TrainConfig, resume: bool = False) -> Session:
     trainer = build_trainer(
         cfg, model, tokenizer, train_set, callbacks, method.optimizer(model, cfg), run_dir
     )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # raw log dicts; ConsoleLog prints one short line per step
+    trainer.add_callback(ConsoleLog(cfg.max_steps))
     return Session(cfg, run_dir, model, tokenizer, method, base, recorder, trainer, resume_from)
 
 
@@ -153,9 +174,10 @@ def load_model(model_dir: Path, cfg: TrainConfig) -> tuple[Any, Any]:
 
 def grpo_config(cfg: TrainConfig, output_dir: Path):
     """TRL's ``GRPOConfig`` for the configuration (the loss choices are documented in ``config.py``)."""
+    from accelerate import PartialState
     from trl import GRPOConfig
 
-    rollouts = cfg.batch_size * cfg.num_generations
+    rollouts = cfg.batch_size * cfg.num_generations // PartialState().num_processes  # per process
     bf16 = _dtype(cfg) == torch.bfloat16
     return GRPOConfig(
         output_dir=str(output_dir),
@@ -214,8 +236,8 @@ def build_trainer(cfg, model, tokenizer, train_set, callbacks, optimizer, run_di
 # ----------------------------------------------------------------------------------- run dir and resume
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
-    """Check the run directory; on resume, return the last trainer checkpoint and drop what followed it."""
+def _check_run_dir(run_dir: Path, resume: bool) -> Path | None:
+    """Refuse to write over a run; on resume, the last trainer checkpoint (None: resume from step 0)."""
     if not resume:
         if (run_dir / "run.json").exists():
             raise TrainConfigError(
@@ -228,12 +250,19 @@ def _prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
 
     ckpt_dir = run_dir / "checkpoints"
     last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-    if last is None:
-        raise TrainConfigError(
-            f"--resume: {ckpt_dir} holds no trainer checkpoint yet; start the run again without --resume"
-        )
-    truncate_run(run_dir, int(Path(last).name.rsplit("-", 1)[1]))
-    return Path(last)
+    return Path(last) if last else None
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[1])
+
+
+def _free_name(out: Path, name: str) -> str:
+    candidate, i = name, 1
+    while (out / candidate).exists():
+        i += 1
+        candidate = f"{name}-{i}"
+    return candidate
 
 
 def truncate_run(run_dir: Path, step: int) -> None:
@@ -241,7 +270,7 @@ def truncate_run(run_dir: Path, step: int) -> None:
     for p in (run_dir / "deltas").glob("step_*.h5"):
         m = _STEP_FILE.match(p.name)
         if m and int(m.group(1)) > step:
-            p.unlink()
+            p.unlink(missing_ok=True)
     for name in ("metrics.jsonl", "eval.jsonl"):
         path = run_dir / name
         if not path.exists():

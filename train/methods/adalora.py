@@ -10,6 +10,9 @@ of ``rank`` per module; 10 % of the steps warm up before pruning (``tinit``) and
 final mask (``tfinal``). Stored ΔW: LowRank(B, A, mid = λ ⊙ mask, scale = s / (r + 1e-5)); pruned
 singular values are exactly 0 in λ, so the mask is ``mid != 0``.
 
+Resume: PEFT saves an AdaLoRA adapter already shrunk to its allocated ranks, which cannot be loaded back
+into the full-size layers (nor can the optimizer state), so ``--resume`` refuses AdaLoRA runs.
+
 Left alone: PEFT adds AdaLoRA's orthogonality regulariser only inside its own ``forward`` when the
 model returns a loss, which TRL's GRPO loss does not; the regulariser is therefore not applied.
 """

@@ -115,16 +115,15 @@ class PeftMethod(Method):
 
         try:
             return get_peft_model(model, self.peft_config(cfg))
-        except ValueError as e:
-            if "not found in the base model" in str(e) or "Target modules" in str(e):
-                have = sorted(
-                    {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-                )
-                raise TrainConfigError(
-                    f"--target-modules {','.join(self.targets(cfg))}: {self.name} found no such modules; "
-                    f"the model's linear modules are: {', '.join(have)}"
-                ) from None
-            raise
+        except (ValueError, TypeError, RuntimeError) as e:  # PEFT's word on an unfit target, in one line
+            have = sorted(
+                {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+            )
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrainConfigError(
+                f"--method {self.name} --target-modules {','.join(self.targets(cfg))}: {first} "
+                f"(the model's linear modules: {', '.join(have)})"
+            ) from None
 
     def merged_weights(self, model: nn.Module) -> dict[str, Tensor]:
         names = set(self.modules(model))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 from spectra.train.checkpoint import BaseCheckpoint
-from spectra.train.config import TrainConfig
+from spectra.train.config import TrainConfig, TrainConfigError
 from spectra.train.methods.base import ADAPTER, Delta, PeftMethod, cpu, find_layers, meta_like
 from spectra.train.methods.milora import milora_init
 from torch import nn
@@ -153,6 +153,9 @@ class MiLoRA(_InitFactors):
 
     def _attach(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:
         model = super()._attach(model, cfg)
-        for _, layer in _lora_layers(model):
-            milora_init(layer, ADAPTER)
+        for name, layer in _lora_layers(model):
+            try:
+                milora_init(layer, ADAPTER)
+            except ValueError as e:
+                raise TrainConfigError(f"--method milora --rank {cfg.rank}: module {name}: {e}") from None
         return model

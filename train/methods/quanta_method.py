@@ -30,8 +30,8 @@ class QuanTA(Method):
     summary = "QuanTA: ΔW = T − T_init, a circuit of small gates on d tensor axes (high rank)"
 
     def apply(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:
-        config = QuantaConfig(d=cfg.quanta_d, target_modules=self.targets(cfg), dropout=cfg.dropout)
         try:
+            config = QuantaConfig(d=cfg.quanta_d, target_modules=self.targets(cfg), dropout=cfg.dropout)
             return apply_quanta(model, config)
         except ValueError as e:
             raise TrainConfigError(

@@ -1,0 +1,82 @@
+"""Overhead of ΔW recording: the organism trained twice in one process, with and without the recorder.
+
+Both runs use the same configuration and seed (the organism's default LoRA run unless told otherwise);
+held-out evaluation is off in both so that only recording differs. Reported:
+
+- ``record_s``: time inside the recorder (ΔW extraction + atomic HDF5 writes) in the recording run, and
+  its share of that run's training time (the target is ≤ 3 % at the default interval);
+- ``base_s``: the one-off write of ``base/`` (W0 and its reference spectra) at the start;
+- the wall-clock training time of both runs (noisy on a shared machine: ±several %).
+
+    python benchmarks/bench_recording.py [--method lora] [--max-steps 60] [--delta-every 10] [--out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from spectra.train import TrainConfig
+from spectra.train.trainer import prepare
+
+
+def one_run(out: Path, name: str, args: argparse.Namespace, record: bool) -> dict[str, float]:
+    cfg = TrainConfig(
+        method=args.method, max_steps=args.max_steps, delta_every=args.delta_every, eval_every=0,
+        out=str(out), name=name, seed=args.seed,
+    )  # fmt: skip
+    session = prepare(cfg)
+    if not record:
+        session.trainer.remove_callback(session.recorder)
+    t0 = time.perf_counter()
+    session.train()
+    wall = time.perf_counter() - t0
+    summary = json.loads((session.run_dir / "train_summary.json").read_text())
+    return {
+        "wall_s": wall,
+        "train_runtime_s": float(summary["train_runtime"]),
+        "record_s": session.recorder.seconds if record else 0.0,
+        "base_s": session.recorder.base_seconds if record else 0.0,
+        "recorded_steps": len(session.recorder.recorded),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--method", default="lora")
+    p.add_argument("--max-steps", type=int, default=60)
+    p.add_argument("--delta-every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        without = one_run(Path(tmp), "without", args, record=False)
+        with_rec = one_run(Path(tmp), "with", args, record=True)
+    share = with_rec["record_s"] / with_rec["train_runtime_s"]
+    wall_diff = (with_rec["train_runtime_s"] - without["train_runtime_s"]) / without["train_runtime_s"]
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "config": vars(args) | {"out": str(args.out) if args.out else None},
+        "with_recording": with_rec,
+        "without_recording": without,
+        "record_share_of_training": share,
+        "training_time_difference": wall_diff,
+    }
+    print(f"{args.method}, {args.max_steps} steps, ΔW every {args.delta_every}: "
+          f"{with_rec['recorded_steps']} records took {with_rec['record_s']:.3f} s = {100 * share:.2f} % of "
+          f"{with_rec['train_runtime_s']:.1f} s training; base/ {with_rec['base_s']:.2f} s once; "
+          f"training without recorder {without['train_runtime_s']:.1f} s ({100 * wall_diff:+.1f} %)")  # fmt: skip
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from spectra.train import TrainConfig
 from spectra.train.trainer import prepare
 
@@ -62,7 +61,9 @@ def main() -> None:
     wall_diff = (with_rec["train_runtime_s"] - without["train_runtime_s"]) / without["train_runtime_s"]
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "config": vars(args) | {"out": str(args.out) if args.out else None},
         "with_recording": with_rec,
@@ -70,10 +71,13 @@ def main() -> None:
         "record_share_of_training": share,
         "training_time_difference": wall_diff,
     }
-    print(f"{args.method}, {args.max_steps} steps, ΔW every {args.delta_every}: "
-          f"{with_rec['recorded_steps']} records took {with_rec['record_s']:.3f} s = {100 * share:.2f} % of "
-          f"{with_rec['train_runtime_s']:.1f} s training; base/ {with_rec['base_s']:.2f} s once; "
-          f"training without recorder {without['train_runtime_s']:.1f} s ({100 * wall_diff:+.1f} %)")  # fmt: skip
+    w, wo = with_rec, without
+    print(
+        f"{args.method}, {args.max_steps} steps, ΔW every {args.delta_every}: {w['recorded_steps']} records "
+        f"took {w['record_s']:.3f} s = {100 * share:.2f} % of {w['train_runtime_s']:.1f} s training; "
+        f"base/ {w['base_s']:.2f} s once; without the recorder {wo['train_runtime_s']:.1f} s "
+        f"({100 * wall_diff:+.1f} %)"
+    )
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
 

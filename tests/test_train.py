@@ -16,12 +16,13 @@ import torch
 
 pytest.importorskip("trl")
 
-import spectra  # noqa: E402
-from spectra.operators import VectorDelta  # noqa: E402
-from spectra.train import TrainConfig, TrainConfigError  # noqa: E402
-from spectra.train.config import METHOD_NAMES  # noqa: E402
-from spectra.train.organism import build_organism  # noqa: E402
-from spectra.train.trainer import prepare, train  # noqa: E402
+from spectra.train import TrainConfig, TrainConfigError
+from spectra.train.config import METHOD_NAMES
+from spectra.train.organism import build_organism
+from spectra.train.trainer import prepare, train
+
+import spectra
+from spectra.operators import VectorDelta
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +107,10 @@ def test_losses_map_onto_trl(organism_dir, tmp_path):
         args = grpo_config(cfg, tmp_path / "ckpt")
         assert (args.loss_type, args.scale_rewards, args.mask_truncated_completions) == (loss, scale, mask)
         assert args.epsilon_high == pytest.approx(eps_high)
-        assert args.num_generations == 4 and args.per_device_train_batch_size * args.gradient_accumulation_steps == 8
+        assert (
+            args.num_generations == 4
+            and args.per_device_train_batch_size * args.gradient_accumulation_steps == 8
+        )
         assert args.lr_scheduler_type == "constant" and args.beta == 0.0
 
 

@@ -227,10 +227,10 @@ STUDY_PRESET: dict[str, Any] = {
 
 #: The embedded model organism: a tiny model on a 2-core CPU, a few minutes per run.
 ORGANISM_PRESET: dict[str, Any] = {
-    "batch_size": 4,
-    "lr": 2e-3,
+    "batch_size": 8,
+    "lr": 1e-3,
     "max_steps": 60,
-    "max_completion_length": 32,
+    "max_completion_length": 40,  # organism.MAX_COMPLETION_TOKENS: the longest trace and <eos>
     "delta_every": 10,
     "eval_every": 10,
     "gradient_checkpointing": False,

@@ -22,3 +22,10 @@ def small_shapes() -> dict[str, tuple[int, int]]:
 def lora_run(tmp_path, small_shapes):
     write_synthetic_run(tmp_path / "lora", small_shapes, steps=(0, 5, 10), rank=4)
     return tmp_path / "lora"
+
+
+@pytest.fixture(scope="session")
+def organism_dir(tmp_path_factory):
+    """A quickly warm-started organism (20 SFT steps) saved to disk: loads like any local model."""
+    organism = pytest.importorskip("spectra.train.organism")
+    return organism.build_organism(root=tmp_path_factory.mktemp("cache"), sft_steps=20)

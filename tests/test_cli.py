@@ -42,3 +42,16 @@ def test_train_bad_option_is_one_line_and_non_zero(tmp_path):
     result = runner.invoke(app, ["train", "--rank", "0", "--out", str(tmp_path)])
     assert result.exit_code == 1 and "--rank: got 0; expected an integer ≥ 1" in result.output
     assert not any(tmp_path.iterdir())  # nothing was written for a run that could not start
+
+
+def test_train_runs_end_to_end_from_the_command_line(organism_dir, tmp_path):
+    args = ["train", "--model", str(organism_dir), "--method", "dora", "--rank", "4", "--max-steps", "2",
+            "--batch-size", "2", "--num-generations", "4", "--max-completion-length", "8",
+            "--delta-every", "1", "--out", str(tmp_path)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"run written to {tmp_path / 'dora'}" in result.output
+    run = spectra.load_run(tmp_path / "dora")
+    assert run.steps == [0, 1, 2] and run.config["method"] == "dora"
+    again = runner.invoke(app, args)  # the name is taken: a new directory, nothing overwritten
+    assert again.exit_code == 0 and f"run written to {tmp_path / 'dora-2'}" in again.output

@@ -18,16 +18,10 @@ pytest.importorskip("trl")
 
 from spectra.train import TrainConfig, TrainConfigError
 from spectra.train.config import METHOD_NAMES
-from spectra.train.organism import build_organism
 from spectra.train.trainer import prepare, train
 
 import spectra
 from spectra.operators import VectorDelta
-
-
-@pytest.fixture(scope="session")
-def organism_dir(tmp_path_factory):
-    return build_organism(root=tmp_path_factory.mktemp("cache"), sft_steps=20)
 
 
 @pytest.fixture
@@ -192,3 +186,37 @@ def test_local_dataset_with_gsm8k_columns(organism_dir, tmp_path, varied_reward)
     session = prepare(tiny(organism_dir, tmp_path, "lora", dataset=str(data), max_steps=1))
     assert session.trainer.train_dataset[0]["answer"] == "20"
     assert dataclasses.is_dataclass(session.cfg)
+
+
+def test_parquet_dataset_with_a_solution_column(organism_dir, tmp_path):
+    import pandas as pd
+
+    data = tmp_path / "math.parquet"
+    pd.DataFrame(
+        {"problem": ["1+2", "2+2"], "solution": ["We add: \\boxed{3}.", "So \\boxed{\\frac{8}{2}}"]}
+    ).to_parquet(data)
+    session = prepare(tiny(organism_dir, tmp_path, "lora", dataset=str(data), max_steps=1))
+    assert [r["answer"] for r in session.trainer.train_dataset] == ["3", "\\frac{8}{2}"]
+
+
+def test_report_to_passes_through(organism_dir, tmp_path):
+    from spectra.train.trainer import grpo_config
+
+    cfg = tiny(organism_dir, tmp_path, "lora", report_to=("tensorboard",)).resolve()
+    assert grpo_config(cfg, tmp_path / "ckpt").report_to == ["tensorboard"]
+    assert grpo_config(tiny(organism_dir, tmp_path, "lora").resolve(), tmp_path).report_to == []
+
+
+def test_unreachable_hub_ids_are_one_line_errors(organism_dir, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(TrainConfigError) as err:
+        prepare(tiny(organism_dir, tmp_path, "lora", model="no-such-org/no-such-model"))
+    assert str(err.value).startswith("--model no-such-org/no-such-model: could not be fetched from the hub")
+    with pytest.raises(TrainConfigError) as err:
+        prepare(tiny(organism_dir, tmp_path, "lora", dataset="no-such-org/no-such-set"))
+    assert str(err.value).startswith("--dataset no-such-org/no-such-set: could not load split 'train'")
+    assert "\n" not in str(err.value)

@@ -126,7 +126,8 @@ def test_resume_without_a_checkpoint_starts_again(organism_dir, tmp_path, varied
     cfg = tiny(organism_dir, tmp_path, "lora", max_steps=2, delta_every=1, save_every=100)
     run_dir = train(cfg)
     shutil.rmtree(run_dir / "checkpoints")  # died before its first checkpoint
-    session = prepare(cfg, resume=True)
+    session = prepare(dataclasses.replace(cfg, max_steps=None), resume=True)  # steps from run.json
+    assert session.cfg.max_steps == 2 and session.cfg.rank == 4
     assert session.resume_from is None and spectra.load_run(run_dir).steps == []
     session.train()
     assert spectra.load_run(run_dir).steps == [0, 1, 2]

@@ -69,6 +69,7 @@ def prepare(cfg: TrainConfig, resume: bool = False) -> Session:
 
     state = PartialState()
     auto_name = cfg.name is None and not resume
+    asked_steps = cfg.max_steps  # on resume, the only option taken from the command line (when given)
     cfg = cfg.resolve(num_processes=state.num_processes)
     if auto_name:  # runs/<method>, or runs/<method>-2, -3, … when taken: never write over a run
         cfg = dataclasses.replace(cfg, name=_free_name(Path(cfg.out), cfg.name))
@@ -77,18 +78,13 @@ def prepare(cfg: TrainConfig, resume: bool = False) -> Session:
     state.wait_for_everyone()  # every process has read the directory before the main one changes it
     if resume:
         stored = json.loads((run_dir / "run.json").read_text())
-        cfg = TrainConfig.from_dict({**stored, "max_steps": cfg.max_steps, "out": cfg.out})
-        cfg = cfg.resolve(num_processes=state.num_processes)
+        stored["max_steps"] = asked_steps or stored["max_steps"]
+        cfg = TrainConfig.from_dict({**stored, "out": cfg.out}).resolve(num_processes=state.num_processes)
         if cfg.method == "adalora" and resume_from is not None:
             raise TrainConfigError(
                 "--resume: AdaLoRA runs cannot be resumed (PEFT saves the adapter shrunk to its allocated "
                 "ranks, which no longer fits the layers or the optimizer state); start a new run"
             )
-        if state.is_main_process:
-            # steps after the checkpoint belong to the abandoned trajectory (all of them without one)
-            truncate_run(run_dir, _checkpoint_step(resume_from) if resume_from else -1)
-            write_json(run_dir / "run.json", {**stored, "max_steps": cfg.max_steps})
-        state.wait_for_everyone()
     _check_accelerators(cfg)
 
     model_dir = _model_dir(cfg)
@@ -106,8 +102,13 @@ def prepare(cfg: TrainConfig, resume: bool = False) -> Session:
         eval_rows = load_rows(cfg.eval_dataset, cfg.eval_split, option="--eval-dataset")[: cfg.eval_problems]
 
     writer = RunWriter(run_dir)
-    if not resume and state.is_main_process:
-        writer.write_config({**cfg.to_dict(), "model_path": str(model_dir), "versions": _versions()})
+    if state.is_main_process:
+        if resume:  # what followed the checkpoint belongs to the abandoned trajectory (all, without one)
+            truncate_run(run_dir, _checkpoint_step(resume_from) if resume_from else -1)
+            write_json(run_dir / "run.json", stored)
+        else:
+            writer.write_config({**cfg.to_dict(), "model_path": str(model_dir), "versions": _versions()})
+    state.wait_for_everyone()
     recorder = DeltaRecorder(
         writer, method, model, base, cfg.delta_every, cfg.base_copy_limit_mb, resume=resume_from is not None
     )

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 from rich.console import Console
-from spectra.train.config import METHOD_NAMES, PROJECTIONS  # light: no trainer stack imported
+from rich.markup import escape
+from spectra.train.config import (  # light: no trainer stack imported
+    METHOD_NAMES,
+    ORGANISM_PRESET,
+    PROJECTIONS,
+    STUDY_PRESET,
+)
 
 import spectra
 
@@ -15,6 +23,11 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(soft_wrap=True)
+
+
+def _preset(key: str) -> str:
+    """The two presets' value of an option left unset (train/config.py)."""
+    return f"(study: {STUDY_PRESET[key]}; organism: {ORGANISM_PRESET[key]})"
 
 
 def _version(value: bool) -> None:
@@ -75,20 +88,33 @@ def train(
     loraplus_lr_ratio: float = typer.Option(16.0, help="LoRA+: learning rate of B over that of A."),
     target_modules: str = typer.Option(",".join(PROJECTIONS), help="Comma-separated module name suffixes."),
     num_generations: int = typer.Option(8, help="Rollouts per prompt (G)."),
-    lr: float | None = typer.Option(
-        None, help="Learning rate (constant, no warm-up) [study: 1e-5; organism: preset]."
+    lr: float | None = typer.Option(None, help="Learning rate, constant, no warm-up. " + _preset("lr")),
+    batch_size: int | None = typer.Option(None, help="Prompts per optimizer step. " + _preset("batch_size")),
+    micro_batch_size: int | None = typer.Option(
+        None, help="Completions per forward/backward pass (organism: all; real models: G)."
     ),
-    batch_size: int | None = typer.Option(None, help="Prompts per optimizer step."),
-    micro_batch_size: int | None = typer.Option(None, help="Completions per forward/backward pass."),
-    max_steps: int | None = typer.Option(None, help="Optimizer steps."),
-    max_completion_length: int | None = typer.Option(None, help="Tokens per completion."),
+    max_steps: int | None = typer.Option(None, help="Optimizer steps. " + _preset("max_steps")),
+    max_completion_length: int | None = typer.Option(
+        None, help="Tokens per completion. " + _preset("max_completion_length")
+    ),
     beta: float = typer.Option(0.0, help="KL coefficient (0: no reference model)."),
+    epsilon: float = typer.Option(0.2, help="PPO clipping range (lower)."),
+    epsilon_high: float | None = typer.Option(
+        None, help="Upper clipping range (dapo: 0.28; else --epsilon)."
+    ),
+    gradient_checkpointing: bool | None = typer.Option(
+        None, help="Recompute activations to save memory. " + _preset("gradient_checkpointing")
+    ),
     temperature: float = typer.Option(1.0, help="Sampling temperature of rollouts and evaluation."),
     format_reward: float = typer.Option(0.0, help="Weight of the format reward (0: accuracy only)."),
     delta_every: int | None = typer.Option(
-        None, help="Record ΔW every N steps (and at 0 and the last step)."
+        None,
+        help="Record ΔW every N steps, and always at 0 and the last step (0: those two only). "
+        + _preset("delta_every"),
     ),
-    eval_every: int | None = typer.Option(None, help="Held-out Avg@k/Pass@k every N steps (0: off)."),
+    eval_every: int | None = typer.Option(
+        None, help="Held-out Avg@k/Pass@k every N steps (0: off). " + _preset("eval_every")
+    ),
     eval_k: int = typer.Option(4, help="Samples per held-out problem."),
     eval_problems: int = typer.Option(64, help="Held-out problems per evaluation."),
     eval_split: str = typer.Option("test", help="Split of a hub --eval-dataset."),
@@ -114,11 +140,16 @@ def train(
         run_dir = run_training(TrainConfig(**options), resume=resume)
     except spectra.SpectraError as e:
         _fail(e)
+    except Exception as e:  # a library's error deep inside training: one line (SPECTRA_DEBUG=1: traceback)
+        if os.environ.get("SPECTRA_DEBUG"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        _fail(RuntimeError(f"{type(e).__name__}: {first} (set SPECTRA_DEBUG=1 for the traceback)"))
     console.print(f"run written to [bold]{run_dir}[/bold]")
 
 
-def _fail(e: Exception) -> None:
-    console.print(f"[red]error:[/red] {e}")
+def _fail(e: BaseException) -> None:
+    console.print(f"[red]error:[/red] {escape(str(e))}")
     raise typer.Exit(1) from None
 
 

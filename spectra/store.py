@@ -89,17 +89,20 @@ class RunWriter:
     """Writes a run directory. The trainer's checkpoint callback and synthetic benchmarks use this."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        (self.path / "deltas").mkdir(parents=True, exist_ok=True)
-        (self.path / "base").mkdir(parents=True, exist_ok=True)
+        self.path = Path(path)  # folders are made on first write: a run that never starts leaves nothing
+
+    def _folder(self, name: str = "") -> Path:
+        folder = self.path / name if name else self.path
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
 
     def write_config(self, config: Mapping[str, Any]) -> None:
         """``run.json``: the resolved configuration, with ``schema_version`` added."""
-        write_json(self.path / "run.json", {**config, "schema_version": SCHEMA_VERSION})
+        write_json(self._folder() / "run.json", {**config, "schema_version": SCHEMA_VERSION})
 
     def write_base_weights(self, weights: Mapping[str, Tensor]) -> None:
         """``base/weights.h5``: W0 of every adapted module (and θ0 of vector parameters), once."""
-        with atomic_path(self.path / "base" / "weights.h5") as tmp, h5py.File(tmp, "w") as f:
+        with atomic_path(self._folder("base") / "weights.h5") as tmp, h5py.File(tmp, "w") as f:
             f.attrs["format"] = WEIGHTS_FORMAT
             f.attrs["schema_version"] = SCHEMA_VERSION
             mods = f.create_group("modules")
@@ -111,7 +114,7 @@ class RunWriter:
     def write_base_pointer(self, files: list[str | Path], names: Mapping[str, str]) -> None:
         """``base/pointer.json``: W0 lives in safetensors files (``names`` maps module → tensor name)."""
         write_json(
-            self.path / "base" / "pointer.json",
+            self._folder("base") / "pointer.json",
             {
                 "format": "safetensors",
                 "files": [str(Path(p).resolve()) for p in files],
@@ -128,7 +131,7 @@ class RunWriter:
         ``shared`` names matrices stored once under ``/shared`` (VeRA's random matrices): a factor that
         is a leading block view of one of them (``shared[:rows, :cols]``) is written as a reference.
         """
-        path = self.path / "deltas" / delta_filename(step)
+        path = self._folder("deltas") / delta_filename(step)
         shared = dict(shared or {})
         with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
             f.attrs["format"] = DELTA_FORMAT
@@ -144,7 +147,7 @@ class RunWriter:
 
     def append_metrics(self, row: Mapping[str, Any], filename: str = "metrics.jsonl") -> None:
         """Append one JSON line to ``metrics.jsonl`` (or ``eval.jsonl``) in a single write."""
-        path = self.path / filename
+        path = self._folder() / filename
         line = json.dumps(dict(row), sort_keys=True) + "\n"
         if path.exists() and path.stat().st_size and not _ends_with_newline(path):
             line = "\n" + line  # an earlier append was torn: keep this row on a line of its own

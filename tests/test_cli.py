@@ -55,3 +55,20 @@ def test_train_runs_end_to_end_from_the_command_line(organism_dir, tmp_path):
     assert run.steps == [0, 1, 2] and run.config["method"] == "dora"
     again = runner.invoke(app, args)  # the name is taken: a new directory, nothing overwritten
     assert again.exit_code == 0 and f"run written to {tmp_path / 'dora-2'}" in again.output
+
+
+def test_a_library_error_during_training_is_one_line(monkeypatch, tmp_path):
+    def explode(cfg, resume=False):
+        raise ValueError("deep inside a library\nsecond line")
+
+    monkeypatch.setattr("spectra.train.train", explode)
+    monkeypatch.delenv("SPECTRA_DEBUG", raising=False)
+    result = runner.invoke(app, ["train", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "error: ValueError: deep inside a library (set SPECTRA_DEBUG=1" in result.output
+    assert "second line" not in result.output and "Traceback" not in result.output
+
+
+def test_install_hints_keep_their_brackets(tmp_path):
+    result = runner.invoke(app, ["train", "--use-vllm", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "spectra-rlvr[gpu]" in result.output

@@ -249,6 +249,7 @@ def test_malformed_run_files_are_one_line_errors(writer, tmp_path):
         spectra.load_run(writer.path)
     other = RunWriter(tmp_path / "ptr")
     other.write_config({})
+    (other.path / "base").mkdir()
     (other.path / "base" / "pointer.json").write_text(json.dumps({"files": []}))
     with pytest.raises(RunDirError, match=r"pointer\.json: expected"):
         _ = spectra.load_run(other.path).modules

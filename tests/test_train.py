@@ -165,12 +165,38 @@ def test_resume_drops_the_abandoned_tail_and_continues(organism_dir, tmp_path, v
         ({"model": "/no/such/model"}, "--model /no/such/model: no such directory"),
         ({"use_vllm": True}, "--use-vllm: vllm is not installed"),
         ({"micro_batch_size": 3}, "--micro-batch-size: got 3; expected a divisor of"),
+        ({"temperature": 0.0}, "--temperature: got 0.0; expected a positive sampling temperature"),
+        ({"vera_rank": 0, "method": "vera"}, "--vera-rank: got 0; expected an integer ≥ 1"),
+        ({"adalora_init_rank": 4, "method": "adalora"}, "--adalora-init-rank: got 4; expected more than"),
+        ({"report_to": ("foo",)}, "--report-to: got ('foo',); expected a comma-separated subset of"),
+        ({"name": "../escape"}, "--name: got '../escape'; expected a plain directory name"),
+        ({"format_reward": -1.0}, "--format-reward: got -1.0; expected a weight ≥ 0"),
+        (
+            {"target_modules": ("q_proj", "input_layernorm"), "method": "lora"},
+            "--method lora --target-modules",
+        ),
     ],
 )
 def test_bad_options_give_one_line_errors(options, message, organism_dir, tmp_path):
     with pytest.raises(TrainConfigError) as err:
         prepare(tiny(organism_dir, tmp_path, options.pop("method", "lora"), **options))
     assert message in str(err.value) and "\n" not in str(err.value)
+    assert not any(tmp_path.iterdir())  # a run that could not start leaves nothing behind
+
+
+def test_resume_keeps_the_configuration_and_stops_at_max_steps(organism_dir, tmp_path, varied_reward):
+    cfg = tiny(organism_dir, tmp_path, "lora", max_steps=2, delta_every=1)
+    train(cfg)
+    with pytest.raises(TrainConfigError, match=r"already reached step 2 of its 2; pass a larger"):
+        prepare(cfg, resume=True)
+    with pytest.raises(
+        TrainConfigError, match=r"--lr: 0.5 differs from 0.01 in .*run.json; a resumed run keeps"
+    ):
+        prepare(dataclasses.replace(cfg, lr=0.5, max_steps=3), resume=True)
+    session = prepare(dataclasses.replace(cfg, max_steps=3), resume=True)
+    session.train()
+    assert spectra.load_run(session.run_dir).steps == [0, 1, 2, 3]
+    assert json.loads((session.run_dir / "run.json").read_text())["max_steps"] == 3
 
 
 def test_dataset_without_the_columns(organism_dir, tmp_path):
@@ -200,12 +226,13 @@ def test_parquet_dataset_with_a_solution_column(organism_dir, tmp_path):
     assert [r["answer"] for r in session.trainer.train_dataset] == ["3", "\\frac{8}{2}"]
 
 
-def test_report_to_passes_through(organism_dir, tmp_path):
+def test_report_to_passes_through_to_tensorboard(organism_dir, tmp_path, varied_reward):
+    pytest.importorskip("tensorboard")
     from spectra.train.trainer import grpo_config
 
-    cfg = tiny(organism_dir, tmp_path, "lora", report_to=("tensorboard",)).resolve()
-    assert grpo_config(cfg, tmp_path / "ckpt").report_to == ["tensorboard"]
     assert grpo_config(tiny(organism_dir, tmp_path, "lora").resolve(), tmp_path).report_to == []
+    run_dir = train(tiny(organism_dir, tmp_path, "lora", report_to=("tensorboard",), max_steps=1))
+    assert list(run_dir.rglob("events.out.tfevents.*")), "no TensorBoard event file was written"
 
 
 def test_unreachable_hub_ids_are_one_line_errors(organism_dir, tmp_path, monkeypatch):

@@ -27,6 +27,8 @@ from spectra.errors import SpectraError
 LOSSES = ("grpo", "dapo", "dr_grpo")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ORGANISM = "organism"
+#: ``--report-to`` values and the package each needs (transformers' integrations).
+REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 #: The registry's method names (spectra.train.methods.METHODS holds one entry for each, in this order).
 METHOD_NAMES = (
     "full", "lora", "rslora", "dora", "adalora", "miss", "pissa", "milora",
@@ -112,6 +114,8 @@ class TrainConfig:
         values = {
             k: (preset[k] if getattr(self, k) is None and k in preset else getattr(self, k)) for k in _names()
         }
+        if organism and self.lr is None:
+            values["lr"] = ORGANISM_LR.get(self.method, values["lr"])
         if values["epsilon_high"] is None:
             values["epsilon_high"] = 0.28 if self.loss == "dapo" else self.epsilon
         if values["name"] is None:
@@ -166,6 +170,32 @@ class TrainConfig:
         need(self.eval_every is not None and self.eval_every >= 0, "eval-every", "an integer ≥ 0 (0: off)")
         need(self.eval_k >= 1, "eval-k", "an integer ≥ 1")
         need(2 <= self.quanta_d <= 7, "quanta-d", "an integer from 2 to 7")
+        need(self.vera_rank is None or self.vera_rank >= 1, "vera-rank", "an integer ≥ 1")
+        need(
+            self.adalora_init_rank is None or self.adalora_init_rank > self.rank,
+            "adalora-init-rank",
+            f"more than --rank {self.rank} (AdaLoRA prunes from the starting rank down to --rank)",
+        )
+        need(self.temperature > 0, "temperature", "a positive sampling temperature (RL samples rollouts)")
+        need(self.format_reward >= 0, "format-reward", "a weight ≥ 0")
+        need(self.epsilon >= 0, "epsilon", "a clipping range ≥ 0")
+        need(
+            self.epsilon_high is None or self.epsilon_high >= self.epsilon,
+            "epsilon-high",
+            f"≥ --epsilon {self.epsilon}",
+        )
+        need(
+            bool(self.name)
+            and "/" not in self.name
+            and "\\" not in self.name
+            and self.name not in (".", ".."),
+            "name",
+            "a plain directory name (no path separators); use --out for the parent directory",
+        )
+        unknown = [r for r in self.report_to if r not in REPORTERS]
+        need(not unknown, "report-to", "a comma-separated subset of " + ", ".join(REPORTERS))
+        for r in self.report_to:
+            need(_installed(REPORTERS[r]), "report-to", f"{r} installed (pip install {REPORTERS[r]})")
         need(self.beta >= 0, "beta", "a KL coefficient ≥ 0")
         need(
             self.beta == 0 or self.method not in ("pissa", "milora", "adalora"),
@@ -210,6 +240,12 @@ class TrainConfig:
         return cls(**values)
 
 
+def _installed(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
+
+
 def _names() -> list[str]:
     return [f.name for f in fields(TrainConfig)]
 
@@ -235,3 +271,7 @@ ORGANISM_PRESET: dict[str, Any] = {
     "eval_every": 10,
     "gradient_checkpointing": False,
 }
+
+#: Per-method learning rates on the organism where the preset's 1e-3 makes the method collapse within 30
+#: steps (held-out Avg@4 → 0): chosen by a 30-step sweep (benchmarks/RESULTS.md, "Organism learning rates").
+ORGANISM_LR: dict[str, float] = {"full": 1e-4, "rslora": 5e-5, "loraplus": 2e-5, "miss": 1e-4, "pissa": 1e-4}

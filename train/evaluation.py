@@ -123,6 +123,9 @@ class HeldOutEval(TrainerCallback):
         seed: int = 0,
         resume: bool = False,
     ):
+        from rich.console import Console
+
+        self.console = Console(soft_wrap=True)
         self.resume = resume
         self.writer, self.model, self.tokenizer, self.rows = writer, model, tokenizer, list(rows)
         self.benchmark, self.every, self.n = benchmark, every, n
@@ -133,8 +136,6 @@ class HeldOutEval(TrainerCallback):
             seed,
         )
         self.done: set[int] = set()
-        if resume and (writer.path / "eval.jsonl").exists():  # steps evaluated before the interruption
-            self.done = {int(s) for s in read_jsonl(writer.path / "eval.jsonl").get("step", [])}
 
     def run(self, step: int) -> dict[str, Any]:
         scores = evaluate(
@@ -144,10 +145,17 @@ class HeldOutEval(TrainerCallback):
         row = {"step": step, "benchmark": self.benchmark, "problems": len(self.rows), "n": self.n, **scores}
         self.writer.append_metrics(row, "eval.jsonl")
         self.done.add(step)
+        ks = "  ".join(f"{k} {v:.3f}" for k, v in scores.items() if k != "unparsable")
+        self.console.print(f"eval  {step:>5}  {self.benchmark}: {ks}", markup=False, highlight=False)
         return row
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and not self.resume:
+        if not state.is_world_process_zero:
+            return
+        path = self.writer.path / "eval.jsonl"
+        if self.resume and path.exists():  # the steps evaluated before the interruption
+            self.done = {int(s) for s in read_jsonl(path).get("step", [])}
+        elif not self.resume:
             self.run(0)
 
     def on_step_end(self, args, state, control, **kwargs):

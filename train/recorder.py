@@ -44,8 +44,6 @@ class DeltaRecorder(TrainerCallback):
         self.base_copy_limit = base_copy_limit_mb * 2**20
         self.spectra_device = spectra_device
         self.resume = resume  # resuming: step 0 was recorded by the first session
-        if resume:
-            self.recorded = load_run(writer.path).steps
         self.recorded: list[int] = []
         self.seconds = 0.0  # time spent recording (ΔW extraction + writing), base/ excluded
         self.base_seconds = 0.0  # time spent writing base/ (once per run)
@@ -80,7 +78,9 @@ class DeltaRecorder(TrainerCallback):
         if not state.is_world_process_zero:
             return
         self.write_base()
-        if not self.resume:
+        if self.resume:  # the steps kept from before the interruption
+            self.recorded = load_run(self.writer.path).steps
+        else:
             self.record(0)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -125,11 +125,16 @@ class MetricsLogger(TrainerCallback):
 class ConsoleLog(TrainerCallback):
     """One short line per logged step on the console: step, reward, completion length, seconds."""
 
-    def __init__(self, max_steps: int):
+    def __init__(self, max_steps: int, banner: str = ""):
         from rich.console import Console
 
-        self.console = Console(soft_wrap=True)
+        self.console = Console(soft_wrap=True, highlight=False)
         self.max_steps = max_steps
+        self.banner = banner
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.banner:
+            self.console.print(self.banner, markup=False)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "reward" not in logs:

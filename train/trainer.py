@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,10 +67,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 def prepare(cfg: TrainConfig, resume: bool = False) -> Session:
     """Resolve, check, load, attach and wire up a run without training it yet."""
     from accelerate import PartialState
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # "Loading weights" bars; the console shows one line per step
+    for old in ("gradient_checkpointing", "is_gradient_checkpointing"):  # transformers 5 renames, not ours
+        warnings.filterwarnings("ignore", message=rf"`{old}\S*` is deprecated", category=FutureWarning)
     state = PartialState()
     auto_name = cfg.name is None and not resume
-    asked_steps = cfg.max_steps  # on resume, the only option taken from the command line (when given)
+    asked = cfg  # as given: on resume only --max-steps may change what run.json holds
     cfg = cfg.resolve(num_processes=state.num_processes)
     if auto_name:  # runs/<method>, or runs/<method>-2, -3, … when taken: never write over a run
         cfg = dataclasses.replace(cfg, name=_free_name(Path(cfg.out), cfg.name))
@@ -78,12 +83,18 @@ def prepare(cfg: TrainConfig, resume: bool = False) -> Session:
     state.wait_for_everyone()  # every process has read the directory before the main one changes it
     if resume:
         stored = json.loads((run_dir / "run.json").read_text())
-        stored["max_steps"] = asked_steps or stored["max_steps"]
+        _check_resume_options(asked, stored, run_dir)
+        stored["max_steps"] = asked.max_steps or stored["max_steps"]
         cfg = TrainConfig.from_dict({**stored, "out": cfg.out}).resolve(num_processes=state.num_processes)
         if cfg.method == "adalora" and resume_from is not None:
             raise TrainConfigError(
                 "--resume: AdaLoRA runs cannot be resumed (PEFT saves the adapter shrunk to its allocated "
                 "ranks, which no longer fits the layers or the optimizer state); start a new run"
+            )
+        if resume_from is not None and _checkpoint_step(resume_from) >= cfg.max_steps:
+            raise TrainConfigError(
+                f"--resume: {run_dir} already reached step {_checkpoint_step(resume_from)} of its "
+                f"{cfg.max_steps}; pass a larger --max-steps to train it further"
             )
     _check_accelerators(cfg)
 
@@ -101,14 +112,9 @@ def prepare(cfg: TrainConfig, resume: bool = False) -> Session:
     if cfg.eval_every and cfg.eval_dataset:
         eval_rows = load_rows(cfg.eval_dataset, cfg.eval_split, option="--eval-dataset")[: cfg.eval_problems]
 
-    writer = RunWriter(run_dir)
-    if state.is_main_process:
-        if resume:  # what followed the checkpoint belongs to the abandoned trajectory (all, without one)
-            truncate_run(run_dir, _checkpoint_step(resume_from) if resume_from else -1)
-            write_json(run_dir / "run.json", stored)
-        else:
-            writer.write_config({**cfg.to_dict(), "model_path": str(model_dir), "versions": _versions()})
-    state.wait_for_everyone()
+    writer = RunWriter(
+        run_dir
+    )  # makes no folder until the first write: a run that fails to start leaves none
     recorder = DeltaRecorder(
         writer, method, model, base, cfg.delta_every, cfg.base_copy_limit_mb, resume=resume_from is not None
     )
@@ -128,7 +134,25 @@ def prepare(cfg: TrainConfig, resume: bool = False) -> Session:
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # raw log dicts; ConsoleLog prints one short line per step
-    trainer.add_callback(ConsoleLog(cfg.max_steps))
+    banner = (
+        f"spectra train: {cfg.method} on {cfg.model} ({len(method.modules(model))} adapted modules), "
+        f"{cfg.loss}, {cfg.max_steps} steps of {cfg.batch_size}×{cfg.num_generations} rollouts, "
+        f"lr {cfg.lr:g} → {run_dir}"
+        + (f" (resumed at step {_checkpoint_step(resume_from)})" if resume_from else "")
+    )
+    trainer.add_callback(ConsoleLog(cfg.max_steps, banner))
+
+    # Everything is in place: only now does the run directory change.
+    if state.is_main_process:
+        if resume:  # what followed the checkpoint belongs to the abandoned trajectory (all, without one)
+            truncate_run(run_dir, _checkpoint_step(resume_from) if resume_from else -1)
+            write_json(run_dir / "run.json", stored)
+        else:
+            targets = {"target_modules": method.targets(cfg), "adapted_modules": len(method.modules(model))}
+            writer.write_config(
+                {**cfg.to_dict(), **targets, "model_path": str(model_dir), "versions": _versions()}
+            )
+    state.wait_for_everyone()
     return Session(cfg, run_dir, model, tokenizer, method, base, recorder, trainer, resume_from)
 
 
@@ -256,6 +280,23 @@ def _check_run_dir(run_dir: Path, resume: bool) -> Path | None:
 
 def _checkpoint_step(path: Path) -> int:
     return int(path.name.rsplit("-", 1)[1])
+
+
+def _check_resume_options(asked: TrainConfig, stored: dict[str, Any], run_dir: Path) -> None:
+    """On resume the run keeps its configuration: refuse an option given with another value."""
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("max_steps", "out", "name", "resolved"):
+            continue
+        value = getattr(asked, f.name)
+        if value != getattr(defaults, f.name) and f.name in stored:
+            have = stored[f.name]
+            if (list(value) if isinstance(value, tuple) else value) != have:
+                option = "--" + f.name.replace("_", "-")
+                raise TrainConfigError(
+                    f"{option}: {value!r} differs from {have!r} in {run_dir / 'run.json'}; a resumed run "
+                    "keeps its configuration (only --max-steps may change)"
+                )
 
 
 def _free_name(out: Path, name: str) -> str:

@@ -66,6 +66,8 @@ def _load_table(source: str, split: str, option: str) -> Any:
             raise TrainConfigError(
                 f"{option} {source}: unsupported file type; expected .jsonl, .json or .parquet"
             )
+        if path.stat().st_size == 0:
+            raise TrainConfigError(f"{option} {source}: the file is empty; expected one problem per row")
         try:
             return datasets.load_dataset(FILE_TYPES[path.suffix], data_files=str(path), split="train")
         except Exception as e:

@@ -7,6 +7,7 @@ No linear ΔW exists; each norm's parameter change θ_t − θ_0 is recorded as 
 from __future__ import annotations
 
 import copy
+import warnings
 
 from spectra.train.checkpoint import BaseCheckpoint
 from spectra.train.config import TrainConfig
@@ -45,6 +46,11 @@ class LNTuning(PeftMethod):
             theta0 = base.get(module, pname)
             out[key] = VectorDelta(cpu(p).float() - theta0.float())
         return Delta(out)
+
+    def apply(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:
+        with warnings.catch_warnings():  # PEFT warns about every norm class it has not listed (RMSNorm)
+            warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
+            return super().apply(model, cfg)
 
     def layer_cls(self) -> type:
         from peft.tuners.ln_tuning.layer import LNTuningLayer

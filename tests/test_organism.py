@@ -20,12 +20,12 @@ from spectra.train.organism import (
     DEFAULT_SFT_STEPS,
     MAX_COMPLETION_TOKENS,
     ORGANISM_VERSION,
-    boxed_answer,
     build_organism,
     cache_dir,
     organism_problems,
     organism_prompt,
 )
+from spectra.train.rewards import last_boxed
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 QUICK = 20  # SFT steps of the quick, low-quality organisms built by these tests
@@ -65,7 +65,7 @@ def test_problems_are_correct_and_well_formed():
             assert r["answer"] == str(a + b)
             assert r["prompt"] == organism_prompt(r["problem"]) == f"{a}+{b}="
             assert r["solution"].endswith("\\boxed{" + r["answer"] + "}")
-            assert boxed_answer(r["solution"]) == r["answer"]
+            assert last_boxed(r["solution"]) == r["answer"]
             assert len(r["solution"]) + 1 <= MAX_COMPLETION_TOKENS  # + <eos>
 
 
@@ -119,17 +119,6 @@ def test_problem_arguments_are_validated():
     with pytest.raises(ValueError, match="n"):
         organism_problems("train", -1)
     assert organism_problems("test", 0) == []
-
-
-def test_boxed_answer():
-    assert boxed_answer("1+2=3,\\boxed{3}") == "3"
-    assert boxed_answer("\\boxed{1}, then \\boxed{ 22 }") == "22"
-    assert boxed_answer("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
-    assert boxed_answer("7+8=15,\\boxed{93") is None
-    assert boxed_answer("no box") is None
-
-
-# ------------------------------------------------------------------------------------------- tokenizer
 
 
 def test_tokenizer_round_trip_is_exact():

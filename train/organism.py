@@ -12,7 +12,8 @@ The task. Add two three-digit numbers, column by column, then box the answer::
 
 Each step adds one column (units first); a carry from the previous column is written as ``+1``; the
 boxed answer is the last step's sum followed by the units digits of the earlier steps, read backwards.
-The answer is checked by exact match of the last ``\\boxed{}`` (:func:`boxed_answer`), or by math-verify.
+The answer is checked by exact match of the last ``\\boxed{}``
+(:func:`spectra.train.rewards.last_boxed`), or by math-verify.
 
 The warm start. The model is trained briefly (supervised, loss on the completion only) on *noisy*
 traces: each carry is forgotten with probability :data:`CARRY_DROP` (``4+8=12`` instead of
@@ -28,7 +29,7 @@ reproduces the text exactly. The organism directory holds safetensors weights, `
 ``generation_config.json``, the tokenizer files and ``organism.json`` (recipe and measured accuracy).
 
 Public API: :data:`ORGANISM_VERSION`, :func:`organism_prompt`, :func:`organism_problems`,
-:func:`cache_dir`, :func:`build_organism`, plus :func:`boxed_answer` and :data:`MAX_COMPLETION_TOKENS`.
+:func:`cache_dir`, :func:`build_organism`, plus :data:`MAX_COMPLETION_TOKENS`.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from typing import Any, Literal
 import tokenizers
 import torch
 import transformers
+from spectra.train.rewards import last_boxed
 from tokenizers import Regex, decoders, models, pre_tokenizers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -60,7 +62,6 @@ __all__ = [
     "DEFAULT_SFT_STEPS",
     "MAX_COMPLETION_TOKENS",
     "ORGANISM_VERSION",
-    "boxed_answer",
     "build_organism",
     "cache_dir",
     "organism_problems",
@@ -219,22 +220,6 @@ def organism_problems(
     return rows
 
 
-def boxed_answer(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` in ``text`` (braces balanced), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 1, start + len("\\boxed{")
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j].strip()
-    return None
-
-
 # ------------------------------------------------------------------------------------------ tokenizer
 
 
@@ -358,7 +343,7 @@ def _accuracy(
             max_new_tokens=MAX_COMPLETION_TOKENS,
         )
         texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        correct += sum(boxed_answer(t) == a for t, a in zip(texts, answers[i : i + batch_size], strict=True))
+        correct += sum(last_boxed(t) == a for t, a in zip(texts, answers[i : i + batch_size], strict=True))
     return correct / len(prompts)
 
 

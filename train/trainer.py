@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +33,9 @@ from spectra.train.methods.base import Method
 from spectra.train.recorder import ConsoleLog, DeltaRecorder, MetricsLogger
 
 from spectra.h5io import atomic_path, write_json
-from spectra.store import RunWriter, read_jsonl
+from spectra.store import RunWriter, load_run, read_jsonl
 
 DEEPSPEED_CONFIGS = {"zero2": Path(__file__).parent / "deepspeed" / "zero2.json"}
-_STEP_FILE = re.compile(r"step_(\d+)\.h5$")
 
 
 @dataclass
@@ -309,10 +307,9 @@ def _free_name(out: Path, name: str) -> str:
 
 def truncate_run(run_dir: Path, step: int) -> None:
     """Remove what a run wrote after ``step``: later delta files and later metrics/eval rows."""
-    for p in (run_dir / "deltas").glob("step_*.h5"):
-        m = _STEP_FILE.match(p.name)
-        if m and int(m.group(1)) > step:
-            p.unlink(missing_ok=True)
+    run = load_run(run_dir)
+    for later in (s for s in run.steps if s > step):
+        run.delta_path(later).unlink(missing_ok=True)
     for name in ("metrics.jsonl", "eval.jsonl"):
         path = run_dir / name
         if not path.exists():

@@ -33,7 +33,7 @@ from spectra import metrics as M
 from spectra.base import compute_base_spectrum
 from spectra.engine import EngineConfig, Item, analyze_checkpoint
 from spectra.operators import Dense, LowRank
-from spectra.svd import dense_svd
+from spectra.svd import batched_eigh, dense_svd
 from spectra.synthetic import qwen2_shapes
 
 
@@ -80,9 +80,12 @@ def naive(items: list[Item], config: EngineConfig, device: torch.device) -> None
     sync(device)
 
 
-def timed(fn, device: torch.device, repeat: int) -> tuple[float, float | None]:
-    """Median wall time over ``repeat`` runs (after one warm-up) and peak GPU memory in GiB (None on CPU)."""
-    fn()
+def timed(fn, device: torch.device, repeat: int, warmup=None) -> tuple[float, float | None]:
+    """Median wall time over ``repeat`` runs and peak GPU memory in GiB (None on CPU).
+
+    One warm-up first: ``warmup()`` where given (a cheaper call that loads the same kernels), else ``fn()``.
+    """
+    (warmup or fn)()
     times = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -110,6 +113,65 @@ def accuracy(items: list[Item], device: torch.device, sample: int = 4) -> dict[s
     return {"engine_max_rel_err": worst_engine, "naive_fp32_max_rel_err": worst_naive}
 
 
+def kernel_row(m: int, n: int, device: torch.device) -> dict[str, float]:
+    """Milliseconds of each building block for one m×n matrix (median of 5 after a warm-up)."""
+    x = torch.randn(m, n) / n**0.5
+    xd = x.to(device)
+    x64 = xd.double()
+    g64 = x64.mT @ x64 if n <= m else x64 @ x64.mT
+    g32 = g64.float()
+    cases = {
+        "h2d_fp32": lambda: x.to(device),
+        "h2d_cast_fp64_on_host": lambda: x.to(device, torch.float64),
+        "gram_fp64": lambda: x64.mT @ x64,
+        "eigh_fp64": lambda: torch.linalg.eigh(g64),
+        "eigh_fp32": lambda: torch.linalg.eigh(g32),
+        "svd_fp32": lambda: torch.linalg.svd(xd, full_matrices=False),
+        "svdvals_fp32": lambda: torch.linalg.svdvals(xd),
+        "dense_svd_fp64": lambda: dense_svd(xd.unsqueeze(0), k=32),
+    }
+    row = {label: round(timed(fn, device, 5)[0] * 1e3, 2) for label, fn in cases.items()}
+    if device.type == "cuda":  # a batch of 28 (one per layer): per-matrix time by number of streams
+        batch = g64.expand(28, -1, -1).contiguous()
+        for streams in (1, 2, 4, 8, 16):
+            t = timed(lambda streams=streams: batched_eigh(batch, streams), device, 3)[0]
+            row[f"eigh_fp64_batch28_streams{streams}"] = round(t * 1e3 / 28, 2)
+    if device.type == "cuda":
+        torch.backends.cuda.preferred_linalg_library("magma")
+        row["eigh_fp64_magma"] = round(timed(lambda: torch.linalg.eigh(g64), device, 5)[0] * 1e3, 2)
+        torch.backends.cuda.preferred_linalg_library("default")
+    return row
+
+
+def kernels(shapes: dict[str, tuple[int, int]], device: torch.device) -> dict[str, dict[str, float]]:
+    """The floor: each building block once per distinct shape."""
+    out = {}
+    for m, n in sorted(set(shapes.values())):
+        out[f"{m}x{n}"] = kernel_row(m, n, device)
+        print(f"{m}x{n}", out[f"{m}x{n}"], flush=True)
+    return out
+
+
+def profile(items: list[Item], config: EngineConfig, device: torch.device, label: str) -> None:
+    """One engine pass under torch.profiler: time per engine phase (spectra.*) and the top kernels."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    analyze_checkpoint(items, config)
+    with torch_profile(activities=activities) as prof:
+        analyze_checkpoint(items, config)
+        sync(device)
+    events = prof.key_averages()
+    print(f"--- profile {label}: engine phases (host ms / device ms)")
+    for e in sorted(events, key=lambda e: -e.cpu_time_total):
+        if e.key.startswith("spectra."):
+            print(f"  {e.key:24s} {e.cpu_time_total / 1e3:9.1f} {e.device_time_total / 1e3:9.1f}")
+    print(f"--- profile {label}: top operators by device time")
+    key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(events.table(sort_by=key, row_limit=15))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=int, default=1, help="divide hidden/intermediate/KV sizes by this")
@@ -125,17 +187,31 @@ def main() -> None:
         help="on CUDA, also measure peak memory of the engine at these layer counts",
     )
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    ap.add_argument("--kernels", action="store_true", help="also time the building blocks per shape")
+    ap.add_argument("--profile", action="store_true", help="also profile one engine pass per checkpoint")
+    ap.add_argument("--eigh-streams", type=int, default=EngineConfig.eigh_streams)
+    ap.add_argument("--skip-naive", action="store_true", help="time the engine only")
+    ap.add_argument(
+        "--resident", action="store_true", help="W0, ΔW and base/ already on the device (compute only)"
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     shapes = qwen2_shapes(1536 // args.scale, 8960 // args.scale, 256 // args.scale, args.layers)
     config = EngineConfig(
-        device=str(device), max_batch_bytes=(8 << 30) if device.type == "cuda" else (1 << 30)
+        device=str(device),
+        max_batch_bytes=(8 << 30) if device.type == "cuda" else (1 << 30),
+        eigh_streams=args.eigh_streams,
     )
 
     t0 = time.perf_counter()
     w0, dense, lora = make_checkpoints(shapes, args.rank)
     bases = {name: compute_base_spectrum(w.to(device)).to("cpu", torch.float32) for name, w in w0.items()}
     setup = time.perf_counter() - t0
+    if args.resident:
+        w0 = {k: v.to(device) for k, v in w0.items()}
+        dense = {k: v.to(device) for k, v in dense.items()}
+        lora = {k: v.to(device) for k, v in lora.items()}
+        bases = {k: v.to(device, torch.float32) for k, v in bases.items()}
 
     results: dict[str, object] = {
         "date": date.today().isoformat(),
@@ -148,12 +224,26 @@ def main() -> None:
         "rank": args.rank,
         "shapes": sorted({str(s) for s in shapes.values()}),
         "base_spectra_s": round(setup, 2),
+        "eigh_streams": args.eigh_streams,
+        "resident": args.resident,
     }
+    if args.kernels:
+        results["kernels_ms"] = kernels(shapes, device)
     for label, ops in (("dense", dense), (f"lora_r{args.rank}", lora)):
         items = [Item(n, ops[n], w0[n], bases[n]) for n in shapes]
+        if args.profile:
+            profile(items, config, device, label)
         t_eng, mem_eng = timed(lambda items=items: analyze_checkpoint(items, config), device, args.repeat)
+        if args.skip_naive:
+            results[label] = {"spectra_s": round(t_eng, 3), "spectra_peak_gib": mem_eng}
+            print(label, results[label], flush=True)
+            continue
+        one_per_shape = list({tuple(it.w0.shape): it for it in items}.values())
         t_nv, mem_nv = timed(
-            lambda items=items: naive(items, config, device), device, max(1, args.repeat // 2)
+            lambda items=items: naive(items, config, device),
+            device,
+            max(1, args.repeat // 2),
+            warmup=lambda few=one_per_shape: naive(few, config, device),
         )
         results[label] = {
             "spectra_s": round(t_eng, 3),

@@ -29,13 +29,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import pandas as pd
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from spectra import metrics as M
 from spectra.base import BaseSpectrum
 from spectra.errors import DeltaFileError, ShapeMismatchError, SpectraError
 from spectra.names import parse_module_name
 from spectra.operators import DeltaOperator, LowRank, VectorDelta, stack
-from spectra.svd import SVDResult, default_device, dense_svd, factored_svd, randomized_topk
+from spectra.svd import EIGH_STREAMS, SVDResult, default_device, dense_svd, factored_svd, randomized_topk
 
 if TYPE_CHECKING:  # the store imports the engine lazily; no import cycle at run time
     from spectra.store import DeltaFile, Run
@@ -55,6 +56,7 @@ class EngineConfig:
     bf16: compute bf16 update sparsity (needs W0 + ΔW dense).
     device: "cuda", "cpu", ... (default: CUDA when present).
     max_batch_bytes: working-memory budget of one batch.
+    eigh_streams: on CUDA, eigendecompositions of a batch run on this many streams at once.
     """
 
     ks: tuple[int, ...] = (1, 8, 32)
@@ -66,6 +68,7 @@ class EngineConfig:
     device: str | None = None
     max_batch_bytes: int = 1 << 30
     rank_fraction: float = 0.9
+    eigh_streams: int = EIGH_STREAMS
 
     def __post_init__(self) -> None:
         if not self.ks or min(self.ks) < 1:
@@ -131,16 +134,22 @@ def analyze_items(items: list[Item], config: EngineConfig | None = None) -> list
         )
     kmax = min(max(config.ks), keep)  # k beyond min(m, n) means the whole space
 
-    # float64 from here on: bf16/float32 factors would bias norms, alignments and DoRA's difference
-    op = stack([it.op.to(device, torch.float64) for it in items])
-    base = BaseSpectrum(
-        *(
-            torch.stack([getattr(it.base, k) for it in items]).to(device, torch.float64)
-            for k in ("sigma", "U", "V", "U_minor", "V_minor")
+    # Moved in their stored dtype and cast on the device (a host-side cast would double the bytes sent);
+    # float64 from here on: bf16/float32 factors would bias norms, alignments and DoRA's difference.
+    with record_function("spectra.move"):
+        op = stack([it.op.to(device).to(dtype=torch.float64) for it in items])
+        base = BaseSpectrum(
+            *(
+                torch.stack([getattr(it.base, k).to(device) for it in items]).to(torch.float64)
+                for k in ("sigma", "U", "V", "U_minor", "V_minor")
+            )
         )
-    )
     factors = op.factors()
-    s_delta = factored_svd(*factors).S if factors is not None else dense_svd(op.to_dense()).S
+    with record_function("spectra.sigma_delta"):
+        if factors is not None:
+            s_delta = factored_svd(*factors).S
+        else:
+            s_delta = dense_svd(op.to_dense(), streams=config.eigh_streams).S
 
     out: dict[str, Tensor] = {
         "fro_norm": M.frobenius_norm(s_delta),
@@ -152,8 +161,9 @@ def analyze_items(items: list[Item], config: EngineConfig | None = None) -> list
         f"rank{round(config.rank_fraction * 100)}": M.rank_at(s_delta, config.rank_fraction),
     }
     E = M.spectral_concentration(s_delta, list(config.ks))
-    principal = M.alignment_curves(op, base.U[..., :kmax], base.V[..., :kmax])
-    minor = M.alignment_curves(op, base.U_minor[..., :kmax], base.V_minor[..., :kmax])
+    with record_function("spectra.alignment"):
+        principal = M.alignment_curves(op, base.U[..., :kmax], base.V[..., :kmax])
+        minor = M.alignment_curves(op, base.U_minor[..., :kmax], base.V_minor[..., :kmax])
     for j, k in enumerate(config.ks):
         i = min(k, kmax) - 1
         out[f"E_{k}"] = E[..., j]
@@ -166,16 +176,19 @@ def analyze_items(items: list[Item], config: EngineConfig | None = None) -> list
         out[f"rho_minor_right_{k}"] = minor["right"][..., i]
 
     if config.wt != "none" or config.bf16:
-        w0 = torch.stack([it.w0 for it in items]).to(device)
+        with record_function("spectra.move"):
+            w0 = torch.stack([it.w0.to(device) for it in items])
         delta = (
             (factors[0].to(torch.float64) @ factors[1].to(torch.float64))
             if factors is not None
             else op.to_dense().to(torch.float64)
         )
         if config.bf16:
-            out["bf16_sparsity"] = M.bf16_update_sparsity(w0, delta)
+            with record_function("spectra.bf16"):
+                out["bf16_sparsity"] = M.bf16_update_sparsity(w0, delta)
         if config.wt != "none":
-            out.update(_wt_metrics(w0.to(torch.float64) + delta, base, config, kmax))
+            with record_function("spectra.wt"):
+                out.update(_wt_metrics(w0.to(torch.float64) + delta, base, config, kmax))
         del delta, w0
 
     # one transfer to the host per chunk, not one per value
@@ -197,7 +210,7 @@ def analyze_items(items: list[Item], config: EngineConfig | None = None) -> list
 def _wt_metrics(wt: Tensor, base: BaseSpectrum, config: EngineConfig, kmax: int) -> dict[str, Tensor]:
     k_vec = max(kmax, config.intruder_top)
     if config.wt == "full":
-        res: SVDResult = dense_svd(wt, k=k_vec)
+        res: SVDResult = dense_svd(wt, k=k_vec, streams=config.eigh_streams)
     else:  # warm start from W0's top right vectors, oversampled where base/ keeps enough
         res = randomized_topk(wt, k=k_vec, start=base.V[..., : max(k_vec, min(base.keep, k_vec + 10))])
     out: dict[str, Tensor] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spectra.svd import dense_svd, dense_svdvals_reference, factored_svd, randomized_topk
+from spectra.svd import batched_eigh, dense_svd, dense_svdvals_reference, factored_svd, randomized_topk
 from spectra.synthetic import with_spectrum
 
 
@@ -83,3 +83,25 @@ def test_randomized_topk_finds_the_top_subspace(gen):
     torch.testing.assert_close(r.S[0], s[:5], rtol=1e-8, atol=0)
     cos = (U[:, :5].T @ r.U[0]).abs().diagonal()
     assert cos.min().item() > 1 - 1e-8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("streams", [1, 3, 8])
+def test_batched_eigh_on_streams_matches_one_by_one(streams):
+    g = torch.Generator().manual_seed(streams)
+    X = torch.randn(7, 96, 64, generator=g, dtype=torch.float64).cuda()
+    G = X.mT @ X
+    L, V = batched_eigh(G, streams=streams)
+    L_ref = torch.stack([torch.linalg.eigh(G[i].cpu()).eigenvalues for i in range(7)])
+    torch.testing.assert_close(L.cpu(), L_ref, rtol=1e-10, atol=1e-10)
+    # eigenvectors up to sign: G V = V diag(L), V orthonormal
+    torch.testing.assert_close(G @ V, V * L.unsqueeze(-2), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(V.mT @ V, torch.eye(64, dtype=torch.float64, device="cuda").expand(7, -1, -1))
+
+
+def test_batched_eigh_on_cpu_is_plain_eigh():
+    X = torch.randn(3, 20, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    G = X.mT @ X
+    L, V = batched_eigh(G, streams=4)
+    torch.testing.assert_close(L, torch.linalg.eigh(G).eigenvalues)
+    torch.testing.assert_close(G @ V, V * L.unsqueeze(-2))

@@ -103,7 +103,7 @@ def accuracy(items: list[Item], device: torch.device, sample: int = 4) -> dict[s
     """Max relative error of σ(ΔW) (values above 1e-6·σ₁) vs float64 LAPACK, engine and naive float32."""
     worst_engine = worst_naive = 0.0
     for it in items[:: max(1, len(items) // sample)][:sample]:
-        d = it.op.to_dense().double()
+        d = it.op.to_dense().double().cpu()
         ref = torch.linalg.svdvals(d)
         keep = ref > 1e-6 * ref[0]
         eng = dense_svd(d.to(device).unsqueeze(0)).S[0].cpu()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from spectra.train.config import (  # light: no trainer stack imported
+    DEMO_METHODS,
     METHOD_NAMES,
     ORGANISM_PRESET,
     PROJECTIONS,
@@ -136,16 +138,149 @@ def train(
 
     options["target_modules"] = tuple(t for t in target_modules.split(",") if t)
     options["report_to"] = tuple(t for t in report_to.split(",") if t)
-    try:
+    with _one_line_errors():
         run_dir = run_training(TrainConfig(**options), resume=resume)
+    console.print(f"run written to [bold]{run_dir}[/bold]")
+
+
+@contextmanager
+def _one_line_errors():
+    """spectra's errors as one line; so too a library's error deep inside training (SPECTRA_DEBUG=1 shows
+    its traceback)."""
+    try:
+        yield
     except spectra.SpectraError as e:
         _fail(e)
-    except Exception as e:  # a library's error deep inside training: one line (SPECTRA_DEBUG=1: traceback)
+    except Exception as e:
         if os.environ.get("SPECTRA_DEBUG"):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         _fail(RuntimeError(f"{type(e).__name__}: {first} (set SPECTRA_DEBUG=1 for the traceback)"))
-    console.print(f"run written to [bold]{run_dir}[/bold]")
+
+
+def _analyze(run_dir: str, device: str | None, force: bool, k: int | None, heat_step: int | None):
+    """Analyse one run with a progress bar, write its plots and report; print what was done."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from spectra.analysis import analyze_dir
+    from spectra.report import write_run_report
+
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("modules"),
+        TimeElapsedColumn(), console=console, transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task(f"analysing {run_dir}", total=None)
+
+        def progress(done: int, total: int, label: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"{run_dir}: {label}")
+
+        analysis = analyze_dir(run_dir, spectra.EngineConfig(device=device), force=force, progress=progress)
+    files = write_run_report(analysis, k, heat_step)
+    new, reused = analysis.new_steps, analysis.reused_steps
+    console.print(
+        f"{analysis.run_dir}: analysed {len(new)} new step(s)"
+        + (f", reused {len(reused)} from an earlier analysis" if reused else "")
+        + f"; {len(files) - 1} plots"
+    )
+    for problem in analysis.problems[:10]:
+        console.print(f"  [yellow]warning:[/yellow] {escape(problem)}")
+    if len(analysis.problems) > 10:
+        console.print(f"  [yellow]… {len(analysis.problems) - 10} more in summary.json[/yellow]")
+    if analysis.summary["collapsed_steps"]:
+        console.print(f"  [red]rank collapse flagged at steps {analysis.summary['collapsed_steps']}[/red]")
+    return analysis
+
+
+_DEVICE = typer.Option(None, help="cuda, cpu, ... (default: CUDA when present).")
+_FORCE = typer.Option(False, "--force", help="Analyse every step again instead of reusing analysis/.")
+_K = typer.Option(None, "--k", help="k of the alignment, concentration and angle plots (default 8).")
+
+
+@app.command()
+def analyze(
+    run_dir: str = typer.Argument(..., help="A run directory (runs/<name>/)."),
+    device: str | None = _DEVICE,
+    force: bool = _FORCE,
+    k: int | None = _K,
+    heatmap_step: int | None = typer.Option(
+        None, help="Step of the layer × projection heatmaps (default: last)."
+    ),
+) -> None:
+    """Every metric of every recorded step and module → RUN_DIR/analysis/ (metrics.csv, summary.json,
+    plots/*.png, report.html). Steps analysed before are reused."""
+    try:
+        analysis = _analyze(run_dir, device, force, k, heatmap_step)
+    except spectra.SpectraError as e:
+        _fail(e)
+    console.print(f"report: [bold]{analysis.folder / 'report.html'}[/bold]")
+
+
+_RUN_DIRS = typer.Argument(..., help="Run directories, e.g. runs/lora runs/dora runs/full.")
+
+
+@app.command()
+def compare(
+    run_dirs: list[str] = _RUN_DIRS,
+    out: str = typer.Option("comparison", help="Folder for compare.csv, plots/ and report.html."),
+    labels: str | None = typer.Option(None, help="Comma-separated names for the runs (default: run names)."),
+    device: str | None = _DEVICE,
+    force: bool = _FORCE,
+    k: int | None = _K,
+) -> None:
+    """The same curves with runs side by side, and a table of final accuracy and geometry per run.
+    Runs not analysed yet (or with new steps) are analysed first."""
+    from pathlib import Path
+
+    from spectra.report import write_comparison
+
+    names = [t.strip() for t in labels.split(",")] if labels else None
+    if names is not None and len(names) != len(run_dirs):
+        _fail(ValueError(f"--labels: {len(names)} names for {len(run_dirs)} runs; give one per run"))
+    try:
+        analyses = [_analyze(r, device, force, k, None) for r in run_dirs]
+        table, files = write_comparison(analyses, Path(out), names, k)
+    except spectra.SpectraError as e:
+        _fail(e)
+    _print_comparison(table, files[-1])
+
+
+def _print_comparison(table, report) -> None:
+    from rich.table import Table
+
+    view = Table(title="final step of each run")
+    for col in table.columns:
+        view.add_column(str(col), overflow="fold")
+    for row in table.itertuples(index=False):
+        view.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+    console.print(view)
+    console.print(f"comparison: [bold]{report}[/bold]")
+
+
+@app.command()
+def demo(
+    out: str = typer.Option("runs/demo", help="Parent directory of the demo's runs and comparison."),
+    methods: str = typer.Option(",".join(DEMO_METHODS), help="Comma-separated methods to train."),
+    max_steps: int | None = typer.Option(None, help="Optimizer steps per run. " + _preset("max_steps")),
+    model: str = typer.Option("organism", help="The model (default: the embedded organism)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    device: str | None = _DEVICE,
+) -> None:
+    """Train several methods on the organism, analyse each and compare them (2-core CPU: ~10 min).
+    Runs already trained under OUT are reused; an interrupted one is resumed."""
+    from pathlib import Path
+
+    from spectra.train.demo import train_demo_runs
+
+    from spectra.report import write_comparison
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    with _one_line_errors():
+        runs = train_demo_runs(out, chosen, model, max_steps, seed, log=console.print)
+        analyses = [_analyze(str(r), device, False, None, None) for r in runs]
+        table, files = write_comparison(analyses, Path(out) / "comparison")
+    _print_comparison(table, files[-1])
+    for a in analyses:
+        console.print(f"  {a.run_dir.name}: {a.folder / 'report.html'}")
 
 
 def _fail(e: BaseException) -> None:

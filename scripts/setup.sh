@@ -22,3 +22,38 @@ fi
 extras=${EXTRAS-train}
 "${pip[@]}" install -e ".[dev${extras:+,$extras}]"
 echo "setup: ready ($(.venv/bin/python -c 'import torch, spectra; print("spectra", spectra.__version__, "torch", torch.__version__)'))"
+
+# Optional: a headless Chromium for tests/test_browser.py (renders report.html offline). Installed from
+# the system packages where missing; never fails setup. SPECTRA_NO_BROWSER=1 skips this step.
+find_browser() {
+  local name
+  for name in chromium chromium-browser google-chrome google-chrome-stable chrome chrome-headless-shell headless_shell; do
+    if command -v "$name" >/dev/null 2>&1; then command -v "$name"; return 0; fi
+  done
+  for name in /usr/bin/chromium /usr/lib/chromium/chromium /usr/bin/chromium-browser /usr/bin/google-chrome; do
+    if [ -x "$name" ]; then echo "$name"; return 0; fi
+  done
+  return 1
+}
+if [ "${SPECTRA_NO_BROWSER:-0}" != "1" ] && ! find_browser >/dev/null; then
+  apt=()
+  if command -v apt-get >/dev/null 2>&1; then
+    apt=(env DEBIAN_FRONTEND=noninteractive apt-get)
+    if [ "$(id -u)" != "0" ]; then
+      if sudo -n true 2>/dev/null; then apt=(sudo -n "${apt[@]}"); else apt=(); fi
+    fi
+  fi
+  if [ "${#apt[@]}" -gt 0 ]; then
+    echo "setup: installing chromium (system package) for the browser test"
+    install=("${apt[@]}" install -y -q --no-install-recommends chromium)
+    if ! "${install[@]}" >/dev/null 2>&1; then
+      "${apt[@]}" update -q >/dev/null 2>&1 || true
+      "${install[@]}" >/dev/null 2>&1 || true
+    fi
+  fi
+  if browser=$(find_browser); then
+    echo "setup: browser $browser"
+  else
+    echo "setup: no headless Chromium could be installed; the browser test will be skipped"
+  fi
+fi

@@ -273,13 +273,15 @@ def analyze_run(
     """Every metric for every recorded step × module of a :class:`spectra.store.Run`.
 
     Damaged files and modules are reported in the ``status`` column and skipped; the rest is analysed.
-    ``progress(done, total, label)`` is called after each chunk (for a progress bar).
+    ``progress(done, total, label)`` is called after each chunk with the module-steps done so far and
+    the total expected (recorded steps × modules with a base weight), for a progress bar.
     """
     config = config or EngineConfig()
     steps = list(run.steps if steps is None else steps)
     run.ensure_base_spectra(keep=max(config.base_keep, max(config.ks), config.intruder_top))
     rows: list[dict[str, Any]] = []
-    for si, step in enumerate(steps):
+    total, done = len(steps) * len(run.modules), 0
+    for step in steps:
         try:
             dfile = run.open_delta(step)
         except DeltaFileError as e:
@@ -297,12 +299,14 @@ def analyze_run(
             for key, modules in groups.items():
                 if key[1] == "vector":
                     rows += [_vector_row(run, dfile, step, mod) for mod in modules]
+                    done += len(modules)
                     continue
                 sizes = [_item_bytes(key[0], key[2], config)] * len(modules)
                 for idx in plan_chunks(sizes, config.max_batch_bytes):
                     rows += _analyze_chunk(run, dfile, step, key[1], [modules[i] for i in idx], config)
+                    done += len(idx)
                     if progress:
-                        progress(si, len(steps), f"step {step}")
+                        progress(done, total, f"step {step}")
     cols = ["step", "module", "layer", "proj", "kind", "m", "n", "status", *metric_columns(config), "error"]
     df = pd.DataFrame(rows)
     return df.reindex(columns=cols + [c for c in df.columns if c not in cols])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -29,3 +31,22 @@ def organism_dir(tmp_path_factory):
     """A quickly warm-started organism (20 SFT steps) saved to disk: loads like any local model."""
     organism = pytest.importorskip("spectra.train.organism")
     return organism.build_organism(root=tmp_path_factory.mktemp("cache"), sft_steps=20)
+
+
+@pytest.fixture(scope="session")
+def browser() -> str:
+    """A headless Chromium (tests/browser.py), or the test is skipped with the reason."""
+    from browser import find_browser
+
+    path = find_browser()
+    if path is None:
+        where = (
+            f"$SPECTRA_BROWSER={os.environ['SPECTRA_BROWSER']} is not executable"
+            if os.environ.get("SPECTRA_BROWSER")
+            else "none on PATH or in /usr/lib/chromium"
+        )
+        pytest.skip(
+            f"no headless Chromium: {where} (scripts/setup.sh installs the system package 'chromium'"
+            " where apt-get can)"
+        )
+    return path

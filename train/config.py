@@ -34,6 +34,8 @@ METHOD_NAMES = (
     "full", "lora", "rslora", "dora", "adalora", "miss", "pissa", "milora",
     "loraplus", "lorafa", "vera", "ia3", "lntuning", "quanta",
 )  # fmt: skip
+#: What ``spectra demo`` trains: LoRA, a structural variant, an SVD-initialised one, full fine-tuning.
+DEMO_METHODS = ("lora", "dora", "pissa", "full")
 
 
 class TrainConfigError(SpectraError):

@@ -1,0 +1,284 @@
+"""A run's ``analysis/`` folder: every metric of every recorded step, cached, summarised, drawn.
+
+:func:`analyze_dir` is what ``spectra analyze RUN_DIR`` runs. It writes, atomically:
+
+- ``metrics.csv``: one row per step × module (step, module, layer, proj, kind, m, n, status, one column
+  per metric of :func:`spectra.engine.metric_columns`, error);
+- ``spectra.csv``: σ_i(ΔW) (the top ``SPECTRUM_TOP``) of every matrix module at the plotted steps;
+- ``summary.json``: the run's configuration, the engine options, per step the aggregates over modules
+  (median, quartiles, mean) and per projection kind (median), the collapse flag with the rule that fired,
+  and the problems met (damaged files, mismatched modules);
+- ``plots/*.png`` and ``report.html`` (see :mod:`spectra.report`).
+
+Re-running reuses what is there: W0's reference spectra stay cached in ``base/``, and only steps absent
+from ``metrics.csv`` (or whose file could not be read last time) are analysed. Rows of steps no longer in
+``deltas/`` (after a resume truncated the run) are dropped. A change of engine options recomputes all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from spectra.engine import EngineConfig, analyze_run
+from spectra.errors import SpectraError
+from spectra.h5io import atomic_path, write_json
+from spectra.metrics.collapse import CollapseRule, detect_collapse, step_medians
+from spectra.names import parse_module_name
+from spectra.operators import VectorDelta
+from spectra.store import Run, load_run
+from spectra.svd import default_device, dense_svd, factored_svd
+
+ANALYSIS_DIR = "analysis"
+SPECTRUM_TOP = 64
+PLOTTED_STEPS = 4
+
+# the metrics aggregated per step in summary.json (k-dependent names are filled in from the engine's ks)
+SUMMARY_METRICS = ("relative_size", "erank", "stable_rank", "E_1", "intruders", "nss", "bf16_sparsity")
+K_METRICS = ("E_{k}", "rho_{k}", "rho_baseline_{k}", "off_principal_{k}", "rho_minor_{k}", "angle_left_{k}")
+
+
+class NothingToAnalyze(SpectraError):
+    """The run has no delta file that could be analysed."""
+
+
+@dataclass
+class Analysis:
+    """What :func:`analyze_dir` produced (all of it also on disk under ``run_dir/analysis``)."""
+
+    run_dir: Path
+    table: pd.DataFrame
+    summary: dict[str, Any]
+    spectra: pd.DataFrame
+    new_steps: list[int] = field(default_factory=list)
+    reused_steps: list[int] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def folder(self) -> Path:
+        return self.run_dir / ANALYSIS_DIR
+
+
+def engine_options(config: EngineConfig) -> dict[str, Any]:
+    """The options that change the numbers (the device and batch budget do not)."""
+    opts = asdict(config)
+    for k in ("device", "max_batch_bytes", "eigh_streams"):
+        opts.pop(k)
+    opts["ks"] = list(opts["ks"])
+    return opts
+
+
+def analyze_dir(
+    run_dir: str | Path,
+    config: EngineConfig | None = None,
+    rule: CollapseRule | None = None,
+    force: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> Analysis:
+    """Analyse every recorded step of a run not analysed yet and rewrite ``analysis/`` (without plots).
+
+    Raises :class:`spectra.RunDirError` for a directory that is not a run and :class:`NothingToAnalyze`
+    when no step could be analysed; damaged files and mismatched modules are reported in
+    ``Analysis.problems`` and in the table's ``status`` column while the rest is analysed.
+    ``progress(done, total, label)`` is called as steps are analysed.
+    """
+    config = config or EngineConfig()
+    rule = rule or CollapseRule()
+    with load_run(run_dir) as run:
+        steps = run.steps
+        if not steps:
+            raise NothingToAnalyze(
+                f"{run.path / 'deltas'}: no delta files yet; train the run first (spectra train) or wait "
+                "for its first recorded step"
+            )
+        folder = run.path / ANALYSIS_DIR
+        old = _cached_table(folder, config, force)
+        if old is not None:
+            retry = set(old.loc[old["status"] == "unreadable", "step"].astype(int))
+            old = old[old["step"].isin(steps) & ~old["step"].isin(retry)]
+            done = set(old["step"].astype(int))
+        else:
+            done = set()
+        todo = [s for s in steps if s not in done]
+        fresh = analyze_run(run, todo, config, progress) if todo else pd.DataFrame()
+        parts = [t for t in (old, fresh) if t is not None and len(t)]
+        table = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+        table = table.sort_values(["step", "module"], na_position="first", kind="stable")
+        table = table.reset_index(drop=True)
+        problems = _problems(table)
+        if not (table["status"] == "ok").any():
+            raise NothingToAnalyze(
+                f"{run.path}: nothing could be analysed ({len(problems)} problem(s)); first: {problems[0]}"
+            )
+        spectra = _spectra_at(run, plotted_steps(table), folder / "spectra.csv", config, force)
+        summary = summarize(run, table, config, rule)
+        folder.mkdir(exist_ok=True)
+        _write_csv(table, folder / "metrics.csv")
+        _write_csv(spectra, folder / "spectra.csv")
+        write_json(folder / "summary.json", summary)
+    return Analysis(Path(run_dir), table, summary, spectra, todo, sorted(done & set(steps)), problems)
+
+
+def _cached_table(folder: Path, config: EngineConfig, force: bool) -> pd.DataFrame | None:
+    """metrics.csv from an earlier analysis with the same engine options, else None."""
+    csv, summary = folder / "metrics.csv", folder / "summary.json"
+    if force or not csv.exists() or not summary.exists():
+        return None
+    try:
+        previous = json.loads(summary.read_text()).get("engine")
+        table = pd.read_csv(csv)
+    except (OSError, ValueError, pd.errors.ParserError):
+        return None  # damaged cache: analyse again
+    if previous != engine_options(config) or not {"step", "module", "status"} <= set(table.columns):
+        return None
+    return table
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def _problems(table: pd.DataFrame) -> list[str]:
+    bad = table[table["status"] != "ok"]
+    return [
+        f"step {int(r.step)}"
+        + (f", {r.module}" if isinstance(r.module, str) else "")
+        + f": {r.status}: {r.error}"
+        for r in bad.itertuples()
+    ]
+
+
+def plotted_steps(table: pd.DataFrame, count: int = PLOTTED_STEPS) -> list[int]:
+    """Up to ``count`` analysed steps spread over training (step 0, where ΔW is zero, left out unless
+    it is all there is), always including the last."""
+    steps = sorted(set(table.loc[table["status"] == "ok", "step"].astype(int)))
+    nonzero = [s for s in steps if s > 0] or steps
+    if len(nonzero) <= count:
+        return nonzero
+    idx = np.linspace(0, len(nonzero) - 1, count).round().astype(int)
+    return [nonzero[i] for i in sorted(set(idx.tolist()))]
+
+
+def _spectra_at(run: Run, steps: list[int], path: Path, config: EngineConfig, force: bool) -> pd.DataFrame:
+    """σ_i(ΔW), i < SPECTRUM_TOP, of every matrix module at ``steps``; cached steps are reused."""
+    old = None
+    if path.exists() and not force:
+        try:
+            old = pd.read_csv(path)
+            old = old[old["step"].isin(steps)]
+        except (OSError, ValueError, pd.errors.ParserError, KeyError):
+            old = None
+    have = set(old["step"].astype(int)) if old is not None else set()
+    device = torch.device(config.device) if config.device else default_device()
+    rows: list[dict[str, Any]] = []
+    for step in (s for s in steps if s not in have):
+        try:
+            pairs = list(run.deltas(step))
+        except SpectraError:
+            continue  # reported through metrics.csv
+        for module, op in pairs:
+            if isinstance(op, VectorDelta) or not op.is_finite():
+                continue
+            op = op.to(device).to(dtype=torch.float64)
+            factors = op.factors()
+            s = factored_svd(*factors).S if factors is not None else dense_svd(op.to_dense()).S
+            layer, proj = parse_module_name(module)
+            for i, v in enumerate(s[:SPECTRUM_TOP].cpu().tolist()):
+                rows.append(
+                    {"step": step, "module": module, "layer": layer, "proj": proj, "i": i + 1, "sigma": v}
+                )
+    fresh = pd.DataFrame(rows, columns=["step", "module", "layer", "proj", "i", "sigma"])
+    parts = [t for t in (old, fresh) if t is not None and len(t)]
+    if not parts:
+        return fresh
+    return pd.concat(parts, ignore_index=True).sort_values(["step", "module", "i"]).reset_index(drop=True)
+
+
+def summary_metrics(config: EngineConfig) -> list[str]:
+    """The metric columns aggregated per step: the fixed ones and the k-dependent ones for every k."""
+    names = list(SUMMARY_METRICS)
+    for k in config.ks:
+        names += [m.format(k=k) for m in K_METRICS if m.format(k=k) not in names]
+    return names
+
+
+def per_step(table: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """Per step, over analysed matrix modules: ``<metric>`` (median), ``<metric>_q25``, ``<metric>_q75``
+    and ``<metric>_mean`` for each metric present, and ``modules`` (how many were analysed)."""
+    ok = table[(table["status"] == "ok") & (table["kind"] != "vector")]
+    present = [m for m in metrics if m in ok.columns and ok[m].notna().any()]
+    g = ok.groupby("step")[present]
+    out = g.median().add_suffix("")
+    out = out.join(g.quantile(0.25).add_suffix("_q25")).join(g.quantile(0.75).add_suffix("_q75"))
+    out = out.join(g.mean().add_suffix("_mean"))
+    out["modules"] = ok.groupby("step").size()
+    return out.reset_index()
+
+
+def rewards(run: Run) -> pd.DataFrame | None:
+    """``step``, ``reward`` from metrics.jsonl, or None when the run logged none."""
+    logged = run.metrics
+    if not {"step", "reward"} <= set(logged.columns):
+        return None
+    return logged[["step", "reward"]].dropna()
+
+
+def summarize(run: Run, table: pd.DataFrame, config: EngineConfig, rule: CollapseRule) -> dict[str, Any]:
+    """summary.json: configuration, engine options, per-step aggregates and the collapse flag."""
+    metrics = summary_metrics(config)
+    steps = per_step(table, metrics)
+    collapse = detect_collapse(step_medians(table[table["status"] == "ok"]), rewards(run), rule)
+    ok = table[(table["status"] == "ok") & (table["kind"] != "vector")]
+    by_proj = ok.groupby(["step", "proj"])[[m for m in metrics if m in ok.columns]].median()
+    entries = []
+    for row in steps.itertuples(index=False):
+        step = int(row.step)
+        flag = collapse[collapse["step"] == step]
+        proj_rows = by_proj.loc[step] if step in by_proj.index.get_level_values(0) else pd.DataFrame()
+        entries.append(
+            {
+                "step": step,
+                "modules": int(row.modules),
+                "problems": int(((table["step"] == step) & (table["status"] != "ok")).sum()),
+                "median": {m: _num(getattr(row, m)) for m in metrics if m in steps.columns},
+                "mean": {m: _num(getattr(row, f"{m}_mean")) for m in metrics if f"{m}_mean" in steps.columns},
+                "by_proj": {
+                    str(p): {m: _num(v) for m, v in vals.items()} for p, vals in proj_rows.iterrows()
+                },
+                "collapsed": bool(flag["collapsed"].iloc[0]) if len(flag) else False,
+                "collapse_reason": str(flag["reason"].iloc[0]) if len(flag) else "",
+                "reward": _num(flag["reward_smoothed"].iloc[0]) if len(flag) else None,
+            }
+        )
+    cfg = run.config
+    return {
+        "run": {k: cfg.get(k) for k in RUN_HEADER if k in cfg} | {"path": str(run.path)},
+        "engine": engine_options(config),
+        "collapse_rule": asdict(rule),
+        "steps": entries,
+        "collapsed_steps": [e["step"] for e in entries if e["collapsed"]],
+        "problems": _problems(table),
+    }
+
+
+RUN_HEADER = (
+    "name", "model", "method", "rank", "alpha", "dropout", "loss", "lr", "batch_size", "num_generations",
+    "max_steps", "delta_every", "eval_every", "seed", "dataset", "precision",
+)  # fmt: skip
+
+
+def _num(v: Any) -> float | None:
+    """A JSON-safe number: NaN and missing become null."""
+    if v is None:
+        return None
+    v = float(v)
+    return None if math.isnan(v) or math.isinf(v) else v

@@ -1,0 +1,363 @@
+"""The mechanism plots, as data: each builder turns analysed runs into a :class:`FigureSpec`.
+
+A spec says what to draw (panels of lines with quartile bands, reference lines, collapse marks, or
+layer × projection heatmaps) and nothing about how; :mod:`spectra.render` draws the same spec as a PNG
+(matplotlib) and as an interactive figure (plotly), so the report and the PNGs can never disagree.
+
+Every builder takes a list of :class:`RunView` (one for ``spectra analyze``, several for ``spectra
+compare``); a run keeps its colour across all figures. Curves are medians over a run's analysed matrix
+modules at each recorded step, with the band between the 25th and 75th percentiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+PALETTE = (
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
+    "#7f7f7f",
+)  # fmt: skip
+STEP_PALETTE = ("#c6dbef", "#6baed6", "#2171b5", "#08306b", "#000000")
+PROJ_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+COLLAPSE_COLOR = "#d62728"
+
+
+@dataclass
+class Line:
+    """One curve. ``band`` (lower, upper) is shaded; ``group`` ties a run's traces together."""
+
+    x: Sequence[float]
+    y: Sequence[float]
+    name: str
+    color: str
+    dash: str = "solid"  # solid | dash | dot
+    band: tuple[Sequence[float], Sequence[float]] | None = None
+    markers: bool = True
+    width: float = 1.8
+    group: str = ""
+    legend: bool = True
+
+
+@dataclass
+class Marks:
+    """Points drawn as crosses (collapsed checkpoints)."""
+
+    x: Sequence[float]
+    y: Sequence[float]
+    name: str
+    color: str = COLLAPSE_COLOR
+
+
+@dataclass
+class Panel:
+    title: str
+    ylabel: str
+    lines: list[Line] = field(default_factory=list)
+    marks: list[Marks] = field(default_factory=list)
+    hlines: list[tuple[float, str]] = field(default_factory=list)
+    xlabel: str = "training step"
+    logy: bool = False
+
+
+@dataclass
+class HeatPanel:
+    title: str
+    z: list[list[float]]  # rows = y labels, columns = x labels
+    x: list[str]
+    y: list[str]
+    colorbar: str
+    xlabel: str = "projection"
+    ylabel: str = "layer"
+
+
+@dataclass
+class FigureSpec:
+    name: str  # file stem of the PNG, id in the report
+    title: str
+    caption: str
+    panels: list[Panel | HeatPanel]
+    columns: int = 1
+    sharex: bool = True
+
+
+@dataclass
+class RunView:
+    """What the figures need of one analysed run.
+
+    steps: per-step aggregates (:func:`spectra.analysis.per_step`) with ``collapsed`` and ``reward``
+    columns; table: metrics.csv; spectra: spectra.csv; logs: metrics.jsonl; evals: eval.jsonl.
+    """
+
+    label: str
+    color: str
+    steps: pd.DataFrame
+    table: pd.DataFrame
+    spectra: pd.DataFrame
+    logs: pd.DataFrame
+    evals: pd.DataFrame
+    ks: tuple[int, ...]
+    e1_min: float = 0.5
+
+
+def _median_line(
+    v: RunView, metric: str, name: str, dash: str = "solid", legend: bool = True, band: bool = True
+) -> Line | None:
+    s = v.steps
+    if metric not in s.columns or s[metric].isna().all():
+        return None
+    quartiles = (s[f"{metric}_q25"], s[f"{metric}_q75"]) if band and f"{metric}_q25" in s.columns else None
+    return Line(s["step"], s[metric], name, v.color, dash, quartiles, group=v.label, legend=legend)
+
+
+def _collapse_marks(v: RunView, metric: str) -> list[Marks]:
+    s = v.steps
+    if "collapsed" not in s.columns or metric not in s.columns or not s["collapsed"].any():
+        return []
+    c = s[s["collapsed"]]
+    return [Marks(c["step"], c[metric], f"{v.label}: collapse flagged")]
+
+
+def _panel(title: str, ylabel: str, lines: list[Line | None], **kw) -> Panel | None:
+    drawn = [ln for ln in lines if ln is not None]
+    return Panel(title, ylabel, drawn, **kw) if drawn else None
+
+
+def _k(views: Sequence[RunView], k: int | None) -> int:
+    ks = views[0].ks
+    return k if k is not None and k in ks else (8 if 8 in ks else ks[len(ks) // 2])
+
+
+def _many(views: Sequence[RunView]) -> bool:
+    return len(views) > 1
+
+
+def _name(v: RunView, what: str, views: Sequence[RunView]) -> str:
+    return f"{v.label}: {what}" if _many(views) else what
+
+
+def accuracy_lines(v: RunView, views: Sequence[RunView]) -> list[Line]:
+    """Training reward (mean over each step's rollouts) and held-out Avg@n / Pass@n per benchmark."""
+    lines: list[Line] = []
+    if {"step", "reward"} <= set(v.logs.columns):
+        r = v.logs[["step", "reward"]].dropna()
+        lines.append(Line(r["step"], r["reward"], _name(v, "reward", views), v.color, "dot", markers=False,
+                          width=1.2, group=v.label))  # fmt: skip
+    if {"step", "benchmark"} <= set(v.evals.columns):
+        for bench, e in v.evals.groupby("benchmark"):
+            e = e.sort_values("step")
+            avg = sorted(c for c in e.columns if c.startswith("avg@"))
+            passes = sorted((c for c in e.columns if c.startswith("pass@")), key=lambda c: int(c[5:]))
+            for col, dash in ((avg[-1] if avg else None, "solid"), (passes[-1] if passes else None, "dash")):
+                if col is not None and e[col].notna().any():
+                    name = _name(v, f"{bench} {col.replace('avg', 'Avg').replace('pass', 'Pass')}", views)
+                    lines.append(Line(e["step"], e[col], name, v.color, dash, group=v.label))
+    return lines
+
+
+def overview(views: Sequence[RunView], k: int | None = None) -> FigureSpec:
+    """Accuracy and geometry on one step axis: does a collapse in one come with a collapse in the other?"""
+    k = _k(views, k)
+    acc = Panel("Reward and held-out accuracy", "fraction correct",
+                [ln for v in views for ln in accuracy_lines(v, views)])  # fmt: skip
+    panels: list[Panel | None] = [
+        acc if acc.lines else None,
+        _panel(f"Off-principal energy 1 − ρ_{k}", "share of ‖ΔW‖²",
+               [_median_line(v, f"off_principal_{k}", _name(v, "median", views)) for v in views]),
+        _panel("Effective rank of ΔW", "exp(entropy of σ²/Σσ²)",
+               [_median_line(v, "erank", _name(v, "median", views)) for v in views],
+               marks=[m for v in views for m in _collapse_marks(v, "erank")]),
+        _panel("Spectral concentration E_1 = σ₁²/‖ΔW‖²", "E_1",
+               [_median_line(v, "E_1", _name(v, "median", views)) for v in views],
+               marks=[m for v in views for m in _collapse_marks(v, "E_1")],
+               hlines=[(views[0].e1_min, "collapse threshold")]),
+    ]  # fmt: skip
+    return FigureSpec(
+        "overview",
+        "Accuracy and update geometry over training",
+        "Top: training reward (dotted) and held-out accuracy (Avg@n solid, Pass@n dashed). Below: medians "
+        f"over adapted modules (band: 25th–75th percentile) of the off-principal energy at k = {k}, the "
+        "effective rank and E_1 of ΔW. Red crosses: checkpoints flagged by the rank-collapse rule.",
+        [p for p in panels if p is not None],
+    )
+
+
+def alignment(views: Sequence[RunView], k: int | None = None) -> FigureSpec:
+    """ρ_k with W0's principal and minor subspaces, and the off-principal energy, against the baseline."""
+    k = _k(views, k)
+    lines_p: list[Line | None] = []
+    lines_m: list[Line | None] = []
+    for v in views:
+        lines_p.append(_median_line(v, f"rho_{k}", _name(v, "ΔW", views)))
+        lines_p.append(
+            _median_line(v, f"rho_baseline_{k}", _name(v, "random baseline k²/(mn)", views), "dash")
+        )
+        lines_m.append(_median_line(v, f"rho_minor_{k}", _name(v, "ΔW", views)))
+        lines_m.append(
+            _median_line(v, f"rho_baseline_{k}", _name(v, "random baseline", views), "dash", False)
+        )
+    panels = [
+        _panel(f"Principal alignment ρ_{k} = ‖U_kᵀ ΔW V_k‖²/‖ΔW‖²", "share of ‖ΔW‖²", lines_p, logy=True),
+        _panel(f"Off-principal energy 1 − ρ_{k}", "share of ‖ΔW‖²",
+               [_median_line(v, f"off_principal_{k}", _name(v, "ΔW", views)) for v in views]),
+        _panel(f"Minor alignment: ρ_{k} with W0's bottom-{k} singular vectors", "share of ‖ΔW‖²", lines_m,
+               logy=True),
+    ]  # fmt: skip
+    return FigureSpec(
+        "alignment",
+        f"Alignment of ΔW with W0's principal and minor directions (k = {k})",
+        f"How much of the update's energy lies in the span of W0's top-{k} (principal) or bottom-{k} "
+        "(minor) singular vector pairs. A random update of the same shape has ρ_k = k²/(mn) on average "
+        "(dashed). Medians over modules, band 25th–75th percentile; log scale.",
+        [p for p in panels if p is not None],
+    )
+
+
+def rank(views: Sequence[RunView], k: int | None = None) -> FigureSpec:
+    """Effective rank, spectral concentration E_1 / E_k and relative size of ΔW over training."""
+    k = _k(views, k)
+    conc: list[Line | None] = []
+    for v in views:
+        conc.append(_median_line(v, "E_1", _name(v, "E_1", views)))
+        conc.append(_median_line(v, f"E_{k}", _name(v, f"E_{k}", views), "dash"))
+    marks_e = [m for v in views for m in _collapse_marks(v, "E_1")]
+    panels = [
+        _panel("Effective rank of ΔW", "exp(entropy of σ²/Σσ²)",
+               [_median_line(v, "erank", _name(v, "median", views)) for v in views],
+               marks=[m for v in views for m in _collapse_marks(v, "erank")]),
+        _panel(f"Spectral concentration E_k = Σ_{{i≤k}} σᵢ²/‖ΔW‖² (k = 1, {k})", "share of ‖ΔW‖²", conc,
+               marks=marks_e, hlines=[(views[0].e1_min, "collapse threshold on median E_1")]),
+        _panel("Relative update size ‖ΔW‖_F / ‖W0‖_F", "ratio",
+               [_median_line(v, "relative_size", _name(v, "median", views)) for v in views], logy=True),
+    ]  # fmt: skip
+    return FigureSpec(
+        "rank",
+        "Effective rank and spectral concentration of ΔW",
+        "Medians over modules (band: 25th–75th percentile). A collapsing update folds its energy into a "
+        "few directions: E_1 rises and the effective rank falls. Red crosses: checkpoints flagged by the "
+        "rank-collapse rule (median E_1 above the threshold while the reward falls).",
+        [p for p in panels if p is not None],
+    )
+
+
+def spectrum(views: Sequence[RunView]) -> FigureSpec:
+    """Normalised singular values σ_i/σ_1 of ΔW at the plotted steps, one panel per run."""
+    panels: list[Panel | HeatPanel] = []
+    for v in views:
+        sp = v.spectra
+        if not len(sp):
+            continue
+        sp = sp.assign(rel=sp["sigma"] / sp.groupby(["step", "module"])["sigma"].transform("max"))
+        sp = sp[sp["rel"] > 0]
+        steps = sorted(sp["step"].unique())
+        colors = STEP_PALETTE[-len(steps) :] if len(steps) <= len(STEP_PALETTE) else STEP_PALETTE
+        lines = []
+        for step, color in zip(steps, colors, strict=False):
+            g = sp[sp["step"] == step].groupby("i")["rel"]
+            med, lo, hi = g.median(), g.quantile(0.25), g.quantile(0.75)
+            lines.append(
+                Line(med.index, med, f"step {step}", color, band=(lo, hi), markers=False, group=v.label)
+            )
+        panels.append(Panel(f"{v.label}: σᵢ/σ₁ of ΔW" if _many(views) else "σᵢ/σ₁ of ΔW", "σᵢ / σ₁",
+                            lines, xlabel="singular value index i", logy=True))  # fmt: skip
+    return FigureSpec(
+        "spectrum",
+        "Singular value spectra of ΔW",
+        "Each module's singular values divided by its largest, median over modules (band: 25th–75th "
+        "percentile), at steps spread over training. A steep drop means a low-rank, concentrated update.",
+        panels,
+        columns=min(len(panels), 2) or 1,
+        sharex=False,
+    )
+
+
+def angles(views: Sequence[RunView], k: int | None = None) -> FigureSpec:
+    """Principal angles between W0's and W_t's top-k subspaces, and intruder dimensions."""
+    k = _k(views, k)
+    ang: list[Line | None] = []
+    intr: list[Line | None] = []
+    for v in views:
+        ang.append(_median_line(v, f"angle_left_{k}", _name(v, "left (output) space", views)))
+        ang.append(_median_line(v, f"angle_right_{k}", _name(v, "right (input) space", views), "dash"))
+        s = v.steps
+        if "intruders_mean" in s.columns and s["intruders_mean"].notna().any():
+            intr.append(Line(s["step"], s["intruders_mean"], _name(v, "mean over modules", views), v.color,
+                             group=v.label))  # fmt: skip
+    panels = [
+        _panel(f"Largest principal angle between top-{k} singular subspaces of W0 and W_t", "degrees", ang),
+        _panel("Intruder dimensions among W_t's top singular vectors", "count per module", intr),
+    ]
+    return FigureSpec(
+        "angles",
+        "Rotation of the principal subspaces and intruder dimensions",
+        f"How far the fine-tuned weight's top-{k} singular subspaces have turned away from W0's (median "
+        "over modules), and how many of W_t's top singular vectors have no counterpart among W0's "
+        "(|cos| < ε with every kept W0 vector: intruder dimensions, Shuttleworth et al. 2024).",
+        [p for p in panels if p is not None],
+    )
+
+
+HEAT_METRICS = (
+    ("erank", "effective rank"),
+    ("E_1", "E_1"),
+    ("off_principal_{k}", "1 − ρ_{k}"),
+    ("relative_size", "‖ΔW‖/‖W0‖"),
+)
+
+
+def heatmaps(view: RunView, step: int | None = None, k: int | None = None) -> FigureSpec | None:
+    """Layer × projection heatmaps of the main metrics at one step (default: the last analysed)."""
+    k = _k([view], k)
+    t = view.table
+    ok = t[(t["status"] == "ok") & t["layer"].notna() & t["proj"].notna()]
+    if not len(ok):
+        return None
+    step = int(ok["step"].max()) if step is None else step
+    ok = ok[ok["step"] == step]
+    projs = [p for p in PROJ_ORDER if p in set(ok["proj"])] + sorted(set(ok["proj"]) - set(PROJ_ORDER))
+    layers = sorted(ok["layer"].astype(int).unique())
+    panels: list[Panel | HeatPanel] = []
+    for metric, label in HEAT_METRICS:
+        metric, label = metric.format(k=k), label.format(k=k)
+        if metric not in ok.columns or ok[metric].isna().all():
+            continue
+        grid = ok.pivot_table(index=ok["layer"].astype(int), columns="proj", values=metric, aggfunc="median")
+        grid = grid.reindex(index=layers, columns=projs)
+        z = [[None if np.isnan(x) else float(x) for x in row] for row in grid.to_numpy()]
+        panels.append(HeatPanel(label, z, projs, [str(layer) for layer in layers], label))  # type: ignore[arg-type]
+    return FigureSpec(
+        "heatmaps",
+        f"Layer × projection at step {step}",
+        f"Each cell is one adapted module at step {step}.",
+        panels,
+        columns=2,
+        sharex=False,
+    )
+
+
+def accuracy(views: Sequence[RunView]) -> FigureSpec:
+    """Reward and held-out accuracy alone, on the training-step axis."""
+    lines = [ln for v in views for ln in accuracy_lines(v, views)]
+    return FigureSpec(
+        "accuracy",
+        "Reward and held-out accuracy",
+        "Training reward (dotted, mean over each step's rollouts) and held-out accuracy per benchmark: "
+        "Avg@n (solid, mean over n samples per problem) and Pass@n (dashed, unbiased estimator).",
+        [Panel("Reward and held-out accuracy", "fraction correct", lines)] if lines else [],
+    )
+
+
+def all_figures(
+    views: Sequence[RunView], k: int | None = None, heat_step: int | None = None
+) -> list[FigureSpec]:
+    """The figures of a report, in order; empty figures (no data) are left out."""
+    figs = [overview(views, k), alignment(views, k), rank(views, k), spectrum(views), angles(views, k)]
+    if len(views) == 1:
+        heat = heatmaps(views[0], heat_step, k)
+        if heat is not None:
+            figs.append(heat)
+    figs.append(accuracy(views))
+    return [f for f in figs if f.panels]

@@ -1,0 +1,59 @@
+"""``spectra demo``: several methods trained on the embedded organism, for analysis and comparison.
+
+Each method trains into ``<out>/<method>`` with the organism's preset (LoRA r32/α64, 60 steps of 8 × 8
+rollouts, ΔW every 10 steps, held-out Avg@4 every 10 steps; per-method learning rates where the preset's
+lr makes a method collapse, see ``ORGANISM_LR``). A run that finished before is reused, one that was
+interrupted is resumed, so re-running the demo only does what is missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from spectra.train.config import DEMO_METHODS, METHOD_NAMES, TrainConfig, TrainConfigError
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether a run trained to its end (the trainer writes train_summary.json last)."""
+    return (run_dir / "train_summary.json").exists()
+
+
+def train_demo_runs(
+    out: str | Path,
+    methods: Sequence[str] = DEMO_METHODS,
+    model: str = "organism",
+    max_steps: int | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+    **overrides: Any,
+) -> list[Path]:
+    """Train (or reuse, or resume) one run per method under ``out``; returns the run directories.
+
+    ``overrides`` are further :class:`TrainConfig` fields (the tests use them to train tiny runs).
+    """
+    unknown = [m for m in methods if m not in METHOD_NAMES]
+    if unknown or not methods:
+        raise TrainConfigError(
+            f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'}; choose among "
+            + ", ".join(METHOD_NAMES)
+        )
+    from spectra.train.trainer import train
+
+    out = Path(out)
+    runs = []
+    for method in methods:
+        run_dir = out / method
+        cfg = TrainConfig(
+            model=model, method=method, max_steps=max_steps, out=str(out), name=method, seed=seed, **overrides
+        )
+        if finished(run_dir):
+            log(f"{method}: already trained in {run_dir}, reused")
+        elif (run_dir / "run.json").exists():
+            log(f"{method}: {run_dir} was interrupted; resuming it")
+            train(cfg, resume=True)
+        else:
+            train(cfg)
+        runs.append(run_dir)
+    return runs

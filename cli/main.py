@@ -245,13 +245,17 @@ def compare(
 
 
 def _print_comparison(table, report) -> None:
+    import pandas as pd
     from rich.table import Table
 
-    view = Table(title="final step of each run")
-    for col in table.columns:
-        view.add_column(str(col), overflow="fold")
-    for row in table.itertuples(index=False):
-        view.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+    view = Table(title="final step of each run (geometry: medians over modules)")
+    view.add_column("")
+    for run in table["run"]:
+        view.add_column(str(run), justify="right")
+    for col in table.columns.drop("run"):  # one row per quantity, one column per run: fits a terminal
+        view.add_row(
+            col, *("—" if pd.isna(v) else f"{v:.3g}" if isinstance(v, float) else str(v) for v in table[col])
+        )
     console.print(view)
     console.print(f"comparison: [bold]{report}[/bold]")
 

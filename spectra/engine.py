@@ -57,6 +57,8 @@ class EngineConfig:
     device: "cuda", "cpu", ... (default: CUDA when present).
     max_batch_bytes: working-memory budget of one batch.
     eigh_streams: on CUDA, eigendecompositions of a batch run on this many streams at once.
+    zero_update: below this ‖ΔW‖_F/‖W0‖_F an update counts as zero (float32 rounding is ~6e-8): its
+        shape metrics (erank, E_k, ρ_k, …) are left empty (NaN); norms and W_t metrics stay.
     """
 
     ks: tuple[int, ...] = (1, 8, 32)
@@ -68,6 +70,7 @@ class EngineConfig:
     device: str | None = None
     max_batch_bytes: int = 1 << 30
     rank_fraction: float = 0.9
+    zero_update: float = 1e-6
     eigh_streams: int = EIGH_STREAMS
 
     def __post_init__(self) -> None:
@@ -191,6 +194,13 @@ def analyze_items(items: list[Item], config: EngineConfig | None = None) -> list
                 out.update(_wt_metrics(w0.to(torch.float64) + delta, base, config, kmax))
         del delta, w0
 
+    # An update below rounding of W0 (a zero update, as at step 0, seen through float32 factors or DoRA's
+    # normalisation) has no shape: its shape metrics would be rounding noise, so they are left empty.
+    zero = out["relative_size"] < config.zero_update
+    if zero.any():
+        for name in _shape_metrics(config):
+            out[name] = torch.where(zero, torch.nan, out[name].to(torch.float64))
+
     # one transfer to the host per chunk, not one per value
     names = list(out)
     table = torch.stack([out[k].to(torch.float64) for k in names], dim=-1).cpu().tolist()
@@ -205,6 +215,15 @@ def analyze_items(items: list[Item], config: EngineConfig | None = None) -> list
         row = {k: int(v) if k in integer else v for k, v in zip(names, values, strict=True)}
         rows.append({**row, **constants})
     return rows
+
+
+def _shape_metrics(config: EngineConfig) -> list[str]:
+    """Metrics of ΔW's shape (undefined for a zero update); norms and W_t's metrics are not among them."""
+    names = ["erank", "stable_rank", "participation_ratio", f"rank{round(config.rank_fraction * 100)}"]
+    for k in config.ks:
+        names += [f"E_{k}", f"rho_{k}", f"rho_left_{k}", f"rho_right_{k}", f"off_principal_{k}"]
+        names += [f"rho_minor_{k}", f"rho_minor_left_{k}", f"rho_minor_right_{k}"]
+    return names
 
 
 def _wt_metrics(wt: Tensor, base: BaseSpectrum, config: EngineConfig, kmax: int) -> dict[str, Tensor]:

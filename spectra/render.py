@@ -59,7 +59,10 @@ def _mpl_panel(ax: Any, p: Panel, show_xlabel: bool) -> None:
     if show_xlabel:
         ax.set_xlabel(p.xlabel)
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
+    labels = ax.get_legend_handles_labels()[1]
+    if len(labels) > 6:  # several runs: beside the plot, not over the curves
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    elif labels:
         ax.legend(fontsize=7, loc="best")
 
 

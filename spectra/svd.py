@@ -71,14 +71,17 @@ def batched_eigh(G: Tensor, streams: int = EIGH_STREAMS) -> tuple[Tensor, Tensor
 
     L = torch.empty(G.shape[:-1], dtype=G.dtype, device=G.device)
     V = torch.empty_like(G)
+    # The first one on this thread: PyTorch loads its CUDA solver lazily, once per process, and two
+    # threads racing to do it fail ("lazy wrapper should be called at most once").
+    torch.linalg.eigh(G[0], out=(L[0], V[0]))
     main = torch.cuda.current_stream(G.device)
-    side = [torch.cuda.Stream(G.device) for _ in range(min(streams, b))]
+    side = [torch.cuda.Stream(G.device) for _ in range(min(streams, b - 1))]
 
     def work(j: int) -> None:
         stream = side[j]
         stream.wait_stream(main)  # G, L and V were made on the main stream
         with torch.cuda.device(G.device), torch.cuda.stream(stream):
-            for i in range(j, b, len(side)):
+            for i in range(1 + j, b, len(side)):
                 torch.linalg.eigh(G[i], out=(L[i], V[i]))
 
     with ThreadPoolExecutor(len(side)) as pool:

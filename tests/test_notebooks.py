@@ -89,10 +89,13 @@ def execute(name: str, work: Path, timeout: int) -> None:
     client = nbclient.NotebookClient(
         nb, timeout=timeout, kernel_name=KERNEL, resources={"metadata": {"path": str(work)}}
     )
+    error = None
     try:
         client.execute()
     except CellExecutionError as e:
-        pytest.fail(f"{name}: a cell raised\n{_ANSI.sub('', str(e))}", pytrace=False)
+        error = _ANSI.sub("", str(e))
+    if error is not None:  # outside the except block: the report shows the cell's error, not ours
+        pytest.fail(f"{name}: a cell raised\n{error}", pytrace=False)
     assert path.read_bytes() == stored  # executing never writes the stored notebook
 
 

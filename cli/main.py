@@ -145,12 +145,16 @@ def train(
 
 @contextmanager
 def _one_line_errors():
-    """spectra's errors as one line; so too a library's error deep inside training (SPECTRA_DEBUG=1 shows
-    its traceback)."""
+    """spectra's errors as one line; so too a file that cannot be written and a library's error deep
+    inside training or analysis (SPECTRA_DEBUG=1 shows the traceback)."""
     try:
         yield
     except spectra.SpectraError as e:
         _fail(e)
+    except OSError as e:  # an unwritable or missing path: name it
+        if os.environ.get("SPECTRA_DEBUG"):
+            raise
+        _fail(RuntimeError(f"{e.filename or ''}: {e.strerror or e}" if e.filename else str(e)))
     except Exception as e:
         if os.environ.get("SPECTRA_DEBUG"):
             raise
@@ -208,10 +212,8 @@ def analyze(
 ) -> None:
     """Every metric of every recorded step and module → RUN_DIR/analysis/ (metrics.csv, summary.json,
     plots/*.png, report.html). Steps analysed before are reused."""
-    try:
+    with _one_line_errors():
         analysis = _analyze(run_dir, device, force, k, heatmap_step)
-    except spectra.SpectraError as e:
-        _fail(e)
     console.print(f"report: [bold]{analysis.folder / 'report.html'}[/bold]")
 
 
@@ -236,11 +238,9 @@ def compare(
     names = [t.strip() for t in labels.split(",")] if labels else None
     if names is not None and len(names) != len(run_dirs):
         _fail(ValueError(f"--labels: {len(names)} names for {len(run_dirs)} runs; give one per run"))
-    try:
+    with _one_line_errors():
         analyses = [_analyze(r, device, force, k, None) for r in run_dirs]
         table, files = write_comparison(analyses, Path(out), names, k)
-    except spectra.SpectraError as e:
-        _fail(e)
     _print_comparison(table, files[-1])
 
 

@@ -43,7 +43,10 @@ PLOTTED_STEPS = 4
 
 # the metrics aggregated per step in summary.json (k-dependent names are filled in from the engine's ks)
 SUMMARY_METRICS = ("relative_size", "erank", "stable_rank", "E_1", "intruders", "nss", "bf16_sparsity")
-K_METRICS = ("E_{k}", "rho_{k}", "rho_baseline_{k}", "off_principal_{k}", "rho_minor_{k}", "angle_left_{k}")
+K_METRICS = (
+    "E_{k}", "rho_{k}", "rho_baseline_{k}", "off_principal_{k}", "rho_minor_{k}",
+    "angle_left_{k}", "angle_right_{k}",
+)  # fmt: skip
 
 
 class NothingToAnalyze(SpectraError):
@@ -100,9 +103,12 @@ def analyze_dir(
                 "for its first recorded step"
             )
         folder = run.path / ANALYSIS_DIR
+        prints = {str(s): fingerprint(run.delta_path(s)) for s in steps}
         old = _cached_table(folder, config, force)
         if old is not None:
-            retry = set(old.loc[old["status"] == "unreadable", "step"].astype(int))
+            retry = set(old.loc[~old["status"].isin(["ok", "nonfinite"]), "step"].astype(int))
+            before = _previous_fingerprints(folder)
+            retry |= {s for s in steps if before.get(str(s)) != prints[str(s)]}  # rewritten since
             old = old[old["step"].isin(steps) & ~old["step"].isin(retry)]
             done = set(old["step"].astype(int))
         else:
@@ -110,7 +116,11 @@ def analyze_dir(
         todo = [s for s in steps if s not in done]
         fresh = analyze_run(run, todo, config, progress) if todo else pd.DataFrame()
         parts = [t for t in (old, fresh) if t is not None and len(t)]
+        if not parts:
+            raise NothingToAnalyze(f"{run.path / 'deltas'}: the delta files hold no modules")
         table = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+        for col in ("layer", "m", "n"):  # integers, also where a row has none (a file-level error)
+            table[col] = pd.to_numeric(table[col], errors="coerce").astype("Int64")
         table = table.sort_values(["step", "module"], na_position="first", kind="stable")
         table = table.reset_index(drop=True)
         problems = _problems(table)
@@ -118,13 +128,29 @@ def analyze_dir(
             raise NothingToAnalyze(
                 f"{run.path}: nothing could be analysed ({len(problems)} problem(s)); first: {problems[0]}"
             )
-        spectra = _spectra_at(run, plotted_steps(table), folder / "spectra.csv", config, force)
-        summary = summarize(run, table, config, rule)
+        spectra = _spectra_at(run, plotted_steps(table), folder / "spectra.csv", config, set(todo), force)
+        summary = summarize(run, table, config, rule) | {"fingerprints": prints}
         folder.mkdir(exist_ok=True)
+        (folder / "summary.json").unlink(missing_ok=True)  # the cache key goes last: never a stale pair
         _write_csv(table, folder / "metrics.csv")
         _write_csv(spectra, folder / "spectra.csv")
         write_json(folder / "summary.json", summary)
     return Analysis(Path(run_dir), table, summary, spectra, todo, sorted(done & set(steps)), problems)
+
+
+def fingerprint(path: Path) -> list[int]:
+    """Size and modification time of a delta file: a file rewritten at the same step (after a resume)
+    is analysed again."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _previous_fingerprints(folder: Path) -> dict[str, Any]:
+    try:
+        prints = json.loads((folder / "summary.json").read_text()).get("fingerprints", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return prints if isinstance(prints, dict) else {}
 
 
 def _cached_table(folder: Path, config: EngineConfig, force: bool) -> pd.DataFrame | None:
@@ -135,7 +161,7 @@ def _cached_table(folder: Path, config: EngineConfig, force: bool) -> pd.DataFra
     try:
         previous = json.loads(summary.read_text()).get("engine")
         table = pd.read_csv(csv)
-    except (OSError, ValueError, pd.errors.ParserError):
+    except (OSError, ValueError, AttributeError, pd.errors.ParserError):
         return None  # damaged cache: analyse again
     if previous != engine_options(config) or not {"step", "module", "status"} <= set(table.columns):
         return None
@@ -168,13 +194,16 @@ def plotted_steps(table: pd.DataFrame, count: int = PLOTTED_STEPS) -> list[int]:
     return [nonzero[i] for i in sorted(set(idx.tolist()))]
 
 
-def _spectra_at(run: Run, steps: list[int], path: Path, config: EngineConfig, force: bool) -> pd.DataFrame:
-    """σ_i(ΔW), i < SPECTRUM_TOP, of every matrix module at ``steps``; cached steps are reused."""
+def _spectra_at(
+    run: Run, steps: list[int], path: Path, config: EngineConfig, redo: set[int], force: bool
+) -> pd.DataFrame:
+    """σ_i(ΔW), i ≤ SPECTRUM_TOP, of every matrix module at ``steps``; cached steps not in ``redo`` are
+    reused."""
     old = None
     if path.exists() and not force:
         try:
             old = pd.read_csv(path)
-            old = old[old["step"].isin(steps)]
+            old = old[old["step"].isin(steps) & ~old["step"].isin(redo)]
         except (OSError, ValueError, pd.errors.ParserError, KeyError):
             old = None
     have = set(old["step"].astype(int)) if old is not None else set()
@@ -182,25 +211,37 @@ def _spectra_at(run: Run, steps: list[int], path: Path, config: EngineConfig, fo
     rows: list[dict[str, Any]] = []
     for step in (s for s in steps if s not in have):
         try:
-            pairs = list(run.deltas(step))
+            dfile = run.open_delta(step)
         except SpectraError:
             continue  # reported through metrics.csv
-        for module, op in pairs:
-            if isinstance(op, VectorDelta) or not op.is_finite():
-                continue
-            op = op.to(device).to(dtype=torch.float64)
-            factors = op.factors()
-            s = factored_svd(*factors).S if factors is not None else dense_svd(op.to_dense()).S
-            layer, proj = parse_module_name(module)
-            for i, v in enumerate(s[:SPECTRUM_TOP].cpu().tolist()):
-                rows.append(
-                    {"step": step, "module": module, "layer": layer, "proj": proj, "i": i + 1, "sigma": v}
-                )
+        with dfile:
+            for module in dfile.modules:  # one module in memory at a time
+                rows += _module_spectrum(run, dfile, step, module, device)
     fresh = pd.DataFrame(rows, columns=["step", "module", "layer", "proj", "i", "sigma"])
     parts = [t for t in (old, fresh) if t is not None and len(t)]
     if not parts:
         return fresh
     return pd.concat(parts, ignore_index=True).sort_values(["step", "module", "i"]).reset_index(drop=True)
+
+
+def _module_spectrum(
+    run: Run, dfile: Any, step: int, module: str, device: torch.device
+) -> list[dict[str, Any]]:
+    """Rows of spectra.csv for one module (none for vectors and for modules that metrics.csv reports)."""
+    try:
+        op = run.read_module(dfile, module)[0]
+    except SpectraError:
+        return []
+    if isinstance(op, VectorDelta) or not op.is_finite():
+        return []
+    op = op.to(device).to(dtype=torch.float64)
+    factors = op.factors()
+    s = factored_svd(*factors).S if factors is not None else dense_svd(op.to_dense()).S
+    layer, proj = parse_module_name(module)
+    return [
+        {"step": step, "module": module, "layer": layer, "proj": proj, "i": i + 1, "sigma": v}
+        for i, v in enumerate(s[:SPECTRUM_TOP].cpu().tolist())
+    ]
 
 
 def summary_metrics(config: EngineConfig) -> list[str]:
@@ -217,11 +258,11 @@ def per_step(table: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     ok = table[(table["status"] == "ok") & (table["kind"] != "vector")]
     present = [m for m in metrics if m in ok.columns and ok[m].notna().any()]
     g = ok.groupby("step")[present]
-    out = g.median().add_suffix("")
-    out = out.join(g.quantile(0.25).add_suffix("_q25")).join(g.quantile(0.75).add_suffix("_q75"))
-    out = out.join(g.mean().add_suffix("_mean"))
-    out["modules"] = ok.groupby("step").size()
-    return out.reset_index()
+    parts = [
+        g.median(), g.quantile(0.25).add_suffix("_q25"), g.quantile(0.75).add_suffix("_q75"),
+        g.mean().add_suffix("_mean"), ok.groupby("step").size().rename("modules"),
+    ]  # fmt: skip
+    return pd.concat(parts, axis=1).reset_index().copy()  # one block per dtype: cheap to extend
 
 
 def rewards(run: Run) -> pd.DataFrame | None:

@@ -126,9 +126,16 @@ def _panel(title: str, ylabel: str, lines: list[Line | None], **kw) -> Panel | N
     return Panel(title, ylabel, drawn, **kw) if drawn else None
 
 
+def default_k(ks: Sequence[int]) -> int:
+    """The k plotted when none is asked for: 8 if analysed, else the middle one."""
+    return 8 if 8 in ks else ks[len(ks) // 2]
+
+
 def _k(views: Sequence[RunView], k: int | None) -> int:
     ks = views[0].ks
-    return k if k is not None and k in ks else (8 if 8 in ks else ks[len(ks) // 2])
+    if k is not None and k not in ks:
+        raise ValueError(f"--k {k}: the analysis has k in {list(ks)}; choose one of them")
+    return default_k(ks) if k is None else k
 
 
 def _many(views: Sequence[RunView]) -> bool:
@@ -137,6 +144,15 @@ def _many(views: Sequence[RunView]) -> bool:
 
 def _name(v: RunView, what: str, views: Sequence[RunView]) -> str:
     return f"{v.label}: {what}" if _many(views) else what
+
+
+def _off_principal(v: RunView, k: int, views: Sequence[RunView]) -> list[Line | None]:
+    """1 − ρ_k of ΔW and of a random update of the same shapes (1 − k²/(mn), dashed)."""
+    line = _median_line(v, f"off_principal_{k}", _name(v, "ΔW", views))
+    base = _median_line(v, f"rho_baseline_{k}", _name(v, "random baseline", views), "dash", band=False)
+    if base is not None:
+        base.y = 1 - pd.Series(base.y)
+    return [line, base]
 
 
 def accuracy_lines(v: RunView, views: Sequence[RunView]) -> list[Line]:
@@ -149,7 +165,7 @@ def accuracy_lines(v: RunView, views: Sequence[RunView]) -> list[Line]:
     if {"step", "benchmark"} <= set(v.evals.columns):
         for bench, e in v.evals.groupby("benchmark"):
             e = e.sort_values("step")
-            avg = sorted(c for c in e.columns if c.startswith("avg@"))
+            avg = sorted((c for c in e.columns if c.startswith("avg@")), key=lambda c: int(c[4:]))
             passes = sorted((c for c in e.columns if c.startswith("pass@")), key=lambda c: int(c[5:]))
             for col, dash in ((avg[-1] if avg else None, "solid"), (passes[-1] if passes else None, "dash")):
                 if col is not None and e[col].notna().any():
@@ -161,13 +177,13 @@ def accuracy_lines(v: RunView, views: Sequence[RunView]) -> list[Line]:
 def overview(views: Sequence[RunView], k: int | None = None) -> FigureSpec:
     """Accuracy and geometry on one step axis: does a collapse in one come with a collapse in the other?"""
     k = _k(views, k)
-    acc = Panel("Reward and held-out accuracy", "fraction correct",
+    acc = Panel("Reward and held-out accuracy", "reward / accuracy",
                 [ln for v in views for ln in accuracy_lines(v, views)])  # fmt: skip
     panels: list[Panel | None] = [
         acc if acc.lines else None,
         _panel(f"Off-principal energy 1 − ρ_{k}", "share of ‖ΔW‖²",
-               [_median_line(v, f"off_principal_{k}", _name(v, "median", views)) for v in views]),
-        _panel("Effective rank of ΔW", "exp(entropy of σ²/Σσ²)",
+               [ln for v in views for ln in _off_principal(v, k, views)]),
+        _panel("Effective rank of ΔW", "exp(entropy of σᵢ/Σσ)",
                [_median_line(v, "erank", _name(v, "median", views)) for v in views],
                marks=[m for v in views for m in _collapse_marks(v, "erank")]),
         _panel("Spectral concentration E_1 = σ₁²/‖ΔW‖²", "E_1",
@@ -202,7 +218,7 @@ def alignment(views: Sequence[RunView], k: int | None = None) -> FigureSpec:
     panels = [
         _panel(f"Principal alignment ρ_{k} = ‖U_kᵀ ΔW V_k‖²/‖ΔW‖²", "share of ‖ΔW‖²", lines_p, logy=True),
         _panel(f"Off-principal energy 1 − ρ_{k}", "share of ‖ΔW‖²",
-               [_median_line(v, f"off_principal_{k}", _name(v, "ΔW", views)) for v in views]),
+               [ln for v in views for ln in _off_principal(v, k, views)]),
         _panel(f"Minor alignment: ρ_{k} with W0's bottom-{k} singular vectors", "share of ‖ΔW‖²", lines_m,
                logy=True),
     ]  # fmt: skip
@@ -225,7 +241,7 @@ def rank(views: Sequence[RunView], k: int | None = None) -> FigureSpec:
         conc.append(_median_line(v, f"E_{k}", _name(v, f"E_{k}", views), "dash"))
     marks_e = [m for v in views for m in _collapse_marks(v, "E_1")]
     panels = [
-        _panel("Effective rank of ΔW", "exp(entropy of σ²/Σσ²)",
+        _panel("Effective rank of ΔW", "exp(entropy of σᵢ/Σσ)",
                [_median_line(v, "erank", _name(v, "median", views)) for v in views],
                marks=[m for v in views for m in _collapse_marks(v, "erank")]),
         _panel(f"Spectral concentration E_k = Σ_{{i≤k}} σᵢ²/‖ΔW‖² (k = 1, {k})", "share of ‖ΔW‖²", conc,
@@ -315,7 +331,10 @@ def heatmaps(view: RunView, step: int | None = None, k: int | None = None) -> Fi
     ok = t[(t["status"] == "ok") & t["layer"].notna() & t["proj"].notna()]
     if not len(ok):
         return None
-    step = int(ok["step"].max()) if step is None else step
+    analysed = sorted(set(ok["step"].astype(int)))
+    if step is not None and step not in analysed:
+        raise ValueError(f"--heatmap-step {step}: not an analysed step; analysed steps: {analysed}")
+    step = analysed[-1] if step is None else step
     ok = ok[ok["step"] == step]
     projs = [p for p in PROJ_ORDER if p in set(ok["proj"])] + sorted(set(ok["proj"]) - set(PROJ_ORDER))
     layers = sorted(ok["layer"].astype(int).unique())
@@ -331,7 +350,7 @@ def heatmaps(view: RunView, step: int | None = None, k: int | None = None) -> Fi
     return FigureSpec(
         "heatmaps",
         f"Layer × projection at step {step}",
-        f"Each cell is one adapted module at step {step}.",
+        f"Each cell is one adapted module at step {step} (the median where a layer has several of a kind).",
         panels,
         columns=2,
         sharex=False,
@@ -346,7 +365,7 @@ def accuracy(views: Sequence[RunView]) -> FigureSpec:
         "Reward and held-out accuracy",
         "Training reward (dotted, mean over each step's rollouts) and held-out accuracy per benchmark: "
         "Avg@n (solid, mean over n samples per problem) and Pass@n (dashed, unbiased estimator).",
-        [Panel("Reward and held-out accuracy", "fraction correct", lines)] if lines else [],
+        [Panel("Reward and held-out accuracy", "reward / accuracy", lines)] if lines else [],
     )
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 
 from spectra.analysis import ANALYSIS_DIR, Analysis, per_step, summary_metrics
 from spectra.engine import EngineConfig
-from spectra.figures import PALETTE, FigureSpec, RunView, all_figures
+from spectra.figures import PALETTE, FigureSpec, RunView, all_figures, default_k
 from spectra.h5io import atomic_path
 from spectra.render import save_png, to_plotly
 from spectra.store import load_run
@@ -49,6 +49,8 @@ def write_figures(
     plots = folder / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     pngs = [save_png(f, plots / f"{f.name}.png") for f in figures]
+    for stale in set(plots.glob("*.png")) - set(pngs):  # a figure an earlier report had and this one lacks
+        stale.unlink()
     return pngs, write_html(figures, folder / "report.html", title, header_html)
 
 
@@ -115,6 +117,8 @@ def run_header(analysis: Analysis) -> str:
     s = analysis.summary
     cfg = [{"setting": k, "value": v} for k, v in s["run"].items()]
     steps = [e["step"] for e in s["steps"]]
+    if not steps:  # LayerNorm tuning: vector parameters only, norms in metrics.csv
+        return _table_html(cfg) + "<p>No matrix modules in this run: only norms (metrics.csv).</p>"
     parts = [
         _table_html(cfg),
         f"<p>{len(steps)} recorded steps analysed ({steps[0]}–{steps[-1]}), "
@@ -144,8 +148,8 @@ def write_run_report(analysis: Analysis, k: int | None = None, heat_step: int | 
 
 def final_row(view: RunView, summary: dict[str, Any]) -> dict[str, Any]:
     """One line of the comparison table: final accuracy and final geometry of a run."""
-    k = 8 if 8 in view.ks else view.ks[len(view.ks) // 2]
-    last = summary["steps"][-1]
+    k = default_k(view.ks)
+    last = summary["steps"][-1] if summary["steps"] else {"step": None, "median": {}}
     med = last["median"]
     row: dict[str, Any] = {
         "run": view.label,
@@ -153,7 +157,7 @@ def final_row(view: RunView, summary: dict[str, Any]) -> dict[str, Any]:
         "last step": last["step"],
     }
     if {"step", "reward"} <= set(view.logs.columns):
-        r = view.logs[["step", "reward"]].dropna()
+        r = view.logs[["step", "reward"]].dropna().sort_values("step")
         row["reward (last 5 steps)"] = float(r["reward"].tail(5).mean()) if len(r) else None
     if {"step", "benchmark"} <= set(view.evals.columns):
         for bench, e in view.evals.groupby("benchmark"):

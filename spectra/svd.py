@@ -64,9 +64,9 @@ def batched_eigh(G: Tensor, streams: int = EIGH_STREAMS) -> tuple[Tensor, Tensor
     own CUDA stream, take matrices in turn, so that several reductions run at once. Same results; on
     the CPU, or with ``streams`` ≤ 1, this is plain ``eigh``.
     """
-    b = G.shape[0]
-    if G.device.type != "cuda" or streams <= 1 or b == 1 or G.shape[-1] <= 32:
+    if G.ndim != 3 or G.device.type != "cuda" or streams <= 1 or G.shape[0] == 1 or G.shape[-1] <= 32:
         return torch.linalg.eigh(G)
+    b = G.shape[0]
     from concurrent.futures import ThreadPoolExecutor
 
     L = torch.empty(G.shape[:-1], dtype=G.dtype, device=G.device)
@@ -77,17 +77,25 @@ def batched_eigh(G: Tensor, streams: int = EIGH_STREAMS) -> tuple[Tensor, Tensor
     main = torch.cuda.current_stream(G.device)
     side = [torch.cuda.Stream(G.device) for _ in range(min(streams, b - 1))]
 
+    inference = torch.is_inference_mode_enabled()  # threads do not inherit the caller's modes
+    grad = torch.is_grad_enabled()
+
     def work(j: int) -> None:
         stream = side[j]
         stream.wait_stream(main)  # G, L and V were made on the main stream
-        with torch.cuda.device(G.device), torch.cuda.stream(stream):
+        with (
+            torch.inference_mode(inference), torch.set_grad_enabled(grad),
+            torch.cuda.device(G.device), torch.cuda.stream(stream),
+        ):  # fmt: skip
             for i in range(1 + j, b, len(side)):
                 torch.linalg.eigh(G[i], out=(L[i], V[i]))
 
-    with ThreadPoolExecutor(len(side)) as pool:
-        list(pool.map(work, range(len(side))))
-    for stream in side:
-        main.wait_stream(stream)
+    try:
+        with ThreadPoolExecutor(len(side)) as pool:
+            list(pool.map(work, range(len(side))))
+    finally:  # also on error: nothing frees L and V while a side stream may still write them
+        for stream in side:
+            main.wait_stream(stream)
     return L, V
 
 

@@ -212,3 +212,43 @@ def test_run_whose_model_does_not_match_base_fails_with_a_message(tmp_path, smal
     assert r.exit_code == 1
     assert "nothing could be analysed" in r.output and "does not match" in r.output
     assert not (run / "analysis" / "metrics.csv").exists()  # nothing half-written
+
+
+def test_a_delta_rewritten_at_the_same_step_is_analysed_again(lora_run, small_shapes):
+    first = analyze_dir(lora_run)
+    write_synthetic_run(lora_run, small_shapes, steps=(10,), rank=2, seed=7)  # as after a resume
+    again = analyze_dir(lora_run)
+    assert again.new_steps == [10] and again.reused_steps == [0, 5]
+    before = first.table[first.table["step"] == 10]["erank"].to_numpy()
+    after = again.table[again.table["step"] == 10]["erank"].to_numpy()
+    assert (after <= 2 + 1e-9).all() and not (before <= 2 + 1e-9).all()  # rank 2 now, rank 4 before
+    # integer columns stay integers through the cache
+    assert pd.read_csv(lora_run / "analysis" / "metrics.csv")["layer"].dtype.kind == "i"
+
+
+def test_angles_figure_draws_left_and_right(lora_run):
+    analyze_dir(lora_run)
+    fig = next(f for f in all_figures([load_view(lora_run)]) if f.name == "angles")
+    names = [ln.name for ln in fig.panels[0].lines]
+    assert names == ["left (output) space", "right (input) space"]
+
+
+def test_bad_plot_options_are_one_line_errors(lora_run):
+    r = runner.invoke(app, ["analyze", str(lora_run), "--k", "5"])
+    assert r.exit_code == 1 and "--k 5" in r.output and "[1, 8, 32]" in r.output
+    r = runner.invoke(app, ["analyze", str(lora_run), "--heatmap-step", "7"])
+    assert r.exit_code == 1 and "--heatmap-step 7" in r.output and "Traceback" not in r.output
+
+
+def test_a_run_of_vector_parameters_only_gets_a_report(tmp_path):
+    from spectra.operators import VectorDelta
+
+    w = RunWriter(tmp_path / "ln")
+    w.write_config({"name": "ln", "method": "lntuning"})
+    w.write_base_weights({"model.layers.0.input_layernorm.weight": torch.ones(16)})
+    w.write_delta(5, {"model.layers.0.input_layernorm.weight": VectorDelta(torch.full((16,), 0.1))})
+    r = runner.invoke(app, ["analyze", str(tmp_path / "ln")])
+    assert r.exit_code == 0, r.output
+    table = pd.read_csv(tmp_path / "ln" / "analysis" / "metrics.csv")
+    assert table.loc[0, "relative_size"] == pytest.approx(0.1)
+    assert "only norms" in (tmp_path / "ln" / "analysis" / "report.html").read_text()

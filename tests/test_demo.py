@@ -37,7 +37,10 @@ def test_demo_trains_analyses_compares_and_reuses(organism_dir, tmp_path):
     # a second demo reuses the finished runs and their analyses
     again = runner.invoke(app, args)
     assert again.exit_code == 0, again.output
-    assert again.output.count("already trained") == 2 and "reused 2" in again.output
+    assert again.output.count("already trained") == 2 and again.output.count("reused 2 from") == 2
+    # … but not when asked for something else
+    other = runner.invoke(app, [*args[:-1], "3"])
+    assert other.exit_code == 1 and "max_steps 2" in other.output
 
 
 def test_demo_refuses_an_unknown_method(tmp_path):

@@ -8,6 +8,7 @@ interrupted is resumed, so re-running the demo only does what is missing.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ def train_demo_runs(
             model=model, method=method, max_steps=max_steps, out=str(out), name=method, seed=seed, **overrides
         )
         if finished(run_dir):
+            _check_same(run_dir, cfg)
             log(f"{method}: already trained in {run_dir}, reused")
         elif (run_dir / "run.json").exists():
             log(f"{method}: {run_dir} was interrupted; resuming it")
@@ -57,3 +59,15 @@ def train_demo_runs(
             train(cfg)
         runs.append(run_dir)
     return runs
+
+
+def _check_same(run_dir: Path, cfg: TrainConfig) -> None:
+    """A finished run is reused only if it was trained as asked now."""
+    stored = json.loads((run_dir / "run.json").read_text())
+    asked = cfg.resolve(num_processes=1).to_dict()
+    differ = [k for k in ("model", "max_steps", "seed") if stored.get(k) != asked.get(k)]
+    if differ:
+        was = ", ".join(f"{k} {stored.get(k)}" for k in differ)
+        raise TrainConfigError(
+            f"{run_dir} was trained with {was}, not as asked now; use another --out or delete that run"
+        )

@@ -262,7 +262,7 @@ def per_step(table: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
         g.median(), g.quantile(0.25).add_suffix("_q25"), g.quantile(0.75).add_suffix("_q75"),
         g.mean().add_suffix("_mean"), ok.groupby("step").size().rename("modules"),
     ]  # fmt: skip
-    return pd.concat(parts, axis=1).reset_index().copy()  # one block per dtype: cheap to extend
+    return pd.concat(parts, axis=1).copy().reset_index()  # copy: one block per dtype, cheap to extend
 
 
 def rewards(run: Run) -> pd.DataFrame | None:

@@ -265,19 +265,11 @@ def per_step(table: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     return pd.concat(parts, axis=1).copy().reset_index()  # copy: one block per dtype, cheap to extend
 
 
-def rewards(run: Run) -> pd.DataFrame | None:
-    """``step``, ``reward`` from metrics.jsonl, or None when the run logged none."""
-    logged = run.metrics
-    if not {"step", "reward"} <= set(logged.columns):
-        return None
-    return logged[["step", "reward"]].dropna()
-
-
 def summarize(run: Run, table: pd.DataFrame, config: EngineConfig, rule: CollapseRule) -> dict[str, Any]:
     """summary.json: configuration, engine options, per-step aggregates and the collapse flag."""
     metrics = summary_metrics(config)
     steps = per_step(table, metrics)
-    collapse = detect_collapse(step_medians(table[table["status"] == "ok"]), rewards(run), rule)
+    collapse = detect_collapse(step_medians(table[table["status"] == "ok"]), run.rewards, rule)
     ok = table[(table["status"] == "ok") & (table["kind"] != "vector")]
     by_proj = ok.groupby(["step", "proj"])[[m for m in metrics if m in ok.columns]].median()
     entries = []

@@ -473,6 +473,14 @@ class Run:
         """eval.jsonl as a DataFrame."""
         return read_jsonl(self.path / "eval.jsonl")
 
+    @property
+    def rewards(self) -> pd.DataFrame | None:
+        """``step`` and ``reward`` of metrics.jsonl (logged rows with a reward), or None without any."""
+        logged = self.metrics
+        if not {"step", "reward"} <= set(logged.columns):
+            return None
+        return logged[["step", "reward"]].dropna().sort_values("step")
+
     def analyze(self, steps: list[int] | None = None, **engine_options: Any) -> pd.DataFrame:
         """Every metric for every recorded step and module: one row per step × module.
 
@@ -488,9 +496,7 @@ class Run:
         """The rank-collapse flag per checkpoint (:func:`spectra.metrics.detect_collapse`), from
         ``analysis`` (or a fresh :meth:`analyze`) and the ``reward`` column of metrics.jsonl."""
         analysis = self.analyze() if analysis is None else analysis
-        logged = self.metrics
-        rewards = logged[["step", "reward"]].dropna() if {"step", "reward"} <= set(logged.columns) else None
-        return detect_collapse(step_medians(analysis), rewards, rule)
+        return detect_collapse(step_medians(analysis), self.rewards, rule)
 
     def close(self) -> None:
         for f in (self._weights, self._spectra):

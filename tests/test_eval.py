@@ -28,7 +28,14 @@ from spectra.train.data import MATH_TEMPLATE
 from spectra.train.eval_run import EvalConfig, run_eval
 from spectra.train.evaluation import Scored, score_completions
 from spectra.train.run_model import load_target, resolve_target
-from spectra.train.sampling import Sampling, VLLMSampler, choose_backend, sample_completions
+from spectra.train.sampling import (
+    Sampling,
+    SeededSampling,
+    VLLMSampler,
+    choose_backend,
+    row_seed,
+    sample_completions,
+)
 from spectra.train.trainer import prepare
 from typer.testing import CliRunner
 
@@ -336,6 +343,32 @@ def test_eval_samples_what_the_trained_model_samples(trained, tmp_path):
     assert saved[0]["prompt"].endswith("=") and len(saved[0]["boxed"]) == 4
 
 
+def test_seeded_sampling_draws_from_the_tempered_top_p_distribution():
+    """Gumbel-max over many row seeds: frequencies match softmax(logits / T) truncated to the top-p set,
+    and one row's draws do not depend on the rows beside it."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], dtype=torch.float64)
+    temperature, top_p, rows = 0.7, 0.9, 20_000
+    chain = LogitsProcessorList([
+        TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p),
+        SeededSampling([row_seed(5, i, 0) for i in range(rows)], torch.device("cpu")),
+    ])  # fmt: skip
+    picks = chain(None, logits.float().expand(rows, -1).clone()).argmax(-1)
+    p = torch.softmax(logits / temperature, 0)
+    keep = (torch.cumsum(p, 0) - p) < top_p  # the smallest head of the sorted probabilities reaching top-p
+    expected = torch.where(keep, p, 0.0) / p[keep].sum()
+    observed = torch.bincount(picks, minlength=len(logits)).double() / rows
+    assert not keep.all() and (observed[~keep] == 0).all()
+    assert torch.allclose(observed, expected, atol=0.015), (observed, expected)
+    alone = SeededSampling([row_seed(5, 7, 0)], torch.device("cpu"))(None, logits.float()[None])
+    beside = SeededSampling([row_seed(5, i, 0) for i in range(6, 9)], torch.device("cpu"))(
+        None, logits.float().expand(3, -1).clone()
+    )
+    assert torch.equal(alone[0], beside[1])
+    assert len({row_seed(0, 1, 0), row_seed(0, 0, 1), row_seed(1, 0, 0)}) == 3
+
+
 def test_greedy_draws_once_and_counts_it_n_times(organism_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -409,16 +442,23 @@ def test_eval_of_every_step_reproduces_the_runs_own_held_out_curve(trained):
 
 
 def test_eval_is_reproducible_from_its_seed(organism_dir, tmp_path):
-    def completions(seed: int, out: str) -> list[list[str]]:
-        args = ["eval", str(organism_dir), "-b", "organism", "--n", "3", "--limit", "6", "--seed", str(seed),
-                "--save-completions", "--out", str(tmp_path / out)]  # fmt: skip
+    def completions(seed: int, out: str, limit: int = 6, batch: int = 256) -> list[list[str]]:
+        args = ["eval", str(organism_dir), "-b", "organism", "--n", "3", "--limit", str(limit),
+                "--seed", str(seed), "--batch-size", str(batch), "--save-completions",
+                "--out", str(tmp_path / out)]  # fmt: skip
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
         lines = (tmp_path / out / "organism-n3-T1.completions.jsonl").read_text().splitlines()
         return [json.loads(line)["completions"] for line in lines]
 
-    assert completions(1, "a") == completions(1, "b")
-    assert completions(1, "a") != completions(2, "c")
+    first = completions(1, "a")
+    assert first == completions(1, "b")
+    assert first != completions(2, "c")
+    rng = torch.random.get_rng_state()
+    fewer = completions(1, "d", limit=4, batch=5)  # other batches, fewer problems: the same samples
+    assert torch.equal(rng, torch.random.get_rng_state())  # the global stream is never drawn from
+    same = sum(a == b for x, y in zip(first[:4], fewer, strict=True) for a, b in zip(x, y, strict=True))
+    assert same >= 11, f"only {same} of 12 completions unchanged by --limit and --batch-size"
     result = json.loads((tmp_path / "a" / "organism-n3-T1.json").read_text())
     assert result["step"] is None and result["problems"] == 6 and result["n"] == 3 and result["ks"] == [1, 3]
 

@@ -1,8 +1,8 @@
 """Held-out accuracy: sample n completions per problem, score them, report Avg@k and Pass@k.
 
-Generation is :mod:`spectra.train.sampling` (here transformers' ``generate``, inside a forked RNG so
-that evaluating during training leaves the training random stream untouched and the same seed gives the
-same samples). Scoring is the training reward's own function
+Generation is :mod:`spectra.train.sampling` (here transformers' ``generate``, each sample from its own
+seeded random stream, so that evaluating during training leaves the training random stream untouched and
+the same seed gives the same samples). Scoring is the training reward's own function
 (:func:`spectra.train.rewards.judge_answers`); a completion without a final ``\\boxed{}``, or with one
 math-verify cannot read, scores 0 and is counted as unparsable.
 

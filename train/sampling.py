@@ -8,10 +8,12 @@ trained. Temperature 0 means greedy decoding: one completion is generated and co
 Prompts arrive as token ids (:func:`spectra.train.data.prompt_ids`), tokenized the way TRL tokenizes its
 rollout prompts, so a chat template's special tokens are not added twice.
 
-Reproducibility: the transformers backend seeds a forked RNG once (``torch.manual_seed(seed)``) and
-walks the prompts in a fixed order and batch size, so the same seed, prompts (``--limit``) and batch size
-give the same samples on the same hardware; the training RNG is left untouched. vLLM gets a seed per
-prompt (``seed · 1_000_003 + index``), which makes its samples independent of how it batches.
+Reproducibility: in the transformers backend, sample j of prompt i is drawn from its own random stream,
+seeded from (seed, i, j) (:class:`SeededSampling`: the Gumbel-max trick on the tempered, top-p-truncated
+logits). The same seed therefore gives the same samples whatever the batch size and however many
+prompts are asked (``--limit``), up to the floating-point differences of batched arithmetic; the global
+(training) RNG is never drawn from. vLLM gets a seed per prompt (``seed · 1_000_003 + index``), which
+makes its samples independent of how it batches too.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from spectra.train.config import EvalError
 from torch import nn
@@ -71,6 +74,33 @@ def _repeat(sampling: Sampling) -> tuple[int, int]:
     return (sampling.n, 1) if sampling.temperature > 0 else (1, sampling.n)
 
 
+def row_seed(seed: int, prompt: int, sample: int) -> int:
+    """The seed of sample ``sample`` of prompt ``prompt``: a 63-bit integer mixed from the three by
+    NumPy's ``SeedSequence`` (nearby triples give unrelated streams)."""
+    state = np.random.SeedSequence([seed, prompt, sample]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+class SeededSampling:
+    """A logits processor that samples each row from its own seeded random stream.
+
+    It adds Gumbel noise g = −log(−log u), u ~ U(0, 1) drawn from the row's own ``torch.Generator``, to
+    the scores it receives; greedy decoding then takes argmax(scores + g), which is a draw from
+    softmax(scores) (the Gumbel-max trick). Placed after transformers' temperature and top-p warpers
+    (whose −inf entries stay −inf), the draw is from the tempered, truncated distribution that
+    ``do_sample=True`` would sample, but row r's draws depend only on its seed, not on the other rows
+    of the batch."""
+
+    def __init__(self, seeds: Sequence[int], device: torch.device):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        vocab, device = scores.shape[-1], scores.device
+        u = torch.stack([torch.rand(vocab, generator=g, device=device) for g in self.generators])
+        gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float32).tiny)))
+        return scores.float() + gumbel
+
+
 @torch.no_grad()
 def sample_completions(
     model: nn.Module,
@@ -83,46 +113,51 @@ def sample_completions(
     """``sampling.n`` completions of each prompt (token ids) with transformers' ``generate``.
 
     Prompts are left-padded and batched ``batch_size`` sequences at a time (each prompt repeated n
-    times); the model is put in eval mode for the call and restored after."""
+    times); sample j of prompt i is drawn with the seed :func:`row_seed` (seed, i, j). The model is put
+    in eval mode for the call and restored after."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
     draw, copies = _repeat(sampling)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     flat = [ids for ids in prompts for _ in range(draw)]
+    keys = [(i, j) for i in range(len(prompts)) for j in range(draw)]
     texts: list[str] = []
     cut: list[bool] = []
-    if sampling.temperature > 0:
-        how: dict[str, Any] = {
-            "do_sample": True,
-            "temperature": sampling.temperature,
-            "top_p": sampling.top_p,
-            "top_k": 0,  # as TRL's rollouts: no top-k and no repetition penalty from the model's
-        }  # generation_config, so eval samples the training policy
-    else:
-        how = {"do_sample": False}
     stop = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(sampling.seed)
-            for i in range(0, len(flat), batch_size):
-                enc = tokenizer.pad(
-                    {"input_ids": flat[i : i + batch_size]},
-                    padding=True,
-                    padding_side="left",
-                    return_tensors="pt",
-                ).to(device)
-                out = model.generate(
-                    **enc,
-                    **how,
-                    max_new_tokens=sampling.max_tokens,
-                    pad_token_id=tokenizer.pad_token_id,
-                    repetition_penalty=1.0,
-                )
-                new = out[:, enc["input_ids"].shape[1] :]
-                texts += tokenizer.batch_decode(new, skip_special_tokens=True)
-                cut += [len(row) >= sampling.max_tokens and int(row[-1]) not in stop for row in new.tolist()]
-                if progress is not None:
-                    progress(len(texts) // draw - (len(texts) - len(new)) // draw)
+        for i in range(0, len(flat), batch_size):
+            enc = tokenizer.pad(
+                {"input_ids": flat[i : i + batch_size]},
+                padding=True,
+                padding_side="left",
+                return_tensors="pt",
+            ).to(device)
+            warpers = LogitsProcessorList()
+            if sampling.temperature > 0:  # as TRL's rollouts: temperature and top-p only, no top-k or
+                # repetition penalty from the model's generation_config, so eval samples the training policy
+                warpers.append(TemperatureLogitsWarper(sampling.temperature))
+                if sampling.top_p < 1:
+                    warpers.append(TopPLogitsWarper(sampling.top_p))
+                seeds = [row_seed(sampling.seed, *key) for key in keys[i : i + batch_size]]
+                warpers.append(SeededSampling(seeds, device))
+            out = model.generate(
+                **enc,
+                do_sample=False,  # the sampling is SeededSampling's noise + argmax
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                logits_processor=warpers,
+                max_new_tokens=sampling.max_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                repetition_penalty=1.0,
+            )
+            new = out[:, enc["input_ids"].shape[1] :]
+            texts += tokenizer.batch_decode(new, skip_special_tokens=True)
+            cut += [len(row) >= sampling.max_tokens and int(row[-1]) not in stop for row in new.tolist()]
+            if progress is not None:
+                progress(len(texts) // draw - (len(texts) - len(new)) // draw)
     finally:
         model.train(was_training)
     return Samples(

@@ -104,7 +104,8 @@ def analyze_dir(
             )
         folder = run.path / ANALYSIS_DIR
         prints = {str(s): fingerprint(run.delta_path(s)) for s in steps}
-        old = _cached_table(folder, config, force)
+        key = cache_key(run, config)
+        old = _cached_table(folder, key, force)
         if old is not None:
             retry = set(old.loc[~old["status"].isin(["ok", "nonfinite"]), "step"].astype(int))
             before = _previous_fingerprints(folder)
@@ -114,7 +115,8 @@ def analyze_dir(
         else:
             done = set()
         todo = [s for s in steps if s not in done]
-        fresh = analyze_run(run, todo, config, progress) if todo else pd.DataFrame()
+        fresh = analyze_run(run, todo, config, progress, SPECTRUM_TOP) if todo else pd.DataFrame()
+        fresh, sigmas = _split_spectra(fresh)
         parts = [t for t in (old, fresh) if t is not None and len(t)]
         if not parts:
             raise NothingToAnalyze(f"{run.path / 'deltas'}: the delta files hold no modules")
@@ -128,8 +130,8 @@ def analyze_dir(
             raise NothingToAnalyze(
                 f"{run.path}: nothing could be analysed ({len(problems)} problem(s)); first: {problems[0]}"
             )
-        spectra = _spectra_at(run, plotted_steps(table), folder / "spectra.csv", config, set(todo), force)
-        summary = summarize(run, table, config, rule) | {"fingerprints": prints}
+        spectra = _spectra_at(run, plotted_steps(table), folder / "spectra.csv", config, sigmas, force)
+        summary = summarize(run, table, config, rule) | {"cache": key, "fingerprints": prints}
         folder.mkdir(exist_ok=True)
         (folder / "summary.json").unlink(missing_ok=True)  # the cache key goes last: never a stale pair
         _write_csv(table, folder / "metrics.csv")
@@ -145,6 +147,23 @@ def fingerprint(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
+def cache_key(run: Run, config: EngineConfig) -> dict[str, Any]:
+    """What metrics.csv depends on besides the delta files: the engine options that change the numbers,
+    the spectra version (formulas), and W0 (the fingerprint of ``base/weights.h5`` or, for a base kept in
+    safetensors files, of ``base/pointer.json`` and the files it names)."""
+    from spectra import __version__
+
+    base = run.path / "base"
+    files = [base / "weights.h5"] if (base / "weights.h5").exists() else [base / "pointer.json"]
+    if files[0].name == "pointer.json" and files[0].exists():
+        try:
+            files += [Path(f) for f in json.loads(files[0].read_text()).get("files", [])]
+        except (OSError, ValueError, AttributeError):
+            pass  # a damaged pointer: read_module reports it
+    prints = {f.name: fingerprint(f) if f.exists() else None for f in files}
+    return {"engine": engine_options(config), "spectra": __version__, "base": prints}
+
+
 def _previous_fingerprints(folder: Path) -> dict[str, Any]:
     try:
         prints = json.loads((folder / "summary.json").read_text()).get("fingerprints", {})
@@ -153,17 +172,17 @@ def _previous_fingerprints(folder: Path) -> dict[str, Any]:
     return prints if isinstance(prints, dict) else {}
 
 
-def _cached_table(folder: Path, config: EngineConfig, force: bool) -> pd.DataFrame | None:
-    """metrics.csv from an earlier analysis with the same engine options, else None."""
+def _cached_table(folder: Path, key: dict[str, Any], force: bool) -> pd.DataFrame | None:
+    """metrics.csv from an earlier analysis with the same :func:`cache_key`, else None."""
     csv, summary = folder / "metrics.csv", folder / "summary.json"
     if force or not csv.exists() or not summary.exists():
         return None
     try:
-        previous = json.loads(summary.read_text()).get("engine")
+        previous = json.loads(summary.read_text()).get("cache")
         table = pd.read_csv(csv)
     except (OSError, ValueError, AttributeError, pd.errors.ParserError):
         return None  # damaged cache: analyse again
-    if previous != engine_options(config) or not {"step", "module", "status"} <= set(table.columns):
+    if previous != json.loads(json.dumps(key)) or not {"step", "module", "status"} <= set(table.columns):
         return None
     return table
 
@@ -194,21 +213,38 @@ def plotted_steps(table: pd.DataFrame, count: int = PLOTTED_STEPS) -> list[int]:
     return [nonzero[i] for i in sorted(set(idx.tolist()))]
 
 
+def _split_spectra(fresh: pd.DataFrame) -> tuple[pd.DataFrame, dict[int, list[dict[str, Any]]]]:
+    """``fresh`` without the engine's ``spectrum`` column, and that column as spectra.csv rows per step."""
+    if "spectrum" not in fresh.columns:
+        return fresh, {}
+    by_step: dict[int, list[dict[str, Any]]] = {}
+    for r in fresh.loc[fresh["status"] == "ok", ["step", "module", "spectrum"]].itertuples(index=False):
+        if isinstance(r.spectrum, list):  # matrix modules only
+            by_step.setdefault(int(r.step), []).extend(_spectrum_rows(int(r.step), r.module, r.spectrum))
+    return fresh.drop(columns="spectrum"), by_step
+
+
 def _spectra_at(
-    run: Run, steps: list[int], path: Path, config: EngineConfig, redo: set[int], force: bool
+    run: Run,
+    steps: list[int],
+    path: Path,
+    config: EngineConfig,
+    fresh: dict[int, list[dict[str, Any]]],
+    force: bool,
 ) -> pd.DataFrame:
-    """σ_i(ΔW), i ≤ SPECTRUM_TOP, of every matrix module at ``steps``; cached steps not in ``redo`` are
-    reused."""
+    """σ_i(ΔW), i ≤ SPECTRUM_TOP, of every matrix module at ``steps``: from the engine's SVDs of this
+    analysis (``fresh``, per step), else from the spectra.csv of the last one, else computed."""
     old = None
     if path.exists() and not force:
         try:
             old = pd.read_csv(path)
-            old = old[old["step"].isin(steps) & ~old["step"].isin(redo)]
+            old = old[old["step"].isin(steps) & ~old["step"].isin(list(fresh))]
         except (OSError, ValueError, pd.errors.ParserError, KeyError):
             old = None
     have = set(old["step"].astype(int)) if old is not None else set()
     device = torch.device(config.device) if config.device else default_device()
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = [r for s in steps if s in fresh for r in fresh[s]]
+    have |= set(fresh)
     for step in (s for s in steps if s not in have):
         try:
             dfile = run.open_delta(step)
@@ -237,10 +273,14 @@ def _module_spectrum(
     op = op.to(device).to(dtype=torch.float64)
     factors = op.factors()
     s = factored_svd(*factors).S if factors is not None else dense_svd(op.to_dense()).S
+    return _spectrum_rows(step, module, s[:SPECTRUM_TOP].cpu().tolist())
+
+
+def _spectrum_rows(step: int, module: str, sigma: list[float]) -> list[dict[str, Any]]:
     layer, proj = parse_module_name(module)
     return [
         {"step": step, "module": module, "layer": layer, "proj": proj, "i": i + 1, "sigma": v}
-        for i, v in enumerate(s[:SPECTRUM_TOP].cpu().tolist())
+        for i, v in enumerate(sigma)
     ]
 
 

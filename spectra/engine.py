@@ -122,8 +122,11 @@ def metric_columns(config: EngineConfig) -> list[str]:
     return cols
 
 
-def analyze_items(items: list[Item], config: EngineConfig | None = None) -> list[dict[str, Any]]:
-    """Analyse a list of same-shape items as one batch; one dict of metrics per item."""
+def analyze_items(
+    items: list[Item], config: EngineConfig | None = None, spectrum_top: int = 0
+) -> list[dict[str, Any]]:
+    """Analyse a list of same-shape items as one batch; one dict of metrics per item (with
+    ``spectrum_top`` > 0, also ``"spectrum"``: the top σ_i(ΔW) as a list, from the same SVD)."""
     config = config or EngineConfig()
     device = torch.device(config.device) if config.device else default_device()
     if not items:
@@ -214,6 +217,9 @@ def analyze_items(items: list[Item], config: EngineConfig | None = None) -> list
     for values in table:
         row = {k: int(v) if k in integer else v for k, v in zip(names, values, strict=True)}
         rows.append({**row, **constants})
+    if spectrum_top > 0:
+        for row, sigma in zip(rows, s_delta[..., :spectrum_top].cpu().tolist(), strict=True):
+            row["spectrum"] = sigma
     return rows
 
 
@@ -288,16 +294,19 @@ def analyze_run(
     steps: Iterable[int] | None = None,
     config: EngineConfig | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    spectrum_top: int = 0,
 ) -> pd.DataFrame:
     """Every metric for every recorded step × module of a :class:`spectra.store.Run`.
 
     Damaged files and modules are reported in the ``status`` column and skipped; the rest is analysed.
     ``progress(done, total, label)`` is called after each chunk with the module-steps done so far and
-    the total expected (recorded steps × modules with a base weight), for a progress bar.
+    the total expected (recorded steps × modules with a base weight), for a progress bar. With
+    ``spectrum_top`` > 0 a ``spectrum`` column holds each matrix module's top σ_i(ΔW) (a list).
     """
     config = config or EngineConfig()
     steps = list(run.steps if steps is None else steps)
-    run.ensure_base_spectra(keep=max(config.base_keep, max(config.ks), config.intruder_top))
+    keep = max(config.base_keep, max(config.ks), config.intruder_top)
+    run.ensure_base_spectra(keep=keep, device=config.device, progress=progress)
     rows: list[dict[str, Any]] = []
     total, done = len(steps) * len(run.modules), 0
     for step in steps:
@@ -322,7 +331,8 @@ def analyze_run(
                     continue
                 sizes = [_item_bytes(key[0], key[2], config)] * len(modules)
                 for idx in plan_chunks(sizes, config.max_batch_bytes):
-                    rows += _analyze_chunk(run, dfile, step, key[1], [modules[i] for i in idx], config)
+                    chunk = [modules[i] for i in idx]
+                    rows += _analyze_chunk(run, dfile, step, key[1], chunk, config, spectrum_top)
                     done += len(idx)
                     if progress:
                         progress(done, total, f"step {step}")
@@ -332,7 +342,13 @@ def analyze_run(
 
 
 def _analyze_chunk(
-    run: Run, dfile: DeltaFile, step: int, kind: str, modules: list[str], config: EngineConfig
+    run: Run,
+    dfile: DeltaFile,
+    step: int,
+    kind: str,
+    modules: list[str],
+    config: EngineConfig,
+    spectrum_top: int = 0,
 ) -> list[dict[str, Any]]:
     items: list[Item] = []
     rows: list[dict[str, Any]] = []
@@ -348,7 +364,7 @@ def _analyze_chunk(
         except SpectraError as e:
             rows.append(_status_row(step, module, "unreadable", str(e)))
     if items:
-        for it, metrics in zip(items, analyze_items(items, config), strict=True):
+        for it, metrics in zip(items, analyze_items(items, config, spectrum_top), strict=True):
             m, n = it.op.shape[-2:]
             rows.append(
                 {**_identity(step, it.module), "kind": kind, "m": m, "n": n, "status": "ok", **metrics}

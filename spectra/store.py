@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -408,10 +408,16 @@ class Run:
         g = f["modules"][key]
         return BaseSpectrum(*(read_tensor(g[k]) for k in ("sigma", "U", "V", "U_minor", "V_minor")))
 
-    def ensure_base_spectra(self, keep: int | None = None, device: torch.device | str | None = None) -> Path:
+    def ensure_base_spectra(
+        self,
+        keep: int | None = None,
+        device: torch.device | str | None = None,
+        progress: Callable[[int, int, str], None] | None = None,
+    ) -> Path:
         """Compute σ(W0) and the kept singular vectors for every matrix module once; write
         base/spectra.h5 atomically. Does nothing if the file exists and keeps at least ``keep`` vectors
-        (any number when ``keep`` is None; a new file keeps ``DEFAULT_KEEP``)."""
+        (any number when ``keep`` is None; a new file keeps ``DEFAULT_KEEP``). ``progress(done, total,
+        label)`` is called after each module."""
         path = self.path / "base" / "spectra.h5"
         if path.exists():
             try:
@@ -427,7 +433,9 @@ class Run:
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["keep"] = keep
             mods = f.create_group("modules")
-            for module in self.modules:
+            for i, module in enumerate(self.modules):
+                if progress:
+                    progress(i, len(self.modules), "base spectra (once per run)")
                 w0 = self.w0(module)
                 if w0.ndim != 2:
                     continue

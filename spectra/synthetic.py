@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from spectra.operators import Dense, LowRank
-from spectra.store import RunWriter
+from spectra.store import RunWriter, load_run
 
 
 def orthonormal(
@@ -78,7 +78,10 @@ def write_synthetic_run(
     keep_base: bool = True,
 ) -> RunWriter:
     """A run directory with random base weights and, per step, a random LoRA (``rank``) or dense
-    (``rank=None``) update of relative size about ``update_size`` growing linearly with the step."""
+    (``rank=None``) update of relative size about ``update_size`` growing linearly with the step.
+
+    Called again on the same directory (more steps, or a step rewritten), it keeps the base weights
+    already there, as a resumed training run does."""
     writer = RunWriter(path)
     writer.write_config(
         {
@@ -90,9 +93,13 @@ def write_synthetic_run(
             "seed": seed,
         }
     )
-    w0 = base_weights(shapes, seed)
-    if keep_base:
-        writer.write_base_weights(w0)
+    if (Path(path) / "base" / "weights.h5").exists():
+        with load_run(path) as run:
+            w0 = {name: run.w0(name) for name in shapes}
+    else:
+        w0 = base_weights(shapes, seed)
+        if keep_base:
+            writer.write_base_weights(w0)
     gen = torch.Generator().manual_seed(seed + 1)
     last = max(max(steps), 1)
     for step in steps:

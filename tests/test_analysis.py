@@ -4,6 +4,7 @@ pipeline, collapse flags, plots, report.html, comparison table, bad input."""
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pandas as pd
@@ -83,6 +84,28 @@ def test_rerun_reuses_cached_steps_and_analyses_only_new_ones(lora_run, small_sh
     assert other.new_steps == [0, 5, 10, 15]
 
 
+def test_another_version_or_base_recomputes_everything(lora_run, monkeypatch):
+    analyze_dir(lora_run)
+    monkeypatch.setattr(spectra, "__version__", "0.0.0-older")
+    assert analyze_dir(lora_run).new_steps == [0, 5, 10]  # metrics of another version: recomputed
+    assert analyze_dir(lora_run).new_steps == []
+    weights = lora_run / "base" / "weights.h5"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # base rewritten
+    assert analyze_dir(lora_run).new_steps == [0, 5, 10]
+
+
+def test_progress_counts_the_base_spectra_then_every_module_step(lora_run, small_shapes):
+    calls: list[tuple[int, int, str]] = []
+    analyze_dir(lora_run, progress=lambda *a: calls.append(a))
+    base = [c for c in calls if c[2].startswith("base spectra")]
+    steps = [c for c in calls if c[2].startswith("step")]
+    assert [c[0] for c in base] == list(range(len(small_shapes))) and calls[: len(base)] == base
+    assert steps[-1][:2] == (3 * len(small_shapes), 3 * len(small_shapes))
+    calls.clear()
+    analyze_dir(lora_run, progress=lambda *a: calls.append(a), force=True)
+    assert calls and not any(c[2].startswith("base") for c in calls)  # computed once per run
+
+
 def test_steps_gone_after_a_resume_are_dropped(lora_run):
     analyze_dir(lora_run)
     (lora_run / "deltas" / "step_000010.h5").unlink()
@@ -140,6 +163,31 @@ def test_plots_and_report_are_written(tmp_path, small_shapes):
     assert set(spectra_csv["step"]) == {5, 10}
     top = spectra_csv[(spectra_csv["step"] == 10) & (spectra_csv["i"] == 1)]["sigma"]
     assert top.to_numpy() == pytest.approx(0.11, rel=1e-6)  # σ of 1e-2·(10+1)·U₄V₄ᵀ
+
+
+def test_spectra_csv_reuses_the_engines_svds_and_fills_in_newly_plotted_steps(
+    lora_run, small_shapes, monkeypatch
+):
+    import spectra.analysis as analysis
+
+    computed: list[int] = []
+    real = analysis._module_spectrum
+    monkeypatch.setattr(
+        analysis, "_module_spectrum", lambda run, d, step, *a: computed.append(step) or real(run, d, step, *a)
+    )
+    write_synthetic_run(lora_run, small_shapes, steps=(15, 20, 25), rank=4, seed=3)
+    first = analyze_dir(lora_run)
+    assert sorted(set(first.spectra["step"])) == [5, 10, 20, 25]
+    assert computed == []  # every plotted step was just analysed: σ comes from the engine's SVDs
+    with spectra.load_run(lora_run) as run, run.open_delta(10) as d:
+        name = d.modules[0]
+        exact = torch.linalg.svdvals(run.read_module(d, name)[0].to_dense().double())
+    got = first.spectra[(first.spectra["step"] == 10) & (first.spectra["module"] == name)]["sigma"]
+    assert got.to_numpy() == pytest.approx(exact[: len(got)].numpy(), rel=1e-6)  # dense ΔW formed in float32
+    # a step arrives and the plotted steps move to 15 (in metrics.csv, not in spectra.csv): only it is done
+    write_synthetic_run(lora_run, small_shapes, steps=(30,), rank=4, seed=3)
+    grown = analyze_dir(lora_run)
+    assert sorted(set(grown.spectra["step"])) == [5, 15, 20, 30] and set(computed) == {15}
 
 
 def test_plotted_steps_spread_over_training():

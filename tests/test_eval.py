@@ -106,6 +106,19 @@ def test_registry_asks_the_hub_for_its_id_and_split(name, monkeypatch):
     assert calls == [(bench.source, None, bench.split)]
 
 
+def test_an_unreachable_hub_says_how_to_read_the_cache(monkeypatch):
+    def offline(*a, **kw):
+        raise ConnectionError("Couldn't reach 'HuggingFaceH4/MATH-500' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(spectra.SpectraError, match=r"Couldn't reach .*; without network, HF_HUB_OFFLINE=1"):
+        load_problems(BENCHMARKS["math500"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # already offline: the hint would not help
+    with pytest.raises(spectra.SpectraError, match=r"LocalEntryNotFoundError\)\)$"):
+        load_problems(BENCHMARKS["math500"])
+
+
 def test_organism_is_a_benchmark_and_local_files_work_the_same_way(tmp_path):
     organism = load_problems(get_benchmark("organism"))
     assert len(organism) == 512 and organism[0]["answer"] == str(eval(organism[0]["problem"]))
@@ -367,6 +380,25 @@ def test_seeded_sampling_draws_from_the_tempered_top_p_distribution():
     )
     assert torch.equal(alone[0], beside[1])
     assert len({row_seed(0, 1, 0), row_seed(0, 0, 1), row_seed(1, 0, 0)}) == 3
+
+
+def test_the_models_generation_config_does_not_change_what_is_sampled(organism_dir, tmp_path):
+    """As TRL's rollouts: temperature and top-p only; a shipped generation_config with its own sampling
+    (Qwen's instruct models set top_k 20 and repetition_penalty 1.05) is not applied on top."""
+    from spectra.train.checkpoint import load_pretrained
+
+    chatty = tmp_path / "chatty"
+    shutil.copytree(organism_dir, chatty)
+    config = json.loads((chatty / "generation_config.json").read_text())
+    config |= {"do_sample": True, "temperature": 0.3, "top_k": 2, "top_p": 0.5, "repetition_penalty": 1.5}
+    (chatty / "generation_config.json").write_text(json.dumps(config))
+    sampling = Sampling(n=2, max_tokens=40, seed=4)
+    texts = []
+    for folder in (organism_dir, chatty):
+        tok, model = load_pretrained(folder, torch.float32, str(folder))
+        ids = [encode_prompt(get_benchmark("organism"), p, tok) for p in ("12+34", "500+499", "7+8")]
+        texts.append(sample_completions(model, tok, ids, sampling).texts)
+    assert texts[0] == texts[1]
 
 
 def test_greedy_draws_once_and_counts_it_n_times(organism_dir):

@@ -13,6 +13,7 @@ otherwise.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +81,11 @@ def _load_table(source: str, split: str, option: str) -> Any:
     try:
         return datasets.load_dataset(name, config or None, split=split)
     except Exception as e:
+        hint = ""
+        if "Couldn't reach" in str(e) and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", ""):
+            hint = "; without network, HF_HUB_OFFLINE=1 reads a copy already in the hub cache at once"
         raise TrainConfigError(
-            f"{option} {source}: could not load split {split!r} from the hub ({first_line(e)})"
+            f"{option} {source}: could not load split {split!r} from the hub ({first_line(e)}){hint}"
         ) from None
 
 

@@ -408,13 +408,27 @@ def _print_eval(rows: list[dict]) -> None:
     )
     steps = any(r["step"] is not None for r in rows)
     view = Table(title=f"spectra eval: {rows[0]['target']}")
-    columns = (*(["step"] if steps else []), "benchmark", "problems", *scores, "unparsed", "cut off", "s")
+    columns = (
+        *(["step"] if steps else []),
+        "benchmark",
+        "problems",
+        *scores,
+        "unparsed",
+        "cut off",
+        "tokens",
+        "s",
+    )
     for col in columns:
         view.add_column(col, justify="left" if col == "benchmark" else "right", no_wrap=True)
     for r in rows:
         cells = [f"{r['step']}{'' if r['weights_complete'] else '*'}"] if steps else []
         cells += [r["benchmark"], str(r["problems"]), *(f"{r[c]:.3f}" if c in r else "—" for c in scores)]
-        cells += [f"{r['unparsable']:.1%}", f"{r['truncated']:.1%}", f"{r['seconds']:.1f}"]
+        cells += [
+            f"{r['unparsable']:.1%}",
+            f"{r['truncated']:.1%}",
+            f"{r['tokens_mean']:.0f}",
+            f"{r['seconds']:.1f}",
+        ]
         view.add_row(*cells)
     if not all(r["weights_complete"] for r in rows):
         view.caption = "* full fine-tuning without a trainer checkpoint: embeddings, norms and head at W0"

@@ -229,8 +229,12 @@ def test_vllm_sampler_asks_n_per_prompt_with_a_seed_each(monkeypatch):
             for p, sp in zip(prompts, params, strict=True):
                 first = p["prompt_token_ids"][0]
                 texts = [f"{first}|{sp.seed}|{i}" for i in range(sp.n)]
-                outputs = [
-                    types.SimpleNamespace(text=t, finish_reason="length" if i else "stop")
+                outputs = [  # a stopped completion's token_ids end with the end token
+                    types.SimpleNamespace(
+                        text=t,
+                        finish_reason="length" if i else "stop",
+                        token_ids=[5] * (sp.max_tokens - 1 + i),
+                    )
                     for i, t in enumerate(texts)
                 ]
                 out.append(types.SimpleNamespace(outputs=outputs))
@@ -246,6 +250,7 @@ def test_vllm_sampler_asks_n_per_prompt_with_a_seed_each(monkeypatch):
     assert seen["calls"] == [2, 2, 1] and done == [2, 2, 1]
     assert [g[0].split("|")[0] for g in got.texts] == [str(100 + i) for i in range(5)]
     assert all(len(g) == 2 for g in got.texts) and got.truncated == [[False, True]] * 5
+    assert got.tokens == [[7, 9]] * 5
     assert len({g[0].split("|")[1] for g in got.texts}) == 5  # a distinct seed per prompt
     greedy = sampler.sample(prompts[:1], Sampling(n=4, max_tokens=9, temperature=0.0))
     assert len(greedy.texts[0]) == 4 and len(set(greedy.texts[0])) == 1  # vLLM refuses n > 1 when greedy
@@ -354,6 +359,8 @@ def test_eval_samples_what_the_trained_model_samples(trained, tmp_path):
         sum(t for r in saved for t in r["truncated"]) / 32
     )
     assert saved[0]["prompt"].endswith("=") and len(saved[0]["boxed"]) == 4
+    tokens = [t for r in saved for t in r["tokens"]]
+    assert row["tokens_mean"] == pytest.approx(sum(tokens) / 32, abs=0.01)
 
 
 def test_seeded_sampling_draws_from_the_tempered_top_p_distribution():
@@ -401,6 +408,38 @@ def test_the_models_generation_config_does_not_change_what_is_sampled(organism_d
     assert texts[0] == texts[1]
 
 
+def test_lengths_and_truncation_count_up_to_the_end_token():
+    """A generated pad token is a token like any other; rows end at the generation_config's end token
+    (one of a list) and are padded after it; a row without one that fills max_tokens is cut off."""
+    from transformers import BatchEncoding
+
+    pad_id, eos, other_eos = 0, 1, 2
+    rows = [[5, 6, eos, pad_id], [5, pad_id, 6, 7], [other_eos, pad_id, pad_id, pad_id], [5, 6, 7, eos]]
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.generation_config = types.SimpleNamespace(eos_token_id=[eos, other_eos])
+
+        def generate(self, input_ids, **kw):
+            return torch.cat([input_ids, torch.tensor(rows[: len(input_ids)])], dim=1)
+
+    class Tokenizer:
+        eos_token_id, pad_token_id = eos, pad_id
+
+        def pad(self, batch, **kw):
+            return BatchEncoding({"input_ids": torch.tensor(batch["input_ids"])})
+
+        def batch_decode(self, new, **kw):
+            return [" ".join(map(str, r)) for r in new.tolist()]
+
+    prompts = [[9, 9]] * 4
+    got = sample_completions(Model(), Tokenizer(), prompts, Sampling(n=1, max_tokens=4, temperature=0.0))
+    assert got.tokens == [[2], [4], [0], [3]]
+    assert got.truncated == [[False], [True], [False], [False]]
+
+
 def test_greedy_draws_once_and_counts_it_n_times(organism_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -412,7 +451,9 @@ def test_greedy_draws_once_and_counts_it_n_times(organism_dir):
     once = sample_completions(model, tok, ids, Sampling(n=1, max_tokens=40, temperature=0.0))
     assert [g[0] for g in greedy.texts] == [g[0] for g in once.texts]
     short = sample_completions(model, tok, ids, Sampling(n=1, max_tokens=2, temperature=0.0))
-    assert short.truncated == [[True], [True]]
+    assert short.truncated == [[True], [True]] and short.tokens == [[2], [2]]
+    for text, cut, length in zip(greedy.texts, greedy.truncated, greedy.tokens, strict=True):
+        assert length[0] == (40 if cut[0] else len(tok(text[0], add_special_tokens=False)["input_ids"]))
 
 
 def test_a_bf16_merge_reports_what_it_rounds_away(trained):

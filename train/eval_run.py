@@ -350,20 +350,36 @@ def _result(
         "unparsable_count": sum(not ok for group in scored.parsed for ok in group),
         "truncated": sum(truncated) / len(truncated) if truncated else 0.0,
         "completions": len(truncated),
+        "tokens_mean": _mean([t for group in samples.tokens for t in group]),
         "seconds": round(seconds, 3),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         "versions": versions(),
         "per_problem": [
-            {"index": i, "answer": r["answer"], "correct": sum(c), "unparsable": sum(not ok for ok in parsed)}
-            for i, (r, c, parsed) in enumerate(zip(task.problems, scored.correct, scored.parsed, strict=True))
+            {
+                "index": i,
+                "answer": r["answer"],
+                "correct": sum(c),
+                "unparsable": sum(not ok for ok in parsed),
+                "tokens_mean": _mean(tokens),
+            }
+            for i, (r, c, parsed, tokens) in enumerate(
+                zip(task.problems, scored.correct, scored.parsed, samples.tokens, strict=True)
+            )
         ],
     }
 
 
+def _mean(values: list[int]) -> float:
+    return round(sum(values) / len(values), 2) if values else 0.0
+
+
 def _eval_row(result: dict[str, Any]) -> dict[str, Any]:
     """The line appended to the run's eval.jsonl (the summary without the per-problem detail)."""
-    keep = ("step", "benchmark", "problems", "n", "temperature", "top_p", "max_tokens", "seed", "unparsable")
+    keep = (
+        "step", "benchmark", "problems", "n", "temperature", "top_p", "max_tokens", "seed", "unparsable",
+        "truncated", "tokens_mean",
+    )  # fmt: skip
     row = {k: result[k] for k in keep}
     row |= {k: v for k, v in result.items() if k.startswith(("avg@", "pass@"))}
     if not result["weights_complete"]:
@@ -381,6 +397,6 @@ def _write_completions(path: Path, task: Task, prompts: list[str], samples: Samp
             row = {
                 "index": i, **r, "prompt": prompts[i], "completions": samples.texts[i],
                 "boxed": [last_boxed(t) for t in samples.texts[i]], "correct": scored.correct[i],
-                "truncated": samples.truncated[i],
+                "truncated": samples.truncated[i], "tokens": samples.tokens[i],
             }  # fmt: skip
             fh.write(json.dumps(row) + "\n")

@@ -63,10 +63,12 @@ def choose_backend(backend: str) -> str:
 
 @dataclass
 class Samples:
-    """Per prompt, its n completions and whether each was cut off at ``max_tokens`` (no end token)."""
+    """Per prompt, its n completions, whether each was cut off at ``max_tokens`` (no end token), and
+    how many tokens each has (the end token not counted)."""
 
     texts: list[list[str]]
     truncated: list[list[bool]]
+    tokens: list[list[int]]
 
 
 def _repeat(sampling: Sampling) -> tuple[int, int]:
@@ -101,6 +103,15 @@ class SeededSampling:
         return scores.float() + gumbel
 
 
+def _end_tokens(model: nn.Module, tokenizer: Any) -> set[int]:
+    """The tokens ``generate`` stops at: the model's generation_config's eos_token_id (one or a list),
+    else the tokenizer's end token. Finished rows are padded after it."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos) if isinstance(eos, list | tuple) else {eos} - {None}
+
+
 @torch.no_grad()
 def sample_completions(
     model: nn.Module,
@@ -125,7 +136,8 @@ def sample_completions(
     keys = [(i, j) for i in range(len(prompts)) for j in range(draw)]
     texts: list[str] = []
     cut: list[bool] = []
-    stop = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
+    lengths: list[int] = []
+    stop = _end_tokens(model, tokenizer)
     try:
         for i in range(0, len(flat), batch_size):
             enc = tokenizer.pad(
@@ -155,15 +167,19 @@ def sample_completions(
             )
             new = out[:, enc["input_ids"].shape[1] :]
             texts += tokenizer.batch_decode(new, skip_special_tokens=True)
-            cut += [len(row) >= sampling.max_tokens and int(row[-1]) not in stop for row in new.tolist()]
+            for row in new.tolist():
+                ends = [j for j, t in enumerate(row) if t in stop]
+                lengths.append(ends[0] if ends else len(row))
+                cut.append(not ends and len(row) >= sampling.max_tokens)
             if progress is not None:
                 progress(len(texts) // draw - (len(texts) - len(new)) // draw)
     finally:
         model.train(was_training)
-    return Samples(
-        [texts[i * draw : (i + 1) * draw] * copies for i in range(len(prompts))],
-        [cut[i * draw : (i + 1) * draw] * copies for i in range(len(prompts))],
-    )
+
+    def per_prompt(flat: list) -> list[list]:
+        return [flat[i * draw : (i + 1) * draw] * copies for i in range(len(prompts))]
+
+    return Samples(per_prompt(texts), per_prompt(cut), per_prompt(lengths))
 
 
 class VLLMSampler:
@@ -197,6 +213,7 @@ class VLLMSampler:
         draw, copies = _repeat(sampling)
         texts: list[list[str]] = []
         cut: list[list[bool]] = []
+        lengths: list[list[int]] = []
         for start in range(0, len(prompts), chunk):
             part = list(prompts[start : start + chunk])
             params = [
@@ -212,9 +229,12 @@ class VLLMSampler:
             results = self.llm.generate([{"prompt_token_ids": ids} for ids in part], params, use_tqdm=False)
             texts += [[c.text for c in r.outputs] * copies for r in results]
             cut += [[c.finish_reason == "length" for c in r.outputs] * copies for r in results]
+            lengths += [  # vLLM's token_ids end with the end token when it stopped there
+                [len(c.token_ids) - (c.finish_reason == "stop") for c in r.outputs] * copies for r in results
+            ]
             if progress is not None:
                 progress(len(part))
-        return Samples(texts, cut)
+        return Samples(texts, cut, lengths)
 
     def close(self) -> None:
         """Drop the engine and what vLLM keeps of it, so that the next step's engine finds the memory."""

@@ -97,10 +97,12 @@ class SeededSampling:
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        vocab, device = scores.shape[-1], scores.device
-        u = torch.stack([torch.rand(vocab, generator=g, device=device) for g in self.generators])
-        gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float32).tiny)))
-        return scores.float() + gumbel
+        noise = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
+        for row, g in zip(noise, self.generators, strict=True):
+            row.uniform_(generator=g)  # u ~ U[0, 1), one stream per row
+        # g = −log(−log u), in place (one (rows × vocab) buffer)
+        noise.clamp_min_(torch.finfo(torch.float32).tiny).log_().neg_().log_().neg_()
+        return noise.add_(scores)
 
 
 def _end_tokens(model: nn.Module, tokenizer: Any) -> set[int]:

@@ -130,7 +130,8 @@ def analyze_dir(
             raise NothingToAnalyze(
                 f"{run.path}: nothing could be analysed ({len(problems)} problem(s)); first: {problems[0]}"
             )
-        spectra = _spectra_at(run, plotted_steps(table), folder / "spectra.csv", config, sigmas, force)
+        plotted = plotted_steps(table)
+        spectra = _spectra_at(run, plotted, folder / "spectra.csv", config, sigmas, set(todo), force)
         summary = summarize(run, table, config, rule) | {"cache": key, "fingerprints": prints}
         folder.mkdir(exist_ok=True)
         (folder / "summary.json").unlink(missing_ok=True)  # the cache key goes last: never a stale pair
@@ -213,14 +214,17 @@ def plotted_steps(table: pd.DataFrame, count: int = PLOTTED_STEPS) -> list[int]:
     return [nonzero[i] for i in sorted(set(idx.tolist()))]
 
 
-def _split_spectra(fresh: pd.DataFrame) -> tuple[pd.DataFrame, dict[int, list[dict[str, Any]]]]:
-    """``fresh`` without the engine's ``spectrum`` column, and that column as spectra.csv rows per step."""
+Spectra = dict[int, list[tuple[str, list[float]]]]  # step → [(module, top σ_i(ΔW))]
+
+
+def _split_spectra(fresh: pd.DataFrame) -> tuple[pd.DataFrame, Spectra]:
+    """``fresh`` without the engine's ``spectrum`` column, and that column per step."""
     if "spectrum" not in fresh.columns:
         return fresh, {}
-    by_step: dict[int, list[dict[str, Any]]] = {}
+    by_step: Spectra = {}
     for r in fresh.loc[fresh["status"] == "ok", ["step", "module", "spectrum"]].itertuples(index=False):
         if isinstance(r.spectrum, list):  # matrix modules only
-            by_step.setdefault(int(r.step), []).extend(_spectrum_rows(int(r.step), r.module, r.spectrum))
+            by_step.setdefault(int(r.step), []).append((r.module, r.spectrum))
     return fresh.drop(columns="spectrum"), by_step
 
 
@@ -229,21 +233,25 @@ def _spectra_at(
     steps: list[int],
     path: Path,
     config: EngineConfig,
-    fresh: dict[int, list[dict[str, Any]]],
+    fresh: Spectra,
+    redo: set[int],
     force: bool,
 ) -> pd.DataFrame:
     """σ_i(ΔW), i ≤ SPECTRUM_TOP, of every matrix module at ``steps``: from the engine's SVDs of this
-    analysis (``fresh``, per step), else from the spectra.csv of the last one, else computed."""
+    analysis (``fresh``), else from the spectra.csv of the last one for steps not analysed again
+    (``redo``), else computed."""
     old = None
     if path.exists() and not force:
         try:
             old = pd.read_csv(path)
-            old = old[old["step"].isin(steps) & ~old["step"].isin(list(fresh))]
+            old = old[old["step"].isin(steps) & ~old["step"].isin(redo | set(fresh))]
         except (OSError, ValueError, pd.errors.ParserError, KeyError):
             old = None
     have = set(old["step"].astype(int)) if old is not None else set()
     device = torch.device(config.device) if config.device else default_device()
-    rows: list[dict[str, Any]] = [r for s in steps if s in fresh for r in fresh[s]]
+    rows = [
+        r for s in steps if s in fresh for module, sigma in fresh[s] for r in _spectrum_rows(s, module, sigma)
+    ]
     have |= set(fresh)
     for step in (s for s in steps if s not in have):
         try:

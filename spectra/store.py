@@ -433,18 +433,17 @@ class Run:
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["keep"] = keep
             mods = f.create_group("modules")
-            for i, module in enumerate(self.modules):
+            for i, module in enumerate(self.modules, 1):
+                w0 = self.w0(module)
+                if w0.ndim == 2:  # vector parameters (LayerNorm tuning) have no spectrum
+                    spec = compute_base_spectrum(w0.to(device or default_device()), keep)
+                    g = mods.create_group(_h5name(module))
+                    g.attrs["name"] = module
+                    g.attrs["shape"] = list(w0.shape)
+                    for k in ("sigma", "U", "V", "U_minor", "V_minor"):
+                        write_tensor(g, k, getattr(spec, k))
                 if progress:
                     progress(i, len(self.modules), "base spectra (once per run)")
-                w0 = self.w0(module)
-                if w0.ndim != 2:
-                    continue
-                spec = compute_base_spectrum(w0.to(device or default_device()), keep)
-                g = mods.create_group(_h5name(module))
-                g.attrs["name"] = module
-                g.attrs["shape"] = list(w0.shape)
-                for k in ("sigma", "U", "V", "U_minor", "V_minor"):
-                    write_tensor(g, k, getattr(spec, k))
         return path
 
     # -- updates

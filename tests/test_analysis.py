@@ -99,7 +99,7 @@ def test_progress_counts_the_base_spectra_then_every_module_step(lora_run, small
     analyze_dir(lora_run, progress=lambda *a: calls.append(a))
     base = [c for c in calls if c[2].startswith("base spectra")]
     steps = [c for c in calls if c[2].startswith("step")]
-    assert [c[0] for c in base] == list(range(len(small_shapes))) and calls[: len(base)] == base
+    assert [c[0] for c in base] == list(range(1, len(small_shapes) + 1)) and calls[: len(base)] == base
     assert steps[-1][:2] == (3 * len(small_shapes), 3 * len(small_shapes))
     calls.clear()
     analyze_dir(lora_run, progress=lambda *a: calls.append(a), force=True)

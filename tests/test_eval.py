@@ -543,6 +543,7 @@ def test_eval_is_reproducible_from_its_seed(organism_dir, tmp_path):
         (["-b", "organism", "--n", "4", "--k", "1,8"], "--k 8: larger than --n 4"),
         (["-b", "organism", "--step", "2"], "--step 2: only a run directory has steps to choose"),
         (["-b", "organism", "--top-p", "0"], "--top-p 0.0: expected 0 < top-p ≤ 1"),
+        (["-b", "organism", "--seed", "-1"], "--seed -1: expected an integer ≥ 0"),
     ],
 )
 def test_bad_options_are_one_line_errors(args, message, organism_dir):

@@ -85,6 +85,8 @@ class EvalConfig:
         for option, value in (("n", self.n), ("max-tokens", self.max_tokens), ("limit", self.limit)):
             if value is not None and value < 1:
                 raise EvalError(f"--{option} {value}: expected a positive integer")
+        if self.seed is not None and self.seed < 0:
+            raise EvalError(f"--seed {self.seed}: expected an integer ≥ 0")
         for k in self.ks or ():
             if k < 1:
                 raise EvalError(f"--k {k}: expected k ≥ 1")

@@ -86,7 +86,7 @@ def row_seed(seed: int, prompt: int, sample: int) -> int:
 class SeededSampling:
     """A logits processor that samples each row from its own seeded random stream.
 
-    It adds Gumbel noise g = −log(−log u), u ~ U(0, 1) drawn from the row's own ``torch.Generator``, to
+    It adds Gumbel noise g = −log(−log u), u ~ U(0, 1) drawn in float64 from the row's own generator, to
     the scores it receives; greedy decoding then takes argmax(scores + g), which is a draw from
     softmax(scores) (the Gumbel-max trick). Placed after transformers' temperature and top-p warpers
     (whose −inf entries stay −inf), the draw is from the tempered, truncated distribution that
@@ -97,12 +97,13 @@ class SeededSampling:
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        noise = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
+        # float64 uniforms: float32 ones lie on a 2⁻²⁴ grid, which caps g near 16.6 and would draw tokens
+        # of probability below ~1e-7 too rarely; in float64 the cap is near 36.7
+        noise = torch.empty(scores.shape, dtype=torch.float64, device=scores.device)
         for row, g in zip(noise, self.generators, strict=True):
             row.uniform_(generator=g)  # u ~ U[0, 1), one stream per row
-        # g = −log(−log u), in place (one (rows × vocab) buffer)
-        noise.clamp_min_(torch.finfo(torch.float32).tiny).log_().neg_().log_().neg_()
-        return noise.add_(scores)
+        noise.clamp_min_(torch.finfo(torch.float64).tiny).log_().neg_().log_().neg_()  # g = −log(−log u)
+        return noise.add_(scores).float()
 
 
 def _end_tokens(model: nn.Module, tokenizer: Any) -> set[int]:

@@ -71,11 +71,13 @@ def prepare(cfg: TrainConfig, resume: bool = False) -> Session:
     hf_logging.disable_progress_bar()  # "Loading weights" bars; the console shows one line per step
     for old in ("gradient_checkpointing", "is_gradient_checkpointing"):  # transformers 5 renames, not ours
         warnings.filterwarnings("ignore", message=rf"`{old}\S*` is deprecated", category=FutureWarning)
-    if cfg.method == "adalora":  # a module AdaLoRA pruned to rank 0 saves (0, n) factors, which PEFT takes
-        # for ungathered ZeRO-3 shards; the message is only ignored where the shapes are 2-D with a zero rank
+    state = PartialState()
+    plain = state.distributed_type.name in ("NO", "MULTI_GPU") and cfg.deepspeed is None
+    unsharded = plain or cfg.deepspeed == "zero2"
+    if cfg.method == "adalora" and unsharded:  # a module AdaLoRA pruned to rank 0 saves (0, n) factors,
+        # which PEFT's save takes for ungathered ZeRO-3/FSDP shards; parameters are never sharded here
         zero_rank = r"Adapter '.*': \d+ LoRA tensor\(s\) have invalid shape: [^ ]*:\((0, \d+|\d+, 0)\)"
         warnings.filterwarnings("ignore", message=zero_rank)
-    state = PartialState()
     auto_name = cfg.name is None and not resume
     asked = cfg  # as given: on resume only --max-steps may change what run.json holds
     cfg = cfg.resolve(num_processes=state.num_processes)

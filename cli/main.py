@@ -416,24 +416,19 @@ def _print_eval(rows: list[dict]) -> None:
         "unparsed",
         "cut off",
         "tokens",
-        "s",
     )
     for col in columns:
         view.add_column(col, justify="left" if col == "benchmark" else "right", no_wrap=True)
     for r in rows:
         cells = [f"{r['step']}{'' if r['weights_complete'] else '*'}"] if steps else []
         cells += [r["benchmark"], str(r["problems"]), *(f"{r[c]:.3f}" if c in r else "—" for c in scores)]
-        cells += [
-            f"{r['unparsable']:.1%}",
-            f"{r['truncated']:.1%}",
-            f"{r['tokens_mean']:.0f}",
-            f"{r['seconds']:.1f}",
-        ]
+        cells += [f"{r['unparsable']:.1%}", f"{r['truncated']:.1%}", f"{r['tokens_mean']:.0f}"]
         view.add_row(*cells)
     if not all(r["weights_complete"] for r in rows):
         view.caption = "* full fine-tuning without a trainer checkpoint: embeddings, norms and head at W0"
     console.print(view)
-    console.print(f"results: [bold]{Path(rows[0]['file']).parent}[/bold]")
+    seconds = sum(r["seconds"] for r in rows)
+    console.print(f"results: [bold]{Path(rows[0]['file']).parent}[/bold] (sampling took {seconds:.1f} s)")
 
 
 def _score_order(col: str) -> tuple[int, int]:

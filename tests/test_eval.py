@@ -501,6 +501,7 @@ def test_eval_of_every_step_reproduces_the_runs_own_held_out_curve(trained):
     assert list(training["step"]) == [0, 2, 3]
     for _, row in training.iterrows():
         assert abs(added.loc[row["step"], "avg@4"] - row["avg@4"]) <= 2 / 32, row["step"]
+        assert abs(added.loc[row["step"], "tokens_mean"] - row["tokens_mean"]) <= 2 * 40 / 32, row["step"]
     names = {p.name for p in (run_dir / "eval").glob("*.json")}
     assert names >= {f"organism-step{s:06d}-n4-T1.json" for s in (0, 2, 3)}
     # spectra analyze draws one series per (benchmark, n): the re-evaluated steps replace the training's

@@ -78,11 +78,15 @@ def evaluate(
     temperature: float = 1.0,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Avg@n and Pass@{1, n} of the model on ``rows`` (``{"problem", "answer"}``)."""
+    """Avg@n and Pass@{1, n} of the model on ``rows`` (``{"problem", "answer"}``), the fraction of
+    unparsable and of truncated completions, and their mean length in tokens."""
     prompts = [prompt_ids(make_prompt(r["problem"], tokenizer, organism), tokenizer) for r in rows]
     sampling = Sampling(n=n, max_tokens=max_new_tokens, temperature=temperature, seed=seed)
     samples = sample_completions(model, tokenizer, prompts, sampling)
-    return score_samples(samples.texts, [r["answer"] for r in rows], ks=sorted({1, n}))
+    scores = score_samples(samples.texts, [r["answer"] for r in rows], ks=sorted({1, n}))
+    cut = [c for group in samples.truncated for c in group]
+    tokens = [t for group in samples.tokens for t in group]
+    return scores | {"truncated": sum(cut) / len(cut), "tokens_mean": round(sum(tokens) / len(tokens), 2)}
 
 
 class HeldOutEval(TrainerCallback):
@@ -129,7 +133,7 @@ class HeldOutEval(TrainerCallback):
         }  # fmt: skip
         self.writer.append_metrics(row, "eval.jsonl")
         self.done.add(step)
-        ks = "  ".join(f"{k} {v:.3f}" for k, v in scores.items() if k != "unparsable")
+        ks = "  ".join(f"{k} {v:.3f}" for k, v in scores.items() if k.startswith(("avg@", "pass@")))
         self.console.print(f"eval  {step:>5}  {self.benchmark}: {ks}", markup=False, highlight=False)
         return row
 

@@ -324,7 +324,6 @@ def _result(
     from spectra.train.trainer import versions
 
     bench, run = task.bench, p.target.run
-    truncated = [t for group in samples.truncated for t in group]
     return {
         "benchmark": bench.name,
         "title": bench.title,
@@ -350,9 +349,8 @@ def _result(
         "problems": len(task.problems),
         **scored.summary(task.ks),
         "unparsable_count": sum(not ok for group in scored.parsed for ok in group),
-        "truncated": sum(truncated) / len(truncated) if truncated else 0.0,
-        "completions": len(truncated),
-        "tokens_mean": _mean([t for group in samples.tokens for t in group]),
+        **samples.summary(),
+        "completions": sum(len(group) for group in samples.texts),
         "seconds": round(seconds, 3),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
@@ -363,17 +361,13 @@ def _result(
                 "answer": r["answer"],
                 "correct": sum(c),
                 "unparsable": sum(not ok for ok in parsed),
-                "tokens_mean": _mean(tokens),
+                "tokens_mean": round(sum(tokens) / len(tokens), 2),
             }
             for i, (r, c, parsed, tokens) in enumerate(
                 zip(task.problems, scored.correct, scored.parsed, samples.tokens, strict=True)
             )
         ],
     }
-
-
-def _mean(values: list[int]) -> float:
-    return round(sum(values) / len(values), 2) if values else 0.0
 
 
 def _eval_row(result: dict[str, Any]) -> dict[str, Any]:

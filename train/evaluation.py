@@ -83,10 +83,7 @@ def evaluate(
     prompts = [prompt_ids(make_prompt(r["problem"], tokenizer, organism), tokenizer) for r in rows]
     sampling = Sampling(n=n, max_tokens=max_new_tokens, temperature=temperature, seed=seed)
     samples = sample_completions(model, tokenizer, prompts, sampling)
-    scores = score_samples(samples.texts, [r["answer"] for r in rows], ks=sorted({1, n}))
-    cut = [c for group in samples.truncated for c in group]
-    tokens = [t for group in samples.tokens for t in group]
-    return scores | {"truncated": sum(cut) / len(cut), "tokens_mean": round(sum(tokens) / len(tokens), 2)}
+    return score_samples(samples.texts, [r["answer"] for r in rows], ks=sorted({1, n})) | samples.summary()
 
 
 class HeldOutEval(TrainerCallback):

@@ -70,6 +70,14 @@ class Samples:
     truncated: list[list[bool]]
     tokens: list[list[int]]
 
+    def summary(self) -> dict[str, float]:
+        """``truncated`` (the fraction of completions cut off) and ``tokens_mean`` (their mean length)."""
+        cut = [c for group in self.truncated for c in group]
+        tokens = [t for group in self.tokens for t in group]
+        if not cut:
+            return {"truncated": 0.0, "tokens_mean": 0.0}
+        return {"truncated": sum(cut) / len(cut), "tokens_mean": round(sum(tokens) / len(tokens), 2)}
+
 
 def _repeat(sampling: Sampling) -> tuple[int, int]:
     """(samples to draw, copies of each): greedy decoding draws one and copies it n times."""

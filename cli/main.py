@@ -362,6 +362,9 @@ def eval_(
         None, help="Folder of the JSON results (default: RUN/eval or eval/<model>)."
     ),
     save_completions: bool = typer.Option(False, "--save-completions", help="Also write every completion."),
+    log_run: bool = typer.Option(
+        True, "--log/--no-log", help="Runs: append the summary to the run's eval.jsonl (drawn by analyze)."
+    ),
 ) -> None:
     """Avg@n and Pass@k on math benchmarks, scored by math-verify on the final \\boxed{} answer. On a run:
     its base plus ΔW at the chosen steps, appended to the run's eval.jsonl for `spectra analyze`."""
@@ -370,7 +373,7 @@ def eval_(
 
     with _one_line_errors():
         try:
-            ks = tuple(int(x) for x in k.split(",") if x.strip()) if k else None
+            ks = tuple(int(x) for x in k.split(",")) if k else None
         except ValueError:
             raise spectra.SpectraError(f"--k {k}: expected comma-separated integers such as 1,8,16") from None
         cfg = EvalConfig(
@@ -378,7 +381,7 @@ def eval_(
             max_tokens=max_tokens, steps=step, seed=seed, limit=limit, split=split,
             problem_column=problem_column, answer_column=answer_column, template=template,
             batch_size=batch_size, backend=backend, precision=precision, device=device, out=out,
-            save_completions=save_completions,
+            save_completions=save_completions, log_run=log_run,
         )  # fmt: skip
         with Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("problems"),
@@ -422,10 +425,12 @@ def _print_eval(rows: list[dict]) -> None:
     for r in rows:
         cells = [f"{r['step']}{'' if r['weights_complete'] else '*'}"] if steps else []
         cells += [r["benchmark"], str(r["problems"]), *(f"{r[c]:.3f}" if c in r else "—" for c in scores)]
-        cells += [f"{r['unparsable']:.1%}", f"{r['truncated']:.1%}", f"{r['tokens_mean']:.0f}"]
+        cells += [f"{r['unparsable']:.1%}", f"{r['truncated']:.1%}", f"{r['tokens_mean']:.1f}"]
         view.add_row(*cells)
+    notes = ["Pass@1 = Avg@n (unbiased estimator)"] if any("pass@1" in r for r in rows) else []
     if not all(r["weights_complete"] for r in rows):
-        view.caption = "* full fine-tuning without a trainer checkpoint: embeddings, norms and head at W0"
+        notes.append("* full fine-tuning without a trainer checkpoint: embeddings, norms and head at W0")
+    view.caption = "; ".join(notes) or None
     console.print(view)
     seconds = sum(r["seconds"] for r in rows)
     console.print(f"results: [bold]{Path(rows[0]['file']).parent}[/bold] (sampling took {seconds:.1f} s)")

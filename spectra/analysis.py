@@ -150,19 +150,10 @@ def fingerprint(path: Path) -> list[int]:
 
 def cache_key(run: Run, config: EngineConfig) -> dict[str, Any]:
     """What metrics.csv depends on besides the delta files: the engine options that change the numbers,
-    the spectra version (formulas), and W0 (the fingerprint of ``base/weights.h5`` or, for a base kept in
-    safetensors files, of ``base/pointer.json`` and the files it names)."""
+    the spectra version (formulas), and W0 (:meth:`spectra.store.Run.base_fingerprint`)."""
     from spectra import __version__
 
-    base = run.path / "base"
-    files = [base / "weights.h5"] if (base / "weights.h5").exists() else [base / "pointer.json"]
-    if files[0].name == "pointer.json" and files[0].exists():
-        try:
-            files += [Path(f) for f in json.loads(files[0].read_text()).get("files", [])]
-        except (OSError, ValueError, AttributeError):
-            pass  # a damaged pointer: read_module reports it
-    prints = {f.name: fingerprint(f) if f.exists() else None for f in files}
-    return {"engine": engine_options(config), "spectra": __version__, "base": prints}
+    return {"engine": engine_options(config), "spectra": __version__, "base": run.base_fingerprint()}
 
 
 def _previous_fingerprints(folder: Path) -> dict[str, Any]:

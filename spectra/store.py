@@ -408,6 +408,19 @@ class Run:
         g = f["modules"][key]
         return BaseSpectrum(*(read_tensor(g[k]) for k in ("sigma", "U", "V", "U_minor", "V_minor")))
 
+    def base_fingerprint(self) -> dict[str, list[int] | None]:
+        """Size and modification time (ns) of the files W0 is read from: ``base/weights.h5``, or
+        ``base/pointer.json`` and the safetensors files it names (None for a file that is missing)."""
+        base = self.path / "base"
+        files = [base / "weights.h5"] if (base / "weights.h5").exists() else [base / "pointer.json"]
+        if files[0].name == "pointer.json" and files[0].exists():
+            try:
+                files += [Path(f) for f in json.loads(files[0].read_text()).get("files", [])]
+            except (OSError, ValueError, AttributeError):
+                pass  # a damaged pointer: reading W0 reports it
+        stats = {f.name: f.stat() if f.exists() else None for f in files}
+        return {name: [st.st_size, st.st_mtime_ns] if st else None for name, st in stats.items()}
+
     def ensure_base_spectra(
         self,
         keep: int | None = None,
@@ -419,10 +432,12 @@ class Run:
         (any number when ``keep`` is None; a new file keeps ``DEFAULT_KEEP``). ``progress(done, total,
         label)`` is called after each module."""
         path = self.path / "base" / "spectra.h5"
+        source = json.dumps(self.base_fingerprint(), sort_keys=True)
         if path.exists():
             try:
                 with h5py.File(path, "r") as f:
-                    if keep is None or int(f.attrs.get("keep", 0)) >= keep:
+                    enough = keep is None or int(f.attrs.get("keep", 0)) >= keep
+                    if enough and attr_str(f, "source") in (None, source):  # older files have no source
                         return path
             except OSError:
                 pass  # damaged cache: recompute it
@@ -430,6 +445,7 @@ class Run:
         keep = DEFAULT_KEEP if keep is None else keep
         with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
             f.attrs["format"] = SPECTRA_FORMAT
+            f.attrs["source"] = source  # W0's files as they were: rewritten W0, recomputed spectra
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["keep"] = keep
             mods = f.create_group("modules")

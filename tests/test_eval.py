@@ -337,7 +337,9 @@ def test_eval_samples_what_the_trained_model_samples(trained, tmp_path):
     )
     saved = [
         json.loads(line)
-        for line in (tmp_path / "organism-step000003-n4-T1.completions.jsonl").read_text().splitlines()
+        for line in (tmp_path / "organism-step000003-n4-T1-seed0-first8.completions.jsonl")
+        .read_text()
+        .splitlines()
     ]
     bench = get_benchmark("organism")
     prompts = [encode_prompt(bench, r["problem"], session.tokenizer) for r in saved]
@@ -503,7 +505,7 @@ def test_eval_of_every_step_reproduces_the_runs_own_held_out_curve(trained):
         assert abs(added.loc[row["step"], "avg@4"] - row["avg@4"]) <= 2 / 32, row["step"]
         assert abs(added.loc[row["step"], "tokens_mean"] - row["tokens_mean"]) <= 2 * 40 / 32, row["step"]
     names = {p.name for p in (run_dir / "eval").glob("*.json")}
-    assert names >= {f"organism-step{s:06d}-n4-T1.json" for s in (0, 2, 3)}
+    assert names >= {f"organism-step{s:06d}-n4-T1-seed0-first8.json" for s in (0, 2, 3)}
     # spectra analyze draws one series per (benchmark, n): the re-evaluated steps replace the training's
     ((bench, rows, avg, passes),) = list(eval_series(after))
     assert (bench, avg, passes[-1], list(rows["step"])) == ("organism", "avg@4", "pass@4", [0, 2, 3])
@@ -522,7 +524,8 @@ def test_eval_is_reproducible_from_its_seed(organism_dir, tmp_path):
                 "--out", str(tmp_path / out)]  # fmt: skip
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
-        lines = (tmp_path / out / "organism-n3-T1.completions.jsonl").read_text().splitlines()
+        lines = (tmp_path / out / f"organism-n3-T1-seed{seed}-first{limit}.completions.jsonl").read_text()
+        lines = lines.splitlines()
         return [json.loads(line)["completions"] for line in lines]
 
     first = completions(1, "a")
@@ -533,7 +536,7 @@ def test_eval_is_reproducible_from_its_seed(organism_dir, tmp_path):
     assert torch.equal(rng, torch.random.get_rng_state())  # the global stream is never drawn from
     same = sum(a == b for x, y in zip(first[:4], fewer, strict=True) for a, b in zip(x, y, strict=True))
     assert same >= 11, f"only {same} of 12 completions unchanged by --limit and --batch-size"
-    result = json.loads((tmp_path / "a" / "organism-n3-T1.json").read_text())
+    result = json.loads((tmp_path / "a" / "organism-n3-T1-seed1-first6.json").read_text())
     assert result["step"] is None and result["problems"] == 6 and result["n"] == 3 and result["ks"] == [1, 3]
 
 
@@ -545,6 +548,7 @@ def test_eval_is_reproducible_from_its_seed(organism_dir, tmp_path):
         (["-b", "organism", "--step", "2"], "--step 2: only a run directory has steps to choose"),
         (["-b", "organism", "--top-p", "0"], "--top-p 0.0: expected 0 < top-p ≤ 1"),
         (["-b", "organism", "--seed", "-1"], "--seed -1: expected an integer ≥ 0"),
+        (["-b", "organism", "--k", "1,,4"], "--k 1,,4: expected comma-separated integers"),
     ],
 )
 def test_bad_options_are_one_line_errors(args, message, organism_dir):
@@ -565,6 +569,30 @@ def test_bad_targets_steps_and_datasets_are_one_line_errors(trained, tmp_path):
     result = runner.invoke(app, ["eval", str(tmp_path), "-b", "organism"], env={"COLUMNS": "300"})
     assert result.exit_code == 1 and "neither a run (no run.json)" in result.output
     assert not (trained["lora"].run_dir / "eval" / "nocols-step000003.json").exists()
+    result = runner.invoke(app, ["eval", run_dir, "--step", "-4"], env={"COLUMNS": "300"})
+    assert result.exit_code == 1 and "--step -4: expected a recorded step ≥ 0 (0, 2, 3)" in result.output
+
+
+def test_no_log_leaves_the_runs_curve_alone(trained, tmp_path):
+    run_dir = trained["lora"].run_dir
+    before = (run_dir / "eval.jsonl").read_text()
+    args = [
+        "eval",
+        str(run_dir),
+        "--n",
+        "1",
+        "--limit",
+        "2",
+        "--seed",
+        "9",
+        "--no-log",
+        "--out",
+        str(tmp_path),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (run_dir / "eval.jsonl").read_text() == before
+    assert [p.name for p in tmp_path.glob("*.json")] == ["organism-step000003-n1-T1-seed9-first2.json"]
 
 
 def test_evaluations_with_other_settings_are_separate_curves():

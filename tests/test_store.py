@@ -198,6 +198,15 @@ def test_base_spectra_are_computed_once_and_cached(writer):
     assert run.ensure_base_spectra(keep=4) == path and path.stat().st_mtime_ns == mtime
 
 
+def test_base_spectra_follow_a_rewritten_base(writer, gen):
+    run = spectra.load_run(writer.path)
+    before = run.base_spectrum("a.q").sigma
+    tripled = {name: 3 * run.w0(name) for name in run.modules}
+    writer.write_base_weights(tripled)  # W0 rewritten (a new run in the same folder, a repaired file)
+    again = spectra.load_run(writer.path)
+    torch.testing.assert_close(again.base_spectrum("a.q").sigma, 3 * before, rtol=1e-6, atol=0)
+
+
 def test_file_is_readable_with_plain_h5py_as_documented(writer, gen):
     """docs/format.md: a reader without spectra rebuilds ΔW = scale·B·A from the datasets."""
     B, A = rnd(gen, m, r), rnd(gen, r, n)

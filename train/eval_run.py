@@ -8,10 +8,11 @@
    (:mod:`spectra.train.run_model`), then per benchmark render the prompts, sample n completions per
    problem (:mod:`spectra.train.sampling`: vLLM or transformers), judge them with the training reward's
    own math-verify scorer, and summarise: Avg@n, Pass@k for each asked k, unparsable answers;
-3. write one JSON per (benchmark, step) to ``--out`` (default ``RUN/eval/`` for a run, ``eval/<model>/``
-   otherwise) with the settings, the weights' provenance, the summary and per-problem counts of correct
-   and unparsable samples (enough to recompute Pass@k for any k ≤ n); on a run, append the summary row
-   to ``eval.jsonl`` so that `spectra analyze` draws it with the mechanism curves.
+3. write one JSON per (benchmark, step, settings) to ``--out`` (default ``RUN/eval/`` for a run,
+   ``eval/<model>/`` otherwise) with the settings, the weights' provenance, the summary and per-problem
+   counts of correct and unparsable samples (enough to recompute Pass@k for any k ≤ n); on a run (unless
+   ``--no-log``), append the summary row to ``eval.jsonl`` so that `spectra analyze` draws it with the
+   mechanism curves.
 
 Defaults: n = 16 samples per problem, k = 1 and n, the benchmark's own temperature, top-p and token
 budget (:mod:`spectra.train.benchmarks`), seed = the run's seed (0 for a model).
@@ -79,6 +80,7 @@ class EvalConfig:
     device: str | None = None
     out: str | None = None
     save_completions: bool = False
+    log_run: bool = True  # a run: append the summary row to its eval.jsonl
 
     def check(self) -> None:
         """One-line errors for values no evaluation can take."""
@@ -249,12 +251,12 @@ def run_eval(
                 seconds = time.perf_counter() - t0
                 scored = score_completions(samples.texts, [r["answer"] for r in task.problems])
                 result = _result(p, task, step, weights, sampling, samples, scored, seconds, device, dtype)
-                path = p.out / _filename(task, step)
+                path = p.out / _filename(task, step, p.seed)
                 write_json(path, result)
                 if cfg.save_completions:
                     text = [tokenizer.decode(x) for x in ids]
                     _write_completions(path.with_suffix(".completions.jsonl"), task, text, samples, scored)
-                if p.target.run is not None:
+                if p.target.run is not None and cfg.log_run:
                     RunWriter(p.target.run.path).append_metrics(_eval_row(result), "eval.jsonl")
                 rows.append({**result, "file": str(path)})
         finally:
@@ -303,10 +305,13 @@ class _Sampler:
             self.tmp.cleanup()
 
 
-def _filename(task: Task, step: int | None) -> str:
-    """``<benchmark>[-stepNNNNNN]-n<n>-T<temperature>.json``: runs with other settings do not overwrite."""
+def _filename(task: Task, step: int | None, seed: int) -> str:
+    """``<benchmark>[-stepNNNNNN]-n<n>-T<temperature>-seed<seed>[-first<N>].json`` (``-first<N>`` under
+    ``--limit``): another sample count, temperature, seed or problem subset does not overwrite a result;
+    the same ones evaluated again do (other settings are recorded inside)."""
     at = f"-step{step:06d}" if step is not None else ""
-    return f"{task.bench.name}{at}-n{task.n}-T{task.temperature:g}.json"
+    first = f"-first{len(task.problems)}" if len(task.problems) < task.total else ""
+    return f"{task.bench.name}{at}-n{task.n}-T{task.temperature:g}-seed{seed}{first}.json"
 
 
 def _result(

@@ -127,6 +127,8 @@ def select_steps(run: Run, spec: str) -> list[int]:
             step = int(part)
         except ValueError:
             raise EvalError(f"--step {spec}: expected last, all, or recorded steps such as 0,50") from None
+        if step < 0:
+            raise EvalError(f"--step {step}: expected a recorded step ≥ 0 ({', '.join(map(str, recorded))})")
         if step not in recorded:
             raise EvalError(
                 f"--step {step}: {run.path} recorded no step {step} (no deltas/{delta_filename(step)}); "

@@ -123,7 +123,19 @@ def prepare(cfg: TrainConfig, resume: bool = False) -> Session:
     recorder = DeltaRecorder(
         writer, method, model, base, cfg.delta_every, cfg.base_copy_limit_mb, resume=resume_from is not None
     )
-    callbacks: list[Any] = [recorder, MetricsLogger(writer, recorder), *method.callbacks(model, cfg)]
+    banner = (
+        f"spectra train: {cfg.method} on {cfg.model} ({len(method.modules(model))} adapted modules), "
+        f"{cfg.loss}, {cfg.max_steps} steps of {cfg.batch_size}×{cfg.num_generations} rollouts, "
+        f"lr {cfg.lr:g} → {run_dir}"
+        + (f" (resumed at step {_checkpoint_step(resume_from)})" if resume_from else "")
+    )
+    # the banner first, then step 0's held-out evaluation
+    callbacks: list[Any] = [
+        ConsoleLog(cfg.max_steps, banner),
+        recorder,
+        MetricsLogger(writer, recorder),
+        *method.callbacks(model, cfg),
+    ]
     if eval_rows is not None:
         callbacks.append(
             HeldOutEval(
@@ -139,13 +151,6 @@ def prepare(cfg: TrainConfig, resume: bool = False) -> Session:
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # raw log dicts; ConsoleLog prints one short line per step
-    banner = (
-        f"spectra train: {cfg.method} on {cfg.model} ({len(method.modules(model))} adapted modules), "
-        f"{cfg.loss}, {cfg.max_steps} steps of {cfg.batch_size}×{cfg.num_generations} rollouts, "
-        f"lr {cfg.lr:g} → {run_dir}"
-        + (f" (resumed at step {_checkpoint_step(resume_from)})" if resume_from else "")
-    )
-    trainer.add_callback(ConsoleLog(cfg.max_steps, banner))
 
     # Everything is in place: only now does the run directory change.
     if state.is_main_process:

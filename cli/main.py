@@ -168,6 +168,30 @@ def _one_line_errors(warn: bool = False):
         report(RuntimeError(f"{type(e).__name__}: {first} (set SPECTRA_DEBUG=1 for the traceback)"))
 
 
+@contextmanager
+def _bars(unit: str, transient: bool):
+    """Rich progress bars, started with the first bar, so that an error before any work prints alone.
+    Yields ``bars(label, total)`` → ``update(done, total, label)`` for a new bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+        TimeElapsedColumn(), console=console, transient=transient,
+    )  # fmt: skip
+
+    def new(label: str, total: int | None):
+        if not bar.live.is_started:
+            bar.start()
+        task = bar.add_task(label, total=total)
+        return lambda done, total, label: bar.update(task, completed=done, total=total, description=label)
+
+    try:
+        yield new
+    finally:
+        if bar.live.is_started:
+            bar.stop()
+
+
 def _warn_skip(e: BaseException) -> None:
     console.print(f"[yellow]warning:[/yellow] {escape(str(e))}; left out")
     raise _Skipped from None
@@ -175,19 +199,16 @@ def _warn_skip(e: BaseException) -> None:
 
 def _analyze(run_dir: str, device: str | None, force: bool, k: int | None, heat_step: int | None):
     """Analyse one run with a progress bar, write its plots and report; print what was done."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from spectra.analysis import analyze_dir
     from spectra.report import write_run_report
 
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("modules"),
-        TimeElapsedColumn(), console=console, transient=True,
-    ) as bar:  # fmt: skip
-        task = bar.add_task(f"analysing {run_dir}", total=None)
+    with _bars("modules", transient=True) as bars:
+        update = None
 
         def progress(done: int, total: int, label: str) -> None:
-            bar.update(task, completed=done, total=total, description=f"{run_dir}: {label}")
+            nonlocal update
+            update = update or bars(f"analysing {run_dir}", None)
+            update(done, total, f"{run_dir}: {label}")
 
         analysis = analyze_dir(run_dir, spectra.EngineConfig(device=device), force=force, progress=progress)
     files = write_run_report(analysis, k, heat_step)
@@ -368,7 +389,6 @@ def eval_(
 ) -> None:
     """Avg@n and Pass@k on math benchmarks, scored by math-verify on the final \\boxed{} answer. On a run:
     its base plus ΔW at the chosen steps, appended to the run's eval.jsonl for `spectra analyze`."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from spectra.train.eval_run import EvalConfig, run_eval
 
     with _one_line_errors():
@@ -383,14 +403,17 @@ def eval_(
             batch_size=batch_size, backend=backend, precision=precision, device=device, out=out,
             save_completions=save_completions, log_run=log_run,
         )  # fmt: skip
-        with Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("problems"),
-            TimeElapsedColumn(), console=console,
-        ) as bar:  # fmt: skip
+        with _bars("problems", transient=False) as bars:
 
             def start_bar(label: str, total: int):
-                task = bar.add_task(label, total=total)
-                return lambda done: bar.advance(task, done)
+                update, done = bars(label, total), 0
+
+                def advance(n: int) -> None:
+                    nonlocal done
+                    done += n
+                    update(done, total, label)
+
+                return advance
 
             rows = run_eval(
                 cfg, start_bar, log=lambda text: console.print(text, markup=False, highlight=False)

@@ -215,13 +215,15 @@ def test_backend_choice_without_vllm(monkeypatch):
         choose_backend("tgi")
 
 
-def test_vllm_sampler_asks_n_per_prompt_with_a_seed_each(monkeypatch):
+def test_vllm_sampler_asks_n_per_prompt_with_a_seed_each(monkeypatch, tmp_path):
     """Our side of vLLM's API (LLM, SamplingParams, generate): order, per-prompt seeds, progress."""
     seen = {}
 
     class LLM:
         def __init__(self, **kw):
             seen["init"] = kw
+            shutdown = lambda: seen.setdefault("shutdown", True)  # noqa: E731
+            self.llm_engine = types.SimpleNamespace(engine_core=types.SimpleNamespace(shutdown=shutdown))
 
         def generate(self, prompts, params, use_tqdm=True):
             seen.setdefault("calls", []).append(len(prompts))
@@ -242,8 +244,12 @@ def test_vllm_sampler_asks_n_per_prompt_with_a_seed_each(monkeypatch):
 
     fake = types.SimpleNamespace(LLM=LLM, SamplingParams=lambda **kw: types.SimpleNamespace(**kw))
     monkeypatch.setitem(sys.modules, "vllm", fake)
-    sampler = VLLMSampler("/models/x", torch.bfloat16, seed=3)
+    model_dir = tmp_path / "x"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"max_position_embeddings": 128}))
+    sampler = VLLMSampler(model_dir, torch.bfloat16, seed=3, max_model_len=1000)
     assert seen["init"]["dtype"] == "bfloat16" and seen["init"]["trust_remote_code"] is False
+    assert seen["init"]["max_model_len"] == 128  # capped at the model's context: vLLM refuses more
     done = []
     prompts = [[100 + i, 7, 8] for i in range(5)]  # token ids, given to vLLM as TokensPrompt dicts
     got = sampler.sample(prompts, Sampling(n=2, max_tokens=9, seed=3), chunk=2, progress=done.append)
@@ -251,9 +257,13 @@ def test_vllm_sampler_asks_n_per_prompt_with_a_seed_each(monkeypatch):
     assert [g[0].split("|")[0] for g in got.texts] == [str(100 + i) for i in range(5)]
     assert all(len(g) == 2 for g in got.texts) and got.truncated == [[False, True]] * 5
     assert got.tokens == [[7, 9]] * 5
-    assert len({g[0].split("|")[1] for g in got.texts}) == 5  # a distinct seed per prompt
+    seeds = sorted(int(g[0].split("|")[1]) for g in got.texts)
+    # a seed per prompt, far apart: vLLM seeds sample k of a request with seed + k
+    assert all(b - a > 1000 for a, b in itertools.pairwise(seeds))
     greedy = sampler.sample(prompts[:1], Sampling(n=4, max_tokens=9, temperature=0.0))
     assert len(greedy.texts[0]) == 4 and len(set(greedy.texts[0])) == 1  # vLLM refuses n > 1 when greedy
+    sampler.close()
+    assert seen["shutdown"] and sampler.llm is None  # the engine process is ended, not left to the GC
 
 
 # ------------------------------------------------------------------------------- a run's weights

@@ -12,13 +12,15 @@ Reproducibility: in the transformers backend, sample j of prompt i is drawn from
 seeded from (seed, i, j) (:class:`SeededSampling`: the Gumbel-max trick on the tempered, top-p-truncated
 logits). The same seed therefore gives the same samples whatever the batch size and however many
 prompts are asked (``--limit``), up to the floating-point differences of batched arithmetic; the global
-(training) RNG is never drawn from. vLLM gets a seed per prompt (``seed · 1_000_003 + index``), which
-makes its samples independent of how it batches too.
+(training) RNG is never drawn from. vLLM gets a seed per prompt (:func:`row_seed` (seed, i, 0); vLLM
+draws that prompt's sample k from seed + k), which makes its samples independent of how it batches too.
 """
 
 from __future__ import annotations
 
+import gc
 import importlib.util
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +195,18 @@ def sample_completions(
     return Samples(per_prompt(texts), per_prompt(cut), per_prompt(lengths))
 
 
+def _context_length(model_dir: Path) -> int | None:
+    """``max_position_embeddings`` from the model's config.json, when it says."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("max_position_embeddings") or config.get("text_config", {}).get(
+        "max_position_embeddings"
+    )
+    return int(value) if value else None
+
+
 class VLLMSampler:
     """vLLM's offline engine on a model directory (a hub snapshot, a local model, or a run's merged
     weights saved for it); loaded once, then asked for several benchmarks."""
@@ -202,6 +216,9 @@ class VLLMSampler:
     ):
         from vllm import LLM
 
+        limit = _context_length(Path(model_dir))
+        if max_model_len is not None and limit is not None:
+            max_model_len = min(max_model_len, limit)  # vLLM refuses a longer one
         self.llm = LLM(
             model=str(model_dir),
             dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
@@ -233,7 +250,9 @@ class VLLMSampler:
                     temperature=sampling.temperature,
                     top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
                     max_tokens=sampling.max_tokens,
-                    seed=sampling.seed * 1_000_003 + start + j,
+                    # vLLM gives sample i of a request the seed `seed + i`: random 63-bit seeds per problem
+                    # keep problem j's samples from reusing problem j+1's streams
+                    seed=row_seed(sampling.seed, start + j, 0),
                 )
                 for j in range(len(part))
             ]
@@ -248,15 +267,21 @@ class VLLMSampler:
         return Samples(texts, cut, lengths)
 
     def close(self) -> None:
-        """Drop the engine and what vLLM keeps of it, so that the next step's engine finds the memory."""
-        self.llm = None
+        """Stop the engine and free what vLLM keeps of it, so that the next step's engine finds the GPU
+        memory: V1 runs the engine in a child process, which ``engine_core.shutdown()`` ends (there is no
+        public ``LLM.shutdown``); ``cleanup_dist_env_and_memory`` (vLLM ≥ 0.12) unfreezes the garbage
+        collector vLLM froze, destroys any distributed state and empties the CUDA cache."""
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:  # an engine without it: freed when collected
+                pass
+            del llm
         try:
-            from vllm.distributed.parallel_state import (
-                destroy_distributed_environment,
-                destroy_model_parallel,
-            )
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-            destroy_model_parallel()
-            destroy_distributed_environment()
-        except Exception:  # older/newer vLLM without these: the collection below still runs
-            pass
+            cleanup_dist_env_and_memory()
+        except Exception:
+            gc.unfreeze()
+            gc.collect()

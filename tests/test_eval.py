@@ -13,6 +13,7 @@ import json
 import shutil
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,6 +226,12 @@ def test_vllm_sampler_asks_n_per_prompt_with_a_seed_each(monkeypatch, tmp_path):
             shutdown = lambda: seen.setdefault("shutdown", True)  # noqa: E731
             self.llm_engine = types.SimpleNamespace(engine_core=types.SimpleNamespace(shutdown=shutdown))
 
+        def collective_rpc(self, method, kwargs=None):
+            seen.setdefault("order", []).append((method, kwargs))
+
+        def reset_prefix_cache(self):
+            seen.setdefault("order", []).append(("reset_prefix_cache", None))
+
         def generate(self, prompts, params, use_tqdm=True):
             seen.setdefault("calls", []).append(len(prompts))
             out = []
@@ -262,8 +269,67 @@ def test_vllm_sampler_asks_n_per_prompt_with_a_seed_each(monkeypatch, tmp_path):
     assert all(b - a > 1000 for a, b in itertools.pairwise(seeds))
     greedy = sampler.sample(prompts[:1], Sampling(n=4, max_tokens=9, temperature=0.0))
     assert len(greedy.texts[0]) == 4 and len(set(greedy.texts[0])) == 1  # vLLM refuses n > 1 when greedy
+    monkeypatch.setattr("spectra.train.sampling._reloads_in_place", lambda: True)
+    assert sampler.reload(tmp_path / "step10")
+    # the new weights in place, then the KV blocks cached under the old ones dropped
+    assert seen["order"] == [
+        ("reload_weights", {"weights_path": str(tmp_path / "step10"), "is_checkpoint_format": True}),
+        ("reset_prefix_cache", None),
+    ]
+    monkeypatch.setattr("spectra.train.sampling._reloads_in_place", lambda: False)
+    assert not sampler.reload(tmp_path / "step20") and len(seen["order"]) == 2  # the caller builds anew
     sampler.close()
     assert seen["shutdown"] and sampler.llm is None  # the engine process is ended, not left to the GC
+
+
+def test_one_vllm_engine_across_steps_rebuilt_only_when_it_must(monkeypatch, tmp_path):
+    """`--step all` on vLLM: the first step builds the engine, later ones reload in place; a change of
+    precision, or a vLLM that cannot reload, builds a new one; each step's weights folder outlives only
+    its own step."""
+    from spectra.train import eval_run
+
+    log = []
+
+    class Engine:
+        def __init__(self, model_dir, dtype, **kw):
+            self.dir = Path(model_dir)
+            log.append(("new", dtype))
+
+        def reload(self, model_dir):
+            assert Path(model_dir).is_dir() and self.dir.is_dir()  # the old folder is still there
+            self.dir = Path(model_dir)
+            log.append(("reload", can_reload))
+            return can_reload
+
+        def close(self):
+            log.append(("close", None))
+
+    class Saved:  # a model or tokenizer: save_pretrained writes a file
+        def save_pretrained(self, path, **kw):
+            (Path(path) / type(self).__name__).write_text("x")
+
+    monkeypatch.setattr(eval_run, "VLLMSampler", Engine)
+    p = types.SimpleNamespace(
+        backend="vllm", seed=0, target=types.SimpleNamespace(model_dir=tmp_path),
+        cfg=types.SimpleNamespace(gpu_memory=None),
+    )  # fmt: skip
+    sampler = eval_run._Sampler(p, torch.device("cpu"))
+    can_reload = True
+    folders = []
+    for dtype in (torch.float32, torch.float32, torch.bfloat16):
+        sampler.load(Saved(), Saved(), dtype, 128)
+        folders.append(sampler.vllm.dir)
+    can_reload = False
+    sampler.load(Saved(), Saved(), torch.bfloat16, 128)
+    assert log == [
+        ("new", torch.float32), ("reload", True),  # one engine for the first two steps
+        ("close", None), ("new", torch.bfloat16),  # another precision: another engine
+        ("reload", False), ("close", None), ("new", torch.bfloat16),  # this vLLM cannot reload
+    ]  # fmt: skip
+    assert [f.is_dir() for f in folders] == [False, False, False]  # earlier steps' folders removed
+    last = sampler.vllm.dir
+    sampler.close()
+    assert log[-1] == ("close", None) and not last.exists()
 
 
 # ------------------------------------------------------------------------------- a run's weights

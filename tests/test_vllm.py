@@ -36,19 +36,18 @@ def lora_run(organism_dir, tmp_path_factory) -> Path:
     from spectra.train import TrainConfig
     from spectra.train.trainer import prepare
 
-    mp = pytest.MonkeyPatch()
-    mp.setattr(
-        "spectra.train.rewards.accuracy_reward",
-        lambda completions, **kw: [len(str(c)) % 3 for c in completions],
-    )
     out = tmp_path_factory.mktemp("runs")
     cfg = TrainConfig(
         model=str(organism_dir), method="lora", rank=4, alpha=8, dropout=0.0, num_generations=4,
         batch_size=4, max_steps=6, max_completion_length=40, lr=5e-2, delta_every=3, eval_every=0,
         precision="fp32", out=str(out), name="lora",
     )  # fmt: skip
-    prepare(cfg).train()
-    mp.undo()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            "spectra.train.rewards.accuracy_reward",
+            lambda completions, **kw: [len(str(c)) % 3 for c in completions],
+        )
+        prepare(cfg).train()
     return out / "lora"
 
 
@@ -56,7 +55,7 @@ def _config(target: Path, out: Path, **kw):
     from spectra.train.eval_run import EvalConfig
 
     return EvalConfig(
-        target=str(target), benchmarks=("organism",), n=4, backend="vllm", gpu_memory=MEMORY,
+        target=str(target), benchmarks=("organism",), n=4, backend="vllm", gpu_memory_utilization=MEMORY,
         precision="fp32", out=str(out), save_completions=True, log_run=False, **kw,
     )  # fmt: skip
 
@@ -137,7 +136,8 @@ def test_step_all_reloads_weights_in_place_as_a_fresh_engine_would(lora_run, tmp
     texts = {r["step"]: [c["completions"] for c in _completions(r)] for r in reloaded}
     assert texts[0] != texts[6]  # the policy moved between steps
     for a, b in zip(reloaded, fresh, strict=True):
-        if torch.cuda.is_available():  # GPU kernels need not be bitwise repeatable across engines
-            assert abs(a["tokens_mean"] - b["tokens_mean"]) < 2
-        else:
-            assert texts[a["step"]] == [c["completions"] for c in _completions(b)]
+        same = [
+            x == y for x, y in zip(texts[a["step"]], [c["completions"] for c in _completions(b)], strict=True)
+        ]
+        # GPU kernels need not be bitwise repeatable across engines: a near-tie may fall the other way
+        assert sum(same) >= (0.9 if torch.cuda.is_available() else 1.0) * len(same)

@@ -76,7 +76,7 @@ class EvalConfig:
     template: str | None = None
     batch_size: int = 256  # sequences per generate call (transformers backend)
     backend: str = "auto"
-    gpu_memory: float | None = None  # vLLM's gpu_memory_utilization (None: vLLM's default)
+    gpu_memory_utilization: float | None = None  # vLLM's share of memory (None: vLLM's default)
     precision: str = "auto"
     device: str | None = None
     out: str | None = None
@@ -99,8 +99,10 @@ class EvalConfig:
             raise EvalError(f"--top-p {self.top_p}: expected 0 < top-p ≤ 1")
         if self.batch_size < 1:
             raise EvalError(f"--batch-size {self.batch_size}: expected a positive integer")
-        if self.gpu_memory is not None and not 0 < self.gpu_memory <= 1:
-            raise EvalError(f"--gpu-memory-utilization {self.gpu_memory}: expected a fraction in (0, 1]")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise EvalError(
+                f"--gpu-memory-utilization {self.gpu_memory_utilization}: expected a fraction in (0, 1]"
+            )
         if self.precision not in ("auto", "bf16", "fp32"):
             raise EvalError(f"--precision {self.precision}: expected auto, bf16 or fp32")
         if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
@@ -224,6 +226,8 @@ def run_eval(
     p = plan(cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
+    if cfg.gpu_memory_utilization is not None and p.backend != "vllm":
+        log(f"note: --gpu-memory-utilization is for vLLM; the {p.backend} backend ignores it")
     sampler = _Sampler(p, device)
     try:
         for step in p.steps:
@@ -302,22 +306,33 @@ class _Sampler:
     def load(self, model: Any, tokenizer: Any, dtype: torch.dtype, max_len: int) -> None:
         """Sample from ``model`` from now on (None: the target's own directory, vLLM only)."""
         self.tokenizer = tokenizer
-        if self.p.backend != "vllm":
+        if self.p.backend == "vllm":
+            self._load_vllm(model, tokenizer, dtype, max_len)
+        else:
             self.model = None  # the previous step's weights go before the next ones arrive
             gc.collect()
             self.model = model.to(self.device)
-            return
+
+    def _load_vllm(self, model: Any, tokenizer: Any, dtype: torch.dtype, max_len: int) -> None:
+        """Save the weights for vLLM, reload them into the engine or build one; the previous step's
+        folder is removed once the engine no longer reads it (a failure removes the new one)."""
         model_dir, tmp = Path(self.p.target.model_dir), None
-        if model is not None:  # rebuilt or merged weights: vLLM reads them from disk
-            tmp = tempfile.TemporaryDirectory(prefix="spectra-eval-")
-            model.save_pretrained(tmp.name, safe_serialization=True)
-            tokenizer.save_pretrained(tmp.name)
-            model_dir = Path(tmp.name)
-        if self.vllm is None or dtype != self.dtype or not self.vllm.reload(model_dir):
-            self._stop_engine()
-            self.vllm = VLLMSampler(
-                model_dir, dtype, seed=self.p.seed, max_model_len=max_len, memory=self.p.cfg.gpu_memory
-            )
+        try:
+            if model is not None:  # rebuilt or merged weights: vLLM reads them from disk
+                tmp = tempfile.TemporaryDirectory(prefix="spectra-eval-")
+                model.save_pretrained(tmp.name, safe_serialization=True)
+                tokenizer.save_pretrained(tmp.name)
+                model_dir = Path(tmp.name)
+            if self.vllm is None or dtype != self.dtype or not self.vllm.reload(model_dir):
+                self._stop_engine()
+                self.vllm = VLLMSampler(
+                    model_dir, dtype, seed=self.p.seed, max_model_len=max_len,
+                    gpu_memory_utilization=self.p.cfg.gpu_memory_utilization,
+                )  # fmt: skip
+        except BaseException:
+            if tmp is not None:
+                tmp.cleanup()
+            raise
         if self.tmp is not None:
             self.tmp.cleanup()
         self.tmp, self.dtype = tmp, dtype
@@ -389,7 +404,7 @@ def _result(
         "problems_total": task.total,
         "backend": p.backend,
         "batch_size": p.cfg.batch_size if p.backend == "transformers" else None,
-        "gpu_memory_utilization": p.cfg.gpu_memory if p.backend == "vllm" else None,
+        "gpu_memory_utilization": p.cfg.gpu_memory_utilization if p.backend == "vllm" else None,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "problems": len(task.problems),

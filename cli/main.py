@@ -379,7 +379,7 @@ def eval_(
     gpu_memory_utilization: float | None = typer.Option(
         None,
         help="vLLM: fraction of the GPU's memory (CPU build: of the host's) for weights and KV cache "
-        "(default: vLLM's, 0.9).",
+        "(default: vLLM's 0.9 on a GPU, 0.5 on the CPU build).",
     ),
     precision: str = typer.Option(
         "auto", help="auto (bf16 on a GPU that has it; fp32 for weights rebuilt from ΔW), fp32 or bf16."

@@ -341,7 +341,8 @@ def test_one_vllm_engine_across_steps_rebuilt_only_when_it_must(monkeypatch, tmp
         backend="vllm", seed=0, target=types.SimpleNamespace(model_dir=tmp_path),
         cfg=types.SimpleNamespace(gpu_memory_utilization=None),
     )  # fmt: skip
-    sampler = eval_run._Sampler(p, torch.device("cpu"))
+    logged = []
+    sampler = eval_run._Sampler(p, torch.device("cpu"), logged.append)
     can_reload = True
     folders = []
     for dtype in (torch.float32, torch.float32, torch.bfloat16):
@@ -355,6 +356,7 @@ def test_one_vllm_engine_across_steps_rebuilt_only_when_it_must(monkeypatch, tmp
         ("reload", False), ("close", None), ("new", torch.bfloat16),  # this vLLM cannot reload
     ]  # fmt: skip
     assert [f.is_dir() for f in folders] == [False, False, False]  # earlier steps' folders removed
+    assert [m.split(" (")[0] for m in logged].count("vLLM: weights reloaded in place") == 1
     last = sampler.vllm.dir
     sampler.close()
     assert log[-1] == ("close", None) and not last.exists()

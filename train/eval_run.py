@@ -228,7 +228,7 @@ def run_eval(
     rows = []
     if cfg.gpu_memory_utilization is not None and p.backend != "vllm":
         log(f"note: --gpu-memory-utilization is for vLLM; the {p.backend} backend ignores it")
-    sampler = _Sampler(p, device)
+    sampler = _Sampler(p, device, log)
     try:
         for step in p.steps:
             rows += _eval_step(p, step, sampler, device, start_bar, log)
@@ -278,7 +278,7 @@ def _eval_step(
         seconds = time.perf_counter() - t0
         scored = score_completions(samples.texts, [r["answer"] for r in task.problems])
         result = _result(p, task, step, weights, sampling, samples, scored, seconds, device, dtype)
-        path = p.out / _filename(task, step, p.seed)
+        path = p.out / _filename(task, step, p.seed, p.backend)
         write_json(path, result)
         if cfg.save_completions:
             text = [tokenizer.decode(x) for x in ids]
@@ -295,8 +295,8 @@ class _Sampler:
     reload theirs into it in place (:meth:`VLLMSampler.reload`); a new engine is built only where this
     vLLM cannot reload, or when the precision changes."""
 
-    def __init__(self, p: Plan, device: torch.device):
-        self.p, self.device = p, device
+    def __init__(self, p: Plan, device: torch.device, log: Callable[[str], None] = print):
+        self.p, self.device, self.log = p, device, log
         self.model: Any = None
         self.tokenizer: Any = None
         self.vllm: VLLMSampler | None = None
@@ -323,12 +323,17 @@ class _Sampler:
                 model.save_pretrained(tmp.name, safe_serialization=True)
                 tokenizer.save_pretrained(tmp.name)
                 model_dir = Path(tmp.name)
-            if self.vllm is None or dtype != self.dtype or not self.vllm.reload(model_dir):
+            t0 = time.perf_counter()
+            if self.vllm is not None and dtype == self.dtype and self.vllm.reload(model_dir):
+                self.log(f"vLLM: weights reloaded in place ({time.perf_counter() - t0:.1f} s)")
+            else:
                 self._stop_engine()
+                self.log("vLLM: starting an engine (its warnings go to stderr)")
                 self.vllm = VLLMSampler(
                     model_dir, dtype, seed=self.p.seed, max_model_len=max_len,
                     gpu_memory_utilization=self.p.cfg.gpu_memory_utilization,
                 )  # fmt: skip
+                self.log(f"vLLM: engine ready ({time.perf_counter() - t0:.0f} s)")
         except BaseException:
             if tmp is not None:
                 tmp.cleanup()
@@ -360,13 +365,15 @@ class _Sampler:
             self.tmp = None
 
 
-def _filename(task: Task, step: int | None, seed: int) -> str:
-    """``<benchmark>[-stepNNNNNN]-n<n>-T<temperature>-seed<seed>[-first<N>].json`` (``-first<N>`` under
-    ``--limit``): another sample count, temperature, seed or problem subset does not overwrite a result;
-    the same ones evaluated again do (other settings are recorded inside)."""
+def _filename(task: Task, step: int | None, seed: int, backend: str) -> str:
+    """``<benchmark>[-stepNNNNNN]-n<n>-T<temperature>-seed<seed>[-first<N>][-vllm].json`` (``-first<N>``
+    when only the first N problems are asked: ``--limit``, or a run's held-out subset): another sample
+    count, temperature, seed, problem subset or backend (whose random streams differ) does not overwrite a
+    result; the same ones evaluated again do (other settings are recorded inside)."""
     at = f"-step{step:06d}" if step is not None else ""
     first = f"-first{len(task.problems)}" if len(task.problems) < task.total else ""
-    return f"{task.bench.name}{at}-n{task.n}-T{task.temperature:g}-seed{seed}{first}.json"
+    engine = "-vllm" if backend == "vllm" else ""
+    return f"{task.bench.name}{at}-n{task.n}-T{task.temperature:g}-seed{seed}{first}{engine}.json"
 
 
 def _result(
@@ -435,7 +442,7 @@ def _eval_row(result: dict[str, Any]) -> dict[str, Any]:
     """The line appended to the run's eval.jsonl (the summary without the per-problem detail)."""
     keep = (
         "step", "benchmark", "problems", "n", "temperature", "top_p", "max_tokens", "seed", "unparsable",
-        "truncated", "tokens_mean",
+        "truncated", "tokens_mean", "backend",
     )  # fmt: skip
     row = {k: result[k] for k in keep}
     row |= {k: v for k, v in result.items() if k.startswith(("avg@", "pass@"))}

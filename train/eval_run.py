@@ -74,7 +74,7 @@ class EvalConfig:
     problem_column: str | None = None
     answer_column: str | None = None
     template: str | None = None
-    batch_size: int = 256  # sequences per generate call (transformers backend)
+    batch_size: int | None = None  # sequences per generate call (transformers backend; None: 256)
     backend: str = "auto"
     gpu_memory_utilization: float | None = None  # vLLM's share of memory (None: vLLM's default)
     precision: str = "auto"
@@ -97,7 +97,7 @@ class EvalConfig:
             raise EvalError(f"--temperature {self.temperature}: expected ≥ 0 (0: greedy)")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise EvalError(f"--top-p {self.top_p}: expected 0 < top-p ≤ 1")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise EvalError(f"--batch-size {self.batch_size}: expected a positive integer")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise EvalError(
@@ -228,6 +228,8 @@ def run_eval(
     rows = []
     if cfg.gpu_memory_utilization is not None and p.backend != "vllm":
         log(f"note: --gpu-memory-utilization is for vLLM; the {p.backend} backend ignores it")
+    if cfg.batch_size is not None and p.backend == "vllm":
+        log("note: --batch-size is for transformers; vLLM batches by itself and ignores it")
     sampler = _Sampler(p, device, log)
     try:
         for step in p.steps:
@@ -346,7 +348,12 @@ class _Sampler:
         if self.vllm is not None:
             return self.vllm.sample(prompts, sampling, progress=progress)
         return sample_completions(
-            self.model, self.tokenizer, prompts, sampling, batch_size=self.p.cfg.batch_size, progress=progress
+            self.model,
+            self.tokenizer,
+            prompts,
+            sampling,
+            batch_size=_batch_size(self.p.cfg),
+            progress=progress,
         )
 
     def _stop_engine(self) -> None:
@@ -363,6 +370,11 @@ class _Sampler:
         if self.tmp is not None:
             self.tmp.cleanup()
             self.tmp = None
+
+
+def _batch_size(cfg: EvalConfig) -> int:
+    """Sequences per ``generate`` call of the transformers backend."""
+    return cfg.batch_size or 256
 
 
 def _filename(task: Task, step: int | None, seed: int, backend: str) -> str:
@@ -410,7 +422,7 @@ def _result(
         "limit": p.cfg.limit,
         "problems_total": task.total,
         "backend": p.backend,
-        "batch_size": p.cfg.batch_size if p.backend == "transformers" else None,
+        "batch_size": _batch_size(p.cfg) if p.backend == "transformers" else None,
         "gpu_memory_utilization": p.cfg.gpu_memory_utilization if p.backend == "vllm" else None,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from spectra.names import PROJECTIONS
+
 PALETTE = (
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
     "#7f7f7f",
 )  # fmt: skip
 STEP_PALETTE = ("#c6dbef", "#6baed6", "#2171b5", "#08306b", "#000000")
-PROJ_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 COLLAPSE_COLOR = "#d62728"
 
 
@@ -365,7 +366,7 @@ def heatmaps(view: RunView, step: int | None = None, k: int | None = None) -> Fi
         raise ValueError(f"--heatmap-step {step}: not an analysed step; analysed steps: {analysed}")
     step = analysed[-1] if step is None else step
     ok = ok[ok["step"] == step]
-    projs = [p for p in PROJ_ORDER if p in set(ok["proj"])] + sorted(set(ok["proj"]) - set(PROJ_ORDER))
+    projs = [p for p in PROJECTIONS if p in set(ok["proj"])] + sorted(set(ok["proj"]) - set(PROJECTIONS))
     layers = sorted(ok["layer"].astype(int).unique())
     panels: list[Panel | HeatPanel] = []
     for metric, label in HEAT_METRICS:

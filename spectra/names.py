@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import re
 
+#: The projection modules of a Llama/Qwen2-class decoder layer, in the order figures and tables use.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
 
 

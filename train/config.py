@@ -23,9 +23,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from spectra.errors import SpectraError
+from spectra.names import PROJECTIONS
 
 LOSSES = ("grpo", "dapo", "dr_grpo")
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ORGANISM = "organism"
 #: ``--report-to`` values and the package each needs (transformers' integrations).
 REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}

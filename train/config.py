@@ -27,6 +27,10 @@ from spectra.names import PROJECTIONS
 
 LOSSES = ("grpo", "dapo", "dr_grpo")
 ORGANISM = "organism"
+#: Supervised warm-start steps of the default organism (``organism``); ``organism@N`` asks for N steps and
+#: ``random-organism`` for none (the same architecture at its random initialisation).
+ORGANISM_SFT_STEPS = 600
+RANDOM_ORGANISM = "random-organism"
 #: ``--report-to`` values and the package each needs (transformers' integrations).
 REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 #: The registry's method names (spectra.train.methods.METHODS holds one entry for each, in this order).
@@ -244,6 +248,26 @@ class TrainConfig:
             if key in values:
                 values[key] = tuple(values[key])
         return cls(**values)
+
+
+def organism_sft_steps(model: str) -> int | None:
+    """The warm-start length named by an organism model id, or None when ``model`` is not one.
+
+    ``organism`` → :data:`ORGANISM_SFT_STEPS`, ``organism@150`` → 150, ``random-organism`` → 0. A
+    malformed ``organism@…`` is a :class:`TrainConfigError` naming the form expected.
+    """
+    if model == ORGANISM:
+        return ORGANISM_SFT_STEPS
+    if model == RANDOM_ORGANISM:
+        return 0
+    if model.startswith(ORGANISM + "@"):
+        steps = model[len(ORGANISM) + 1 :]
+        if not steps.isdigit():
+            raise TrainConfigError(
+                f"--model {model}: expected organism@N with N the number of warm-start steps (e.g. organism@150)"
+            )
+        return int(steps)
+    return None
 
 
 def _installed(package: str) -> bool:

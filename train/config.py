@@ -264,7 +264,7 @@ def organism_sft_steps(model: str) -> int | None:
         steps = model[len(ORGANISM) + 1 :]
         if not steps.isdigit():
             raise TrainConfigError(
-                f"--model {model}: expected organism@N with N the number of warm-start steps (e.g. organism@150)"
+                f"--model {model}: expected organism@N, N the number of warm-start steps (organism@150)"
             )
         return int(steps)
     return None

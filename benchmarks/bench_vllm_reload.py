@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 
 import torch
-from spectra.train import TrainConfig, eval_run
+from spectra.train import TrainConfig
 from spectra.train.eval_run import EvalConfig, run_eval
+from spectra.train.sampling import VLLMSampler
 from spectra.train.trainer import prepare
 
 
@@ -64,12 +65,12 @@ def main() -> None:
             precision="fp32", out=str(Path(tmp) / "reload"), save_completions=True, log_run=False,
         )  # fmt: skip
         reload_s, reloaded = timed(cfg)
-        in_place = eval_run.VLLMSampler.reload
-        eval_run.VLLMSampler.reload = lambda self, model_dir: False  # a new engine per step
+        in_place = VLLMSampler.reload
+        VLLMSampler.reload = lambda self, model_dir: False  # a new engine per step
         try:
             fresh_s, fresh = timed(dataclasses.replace(cfg, out=str(Path(tmp) / "fresh")))
         finally:
-            eval_run.VLLMSampler.reload = in_place
+            VLLMSampler.reload = in_place
         same = all(completions(a) == completions(b) for a, b in zip(reloaded, fresh, strict=True))
         sampling = sum(r["seconds"] for r in reloaded), sum(r["seconds"] for r in fresh)
     import vllm  # after spectra has set vLLM's log level

@@ -8,12 +8,12 @@ from contextlib import contextmanager
 import typer
 from rich.console import Console
 from rich.markup import escape
+from spectra.cli.options import ConfigCommand, config_options
 from spectra.train.config import (  # light: no trainer stack imported
     DEMO_METHODS,
-    METHOD_NAMES,
-    ORGANISM_PRESET,
-    PROJECTIONS,
-    STUDY_PRESET,
+    WHERE,
+    TrainConfig,
+    preset_text,
 )
 
 import spectra
@@ -25,11 +25,6 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(soft_wrap=True)
-
-
-def _preset(key: str) -> str:
-    """The two presets' value of an option left unset (train/config.py)."""
-    return f"(study: {STUDY_PRESET[key]}; organism: {ORGANISM_PRESET[key]})"
 
 
 def _version(value: bool) -> None:
@@ -50,11 +45,9 @@ def main(
 @app.command()
 def info(run_dir: str = typer.Argument(..., help="A run directory (runs/<name>/).")) -> None:
     """Show what a run directory holds: configuration, recorded steps, modules."""
-    try:
+    with _one_line_errors():
         run = spectra.load_run(run_dir)
         steps, modules = run.steps, run.modules
-    except spectra.SpectraError as e:
-        _fail(e)
     console.print(f"[bold]{run.path}[/bold]")
     for key in ("model", "method", "rank", "alpha", "loss"):
         if key in run.config:
@@ -64,82 +57,26 @@ def info(run_dir: str = typer.Argument(..., help="A run directory (runs/<name>/)
 
 
 @app.command()
+def metrics() -> None:
+    """Print every metric spectra computes (the registry: column, meaning, formula, range), as Markdown."""
+    from spectra.metrics.registry import markdown
+
+    print(markdown(), end="")
+
+
+@app.command(cls=ConfigCommand)
+@config_options(TrainConfig)
 def train(
-    method: str = typer.Option("lora", help="Adapter method: " + ", ".join(METHOD_NAMES) + "."),
-    model: str = typer.Option(
-        "organism", help="Hub id or local model directory; 'organism' = the embedded tiny model."
+    cfg: TrainConfig,
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue runs/<name> from its last checkpoint.", rich_help_panel=WHERE
     ),
-    dataset: str = typer.Option(
-        "organism", help="Hub id[:config], a .jsonl/.json/.parquet file, or 'organism'."
-    ),
-    dataset_split: str = typer.Option("train", help="Split of a hub dataset."),
-    problem_column: str | None = typer.Option(None, help="Column with the problem (found by name if unset)."),
-    answer_column: str | None = typer.Option(None, help="Column with the answer (found by name if unset)."),
-    eval_dataset: str | None = typer.Option(
-        None, help="Held-out set for eval.jsonl (the organism's test split by default)."
-    ),
-    loss: str = typer.Option("dapo", help="grpo, dapo or dr_grpo."),
-    rank: int = typer.Option(32, help="Adapter rank r (AdaLoRA: the target average rank)."),
-    alpha: float = typer.Option(64.0, help="LoRA alpha (scale s = alpha/r, alpha/sqrt(r) for rslora)."),
-    dropout: float = typer.Option(0.05, help="Adapter dropout."),
-    quanta_d: int = typer.Option(3, help="QuanTA: number of tensor axes."),
-    vera_rank: int | None = typer.Option(
-        None, help="VeRA: rank of the shared random matrices (default: --rank)."
-    ),
-    adalora_init_rank: int | None = typer.Option(None, help="AdaLoRA: starting rank (default 1.5 × --rank)."),
-    loraplus_lr_ratio: float = typer.Option(16.0, help="LoRA+: learning rate of B over that of A."),
-    target_modules: str = typer.Option(",".join(PROJECTIONS), help="Comma-separated module name suffixes."),
-    num_generations: int = typer.Option(8, help="Rollouts per prompt (G)."),
-    lr: float | None = typer.Option(None, help="Learning rate, constant, no warm-up. " + _preset("lr")),
-    batch_size: int | None = typer.Option(None, help="Prompts per optimizer step. " + _preset("batch_size")),
-    micro_batch_size: int | None = typer.Option(
-        None, help="Completions per forward/backward pass (organism: all; real models: G)."
-    ),
-    max_steps: int | None = typer.Option(None, help="Optimizer steps. " + _preset("max_steps")),
-    max_completion_length: int | None = typer.Option(
-        None, help="Tokens per completion. " + _preset("max_completion_length")
-    ),
-    beta: float = typer.Option(0.0, help="KL coefficient (0: no reference model)."),
-    epsilon: float = typer.Option(0.2, help="PPO clipping range (lower)."),
-    epsilon_high: float | None = typer.Option(
-        None, help="Upper clipping range (dapo: 0.28; else --epsilon)."
-    ),
-    gradient_checkpointing: bool | None = typer.Option(
-        None, help="Recompute activations to save memory. " + _preset("gradient_checkpointing")
-    ),
-    temperature: float = typer.Option(1.0, help="Sampling temperature of rollouts and evaluation."),
-    format_reward: float = typer.Option(0.0, help="Weight of the format reward (0: accuracy only)."),
-    delta_every: int | None = typer.Option(
-        None,
-        help="Record ΔW every N steps, and always at 0 and the last step (0: those two only). "
-        + _preset("delta_every"),
-    ),
-    eval_every: int | None = typer.Option(
-        None, help="Held-out Avg@k/Pass@k every N steps (0: off). " + _preset("eval_every")
-    ),
-    eval_k: int = typer.Option(4, help="Samples per held-out problem."),
-    eval_problems: int = typer.Option(64, help="Held-out problems per evaluation."),
-    eval_split: str = typer.Option("test", help="Split of a hub --eval-dataset."),
-    save_every: int | None = typer.Option(None, help="Trainer checkpoint for --resume every N steps."),
-    out: str = typer.Option("runs", help="Parent directory of runs."),
-    name: str | None = typer.Option(None, help="Run directory name (default: the method)."),
-    seed: int = typer.Option(0, help="Random seed."),
-    precision: str = typer.Option("auto", help="auto (bf16 on a GPU that has it), fp32 or bf16."),
-    use_vllm: bool = typer.Option(False, "--use-vllm", help="Generate rollouts with vLLM (colocate; GPU)."),
-    deepspeed: str | None = typer.Option(None, help="zero2, or a DeepSpeed JSON config (GPU)."),
-    report_to: str = typer.Option("", help="Comma-separated: tensorboard, wandb."),
-    resume: bool = typer.Option(False, "--resume", help="Continue runs/<name> from its last checkpoint."),
 ) -> None:
     """Train with RLVR (TRL GRPO) and record ΔW. No options: LoRA on the embedded organism (CPU, minutes)."""
-    options = dict(locals())  # the options above, by name (before any other local exists)
-    options.pop("resume")
-    from spectra.train import TrainConfig
     from spectra.train import train as run_training
 
-    options["target_modules"] = tuple(t for t in target_modules.split(",") if t)
-    options["report_to"] = tuple(t for t in report_to.split(",") if t)
     with _one_line_errors():
-        run_dir = run_training(TrainConfig(**options), resume=resume)
+        run_dir = run_training(cfg, resume=resume)
     console.print(f"run written to [bold]{run_dir}[/bold]")
 
 
@@ -150,22 +87,22 @@ class _Skipped(Exception):
 @contextmanager
 def _one_line_errors(warn: bool = False):
     """spectra's errors as one line; so too a file that cannot be written and a library's error deep
-    inside training or analysis (SPECTRA_DEBUG=1 shows the traceback). ``warn``: print it as a warning
-    and raise :class:`_Skipped` instead of exiting."""
+    inside training or analysis. ``warn``: print it as a warning and raise :class:`_Skipped` instead of
+    exiting. With SPECTRA_DEBUG=1 every error, spectra's own included, propagates instead: the traceback
+    shows it with the chain of its causes."""
     report = _warn_skip if warn else _fail
     try:
         yield
-    except spectra.SpectraError as e:
-        report(e)
-    except OSError as e:  # an unwritable or missing path: name it
-        if os.environ.get("SPECTRA_DEBUG"):
-            raise
-        report(RuntimeError(f"{e.filename or ''}: {e.strerror or e}" if e.filename else str(e)))
     except Exception as e:
         if os.environ.get("SPECTRA_DEBUG"):
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        report(RuntimeError(f"{type(e).__name__}: {first} (set SPECTRA_DEBUG=1 for the traceback)"))
+        if isinstance(e, spectra.SpectraError):
+            report(e)
+        elif isinstance(e, OSError):  # an unwritable or missing path: name it
+            report(RuntimeError(f"{e.filename or ''}: {e.strerror or e}" if e.filename else str(e)))
+        else:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            report(RuntimeError(f"{type(e).__name__}: {first} (set SPECTRA_DEBUG=1 for the traceback)"))
 
 
 @contextmanager
@@ -198,7 +135,7 @@ def _warn_skip(e: BaseException) -> None:
 
 def _analyze(run_dir: str, device: str | None, force: bool, k: int | None, heat_step: int | None):
     """Analyse one run with a progress bar, write its plots and report; print what was done."""
-    from spectra.analysis import analyze_dir
+    from spectra.pipeline import analyze_run
     from spectra.report import write_run_report
 
     with _bars("modules", transient=True) as (bar, add):
@@ -209,7 +146,7 @@ def _analyze(run_dir: str, device: str | None, force: bool, k: int | None, heat_
             task = add(f"analysing {run_dir}", None) if task is None else task
             bar.update(task, completed=done, total=total, description=f"{run_dir}: {label}")
 
-        analysis = analyze_dir(run_dir, spectra.EngineConfig(device=device), force=force, progress=progress)
+        analysis = analyze_run(run_dir, spectra.EngineConfig(device=device), force=force, progress=progress)
     files = write_run_report(analysis, k, heat_step)
     new, reused = analysis.new_steps, analysis.reused_steps
     console.print(
@@ -311,7 +248,7 @@ def _print_comparison(table, report) -> None:
 def demo(
     out: str = typer.Option("runs/demo", help="Parent directory of the demo's runs and comparison."),
     methods: str = typer.Option(",".join(DEMO_METHODS), help="Comma-separated methods to train."),
-    max_steps: int | None = typer.Option(None, help="Optimizer steps per run. " + _preset("max_steps")),
+    max_steps: int | None = typer.Option(None, help="Optimizer steps per run. " + preset_text("max_steps")),
     model: str = typer.Option("organism", help="The model (default: the embedded organism)."),
     seed: int = typer.Option(0, help="Random seed."),
     device: str | None = _DEVICE,

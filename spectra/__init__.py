@@ -6,9 +6,15 @@ imports the trainer (``spectra.train``), the probes or the command line.
 >>> import spectra
 >>> run = spectra.load_run("runs/lora")            # doctest: +SKIP
 >>> df = run.analyze()                              # one row per step × module  # doctest: +SKIP
+>>> analysis = spectra.analyze_run("runs/lora")      # … and analysis/ written     # doctest: +SKIP
+
+Inside, imports run one way (tests/test_layering.py, docs/architecture.md): files (``h5io``, ``codecs``,
+``store``, ``writer``) → tensors (``operators``, ``svd``, ``base``) → metrics (``metrics``, with the
+registry) → engine (``engine``) → tables (``tables``) → pipeline (``pipeline``) → reports (``figures``,
+``render``, ``report``).
 """
 
-from spectra.engine import EngineConfig, analyze_run
+from spectra.engine import EngineConfig
 from spectra.errors import (
     DeltaFileError,
     RunDirError,
@@ -16,11 +22,13 @@ from spectra.errors import (
     SpectraError,
 )
 from spectra.operators import DeltaOperator, Dense, DoRA, LowRank, Scaled, VectorDelta
-from spectra.store import Run, RunWriter, load_run
+from spectra.pipeline import Analysis, Run, analyze_run, load_run
+from spectra.writer import RunWriter
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Analysis",
     "DeltaFileError",
     "DeltaOperator",
     "Dense",

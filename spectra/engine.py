@@ -1,45 +1,48 @@
-"""The analysis engine: every metric for every module of a checkpoint, batched and streamed.
+"""The analysis engine: every registered metric for modules already in memory, batched and chunked.
 
-Modules of one step are grouped by (shape, stored form); each group is cut into chunks whose working
-memory stays under ``max_batch_bytes``, and each chunk is loaded, moved to the device, analysed as one
-batch and released before the next is read. Peak memory therefore depends on the chunk budget and the
-largest shape, not on the number of modules.
+The engine sees items (a module's ΔW operator, its W0 and W0's reference spectrum), never a run
+directory: :mod:`spectra.pipeline` reads them from the store and writes what comes out. Items are
+grouped by (shape, factored rank); each group is cut into chunks whose working memory stays under
+``max_batch_bytes``, and each chunk is moved to the device and analysed as one batch.
 
-Per chunk:
+Per chunk the engine computes, lazily and only as the selected metrics (:mod:`spectra.metrics.registry`)
+ask for them:
 
 - σ(ΔW): factored operators by QR + core SVD (:func:`spectra.svd.factored_svd`), never dense; dense
   ones (full FT, MiSS, QuanTA, DoRA, IA3) by the float64 Gram/eigh path (:func:`spectra.svd.dense_svd`);
-- alignment with W0's principal and minor subspaces for all k ≤ max(ks) at once, from the cached
-  reference vectors in base/;
-- W_t = W0 + ΔW: its full spectrum and top vectors (``wt="full"``, needed for the spectrum drift NSS),
-  only its top vectors by randomized subspace iteration (``wt="topk"``), or nothing (``wt="none"``);
-  then principal angles, intruder dimensions, NSS and bf16 update sparsity.
+- alignment with W0's principal and minor subspaces for all k ≤ max(ks) at once;
+- W_t = W0 + ΔW: its full spectrum and top vectors (``wt="full"``), or only its top vectors by subspace
+  iteration run to convergence (``wt="topk"``, same accuracy), or nothing (``wt="none"``);
+- the dense W0 and ΔW for bf16 update sparsity.
 
-A module whose update is NaN/Inf, whose shape does not match W0, or whose data cannot be read gets a
-row with ``status`` saying so and empty metrics; the rest of the checkpoint is still analysed.
+A chunk that fails is analysed again item by item, so one bad module cannot take its neighbours down:
+its row gets ``status`` "error" and the message. A module whose metrics come out non-finite gets
+``status`` "nonfinite". Rows of the engine carry the metrics, ``status`` and ``error``; the pipeline
+adds the module's identity.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Literal
 
-import pandas as pd
 import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from spectra import metrics as M
 from spectra.base import BaseSpectrum
-from spectra.errors import DeltaFileError, ShapeMismatchError, SpectraError
-from spectra.names import parse_module_name
-from spectra.operators import DeltaOperator, LowRank, VectorDelta, stack
-from spectra.svd import EIGH_STREAMS, SVDResult, default_device, dense_svd, factored_svd, randomized_topk
+from spectra.errors import SpectraError, first_line
+from spectra.metrics import registry
+from spectra.metrics.subspace import alignment_curves
+from spectra.operators import DeltaOperator, LowRank, stack
+from spectra.svd import EIGH_STREAMS, SVDResult, converged_topk, default_device, dense_svd, factored_svd
 
-if TYPE_CHECKING:  # the store imports the engine lazily; no import cycle at run time
-    from spectra.store import DeltaFile, Run
+
+class EngineConfigError(SpectraError, ValueError):
+    """An option of the analysis engine has a value it cannot take."""
 
 
 @dataclass
@@ -48,17 +51,19 @@ class EngineConfig:
 
     ks: the k of E_k, ρ_k and principal angles (each ≤ the number of base vectors kept).
     intruder_top, intruder_eps: top singular vectors of W_t examined, and the |cos| threshold ε.
-    base_keep: singular vector pairs of W0 kept in base/ (top and bottom). Intruder dimensions are
-        counted against the kept top vectors (column ``intruder_basis``); they are exact, i.e. against
-        every singular vector of W0, when base_keep ≥ min(m, n).
-    wt: how much of W_t's SVD to compute: "full" (full spectrum: exact NSS), "topk" (randomized top
-        vectors only; NSS left empty) or "none" (no W_t metrics).
+    base_keep: singular vector pairs of W0 used (top and bottom). Intruder dimensions are counted against
+        the kept top vectors (column ``intruder_basis``); they are exact, i.e. against every singular
+        vector of W0, when base_keep ≥ min(m, n). The results depend only on this option, never on how
+        many vectors an earlier analysis cached in base/.
+    wt: how much of W_t's SVD to compute: "full" (full spectrum: exact NSS), "topk" (top vectors by
+        subspace iteration run to convergence, as accurate; NSS left empty) or "none" (no W_t metrics).
     bf16: compute bf16 update sparsity (needs W0 + ΔW dense).
-    device: "cuda", "cpu", ... (default: CUDA when present).
+    device: "cuda", "cpu", "cuda:1", ... (default: CUDA when present).
     max_batch_bytes: working-memory budget of one batch.
     eigh_streams: on CUDA, eigendecompositions of a batch run on this many streams at once.
     zero_update: below this ‖ΔW‖_F/‖W0‖_F an update counts as zero (float32 rounding is ~6e-8): its
         shape metrics (erank, E_k, ρ_k, …) are left empty (NaN); norms and W_t metrics stay.
+    metrics: registry names to compute (default: all whose stage is enabled).
     """
 
     ks: tuple[int, ...] = (1, 8, 32)
@@ -72,13 +77,56 @@ class EngineConfig:
     rank_fraction: float = 0.9
     zero_update: float = 1e-6
     eigh_streams: int = EIGH_STREAMS
+    metrics: tuple[str, ...] | None = field(default=None)
 
     def __post_init__(self) -> None:
         if not self.ks or min(self.ks) < 1:
-            raise ValueError(f"EngineConfig.ks must be positive integers, got {self.ks}")
+            raise EngineConfigError(f"EngineConfig.ks must be positive integers, got {self.ks}")
         if self.wt not in ("full", "topk", "none"):
-            raise ValueError(f"EngineConfig.wt must be 'full', 'topk' or 'none', got {self.wt!r}")
+            raise EngineConfigError(f"EngineConfig.wt must be 'full', 'topk' or 'none', got {self.wt!r}")
+        if not 0 < self.rank_fraction <= 1:
+            raise EngineConfigError(f"EngineConfig.rank_fraction must be in (0, 1], got {self.rank_fraction}")
+        if self.base_keep < 1 or self.intruder_top < 1:
+            raise EngineConfigError("EngineConfig.base_keep and intruder_top must be ≥ 1")
         self.ks = tuple(sorted(set(self.ks)))
+        self.torch_device()  # a bad --device is an error now, not deep inside the first batch
+        if self.metrics is not None:
+            try:
+                registry.selected(names=self.metrics)
+            except ValueError as e:
+                raise EngineConfigError(f"EngineConfig.metrics: {e}") from None
+            self.metrics = tuple(self.metrics)
+
+    @property
+    def keep(self) -> int:
+        """Base vector pairs every analysis with these options uses (capped at min(m, n) per module)."""
+        return max(self.base_keep, max(self.ks), self.intruder_top)
+
+    def torch_device(self) -> torch.device:
+        if self.device is None:
+            return default_device()
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as e:
+            raise EngineConfigError(
+                f"--device {self.device}: {first_line(e)}; expected cpu, cuda or cuda:N"
+            ) from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise EngineConfigError(f"--device {self.device}: no CUDA device is visible; use cpu")
+        if device.type not in ("cpu", "cuda"):
+            raise EngineConfigError(
+                f"--device {self.device}: the engine needs float64 (cpu or cuda); {device.type} has none"
+            )
+        return device
+
+    def selected(self) -> list[registry.Metric]:
+        return registry.selected(self.wt, self.bf16, self.metrics)
+
+    def columns(self) -> list[str]:
+        """Names of the metric columns of an analysis, in order (with ``wt="topk"`` the full-spectrum
+        ones, such as ``nss``, are listed and left empty)."""
+        listed = registry.selected("full" if self.wt == "topk" else self.wt, self.bf16, self.metrics)
+        return [col for _, _, col in registry.expand(listed, self.ks, self.rank_fraction)]
 
 
 @dataclass
@@ -92,34 +140,100 @@ class Item:
 
 
 def metric_columns(config: EngineConfig) -> list[str]:
-    """Names of the metric columns the engine writes, in order."""
-    cols = [
-        "fro_norm",
-        "spectral_norm",
-        "relative_size",
-        "erank",
-        "stable_rank",
-        "participation_ratio",
-        f"rank{round(config.rank_fraction * 100)}",
-    ]
-    cols += [f"E_{k}" for k in config.ks]
-    for k in config.ks:
-        cols += [
-            f"rho_{k}",
-            f"rho_left_{k}",
-            f"rho_right_{k}",
-            f"rho_baseline_{k}",
-            f"off_principal_{k}",
-            f"rho_minor_{k}",
-            f"rho_minor_left_{k}",
-            f"rho_minor_right_{k}",
-        ]
-    if config.wt != "none":
-        cols += [f"angle_left_{k}" for k in config.ks] + [f"angle_right_{k}" for k in config.ks]
-        cols += ["intruders", "intruder_basis", "nss"]
-    if config.bf16:
-        cols += ["bf16_sparsity"]
-    return cols
+    """Names of the metric columns the engine writes, in order (:meth:`EngineConfig.columns`)."""
+    return config.columns()
+
+
+class Batch:
+    """The quantities of a batch of same-shape items that metrics read (:class:`registry.Quantities`),
+    each computed on first use."""
+
+    def __init__(self, items: list[Item], config: EngineConfig, device: torch.device):
+        self.config = config
+        self.m, self.n = items[0].op.shape[-2:]
+        self.keep = items[0].base.keep
+        self.kmax = min(max(config.ks), self.keep)  # k beyond min(m, n) means the whole space
+        self.rank_fraction = config.rank_fraction
+        self.intruder_top = config.intruder_top
+        self.intruder_eps = config.intruder_eps
+        self._items = items
+        self._device = device
+        # Moved in their stored dtype and cast on the device (a host-side cast would double the bytes
+        # sent); float64 from here on: bf16/float32 factors would bias norms, alignments and DoRA.
+        with record_function("spectra.move"):
+            self.op = stack([it.op.to(device).to(dtype=torch.float64) for it in items])
+            self.base = BaseSpectrum(
+                *(
+                    torch.stack([getattr(it.base, k).to(device) for it in items]).to(torch.float64)
+                    for k in ("sigma", "U", "V", "U_minor", "V_minor")
+                )
+            )
+        self.factors = self.op.factors()
+
+    @cached_property
+    def sigma(self) -> Tensor:
+        with record_function("spectra.sigma_delta"):
+            if self.factors is not None:
+                return factored_svd(*self.factors).S
+            return dense_svd(self.op.to_dense(), streams=self.config.eigh_streams).S
+
+    @property
+    def base_sigma(self) -> Tensor:
+        return self.base.sigma
+
+    @property
+    def base_U(self) -> Tensor:
+        return self.base.U
+
+    @property
+    def base_V(self) -> Tensor:
+        return self.base.V
+
+    @cached_property
+    def principal(self) -> dict[str, Tensor]:
+        with record_function("spectra.alignment"):
+            return alignment_curves(self.op, self.base.U[..., : self.kmax], self.base.V[..., : self.kmax])
+
+    @cached_property
+    def minor(self) -> dict[str, Tensor]:
+        with record_function("spectra.alignment"):
+            return alignment_curves(
+                self.op, self.base.U_minor[..., : self.kmax], self.base.V_minor[..., : self.kmax]
+            )
+
+    @cached_property
+    def w0(self) -> Tensor:
+        with record_function("spectra.move"):
+            return torch.stack([it.w0.to(self._device) for it in self._items]).to(torch.float64)
+
+    @cached_property
+    def delta(self) -> Tensor:
+        if self.factors is not None:
+            return self.factors[0] @ self.factors[1]
+        return self.op.to_dense()
+
+    @cached_property
+    def _wt(self) -> SVDResult:
+        k_vec = max(self.kmax, self.intruder_top)
+        with record_function("spectra.wt"):
+            wt = self.w0 + self.delta
+            if self.config.wt == "full":
+                return dense_svd(wt, k=k_vec, streams=self.config.eigh_streams)
+            # warm start from W0's top right vectors, oversampled where base/ keeps enough
+            start = self.base.V[..., : min(self.keep, k_vec + 10)]
+            return converged_topk(wt, k=min(k_vec, self.m, self.n), start=start)
+
+    @property
+    def wt_U(self) -> Tensor:
+        return self._wt.U
+
+    @property
+    def wt_V(self) -> Tensor:
+        return self._wt.V
+
+    @property
+    def wt_sigma(self) -> Tensor:
+        return self._wt.S
 
 
 def analyze_items(
@@ -128,128 +242,61 @@ def analyze_items(
     """Analyse a list of same-shape items as one batch; one dict of metrics per item (with
     ``spectrum_top`` > 0, also ``"spectrum"``: the top σ_i(ΔW) as a list, from the same SVD)."""
     config = config or EngineConfig()
-    device = torch.device(config.device) if config.device else default_device()
     if not items:
         return []
-    m, n = items[0].op.shape[-2:]
-    keep = items[0].base.keep
-    if keep < min(max(config.ks), m, n):
+    batch = Batch(items, config, config.torch_device())
+    if batch.keep < min(max(config.ks), batch.m, batch.n):
         raise ValueError(
-            f"EngineConfig.ks asks for k = {max(config.ks)} but base/ keeps {keep} singular vectors "
-            f"of this {m}×{n} module; recompute base spectra with a larger keep or use smaller ks"
+            f"EngineConfig.ks asks for k = {max(config.ks)} but base/ keeps {batch.keep} singular vectors "
+            f"of this {batch.m}×{batch.n} module; recompute base spectra with a larger keep or use smaller ks"
         )
-    kmax = min(max(config.ks), keep)  # k beyond min(m, n) means the whole space
-
-    # Moved in their stored dtype and cast on the device (a host-side cast would double the bytes sent);
-    # float64 from here on: bf16/float32 factors would bias norms, alignments and DoRA's difference.
-    with record_function("spectra.move"):
-        op = stack([it.op.to(device).to(dtype=torch.float64) for it in items])
-        base = BaseSpectrum(
-            *(
-                torch.stack([getattr(it.base, k).to(device) for it in items]).to(torch.float64)
-                for k in ("sigma", "U", "V", "U_minor", "V_minor")
-            )
-        )
-    factors = op.factors()
-    with record_function("spectra.sigma_delta"):
-        if factors is not None:
-            s_delta = factored_svd(*factors).S
-        else:
-            s_delta = dense_svd(op.to_dense(), streams=config.eigh_streams).S
-
-    out: dict[str, Tensor] = {
-        "fro_norm": M.frobenius_norm(s_delta),
-        "spectral_norm": M.spectral_norm(s_delta),
-        "relative_size": M.relative_update_size(s_delta, base.sigma),
-        "erank": M.effective_rank(s_delta),
-        "stable_rank": M.stable_rank(s_delta),
-        "participation_ratio": M.participation_ratio(s_delta),
-        f"rank{round(config.rank_fraction * 100)}": M.rank_at(s_delta, config.rank_fraction),
-    }
-    E = M.spectral_concentration(s_delta, list(config.ks))
-    with record_function("spectra.alignment"):
-        principal = M.alignment_curves(op, base.U[..., :kmax], base.V[..., :kmax])
-        minor = M.alignment_curves(op, base.U_minor[..., :kmax], base.V_minor[..., :kmax])
-    for j, k in enumerate(config.ks):
-        i = min(k, kmax) - 1
-        out[f"E_{k}"] = E[..., j]
-        out[f"rho_{k}"] = principal["two_sided"][..., i]
-        out[f"rho_left_{k}"] = principal["left"][..., i]
-        out[f"rho_right_{k}"] = principal["right"][..., i]
-        out[f"off_principal_{k}"] = 1 - principal["two_sided"][..., i]
-        out[f"rho_minor_{k}"] = minor["two_sided"][..., i]
-        out[f"rho_minor_left_{k}"] = minor["left"][..., i]
-        out[f"rho_minor_right_{k}"] = minor["right"][..., i]
-
-    if config.wt != "none" or config.bf16:
-        with record_function("spectra.move"):
-            w0 = torch.stack([it.w0.to(device) for it in items])
-        delta = (
-            (factors[0].to(torch.float64) @ factors[1].to(torch.float64))
-            if factors is not None
-            else op.to_dense().to(torch.float64)
-        )
-        if config.bf16:
-            with record_function("spectra.bf16"):
-                out["bf16_sparsity"] = M.bf16_update_sparsity(w0, delta)
-        if config.wt != "none":
-            with record_function("spectra.wt"):
-                out.update(_wt_metrics(w0.to(torch.float64) + delta, base, config, kmax))
-        del delta, w0
+    out: dict[str, Tensor] = {}
+    integer: set[str] = set()
+    optional: set[str] = set()  # may be NaN for a reason of their own (too few eigenvalues, ...)
+    for metric, k, col in registry.expand(config.selected(), config.ks, config.rank_fraction):
+        out[col] = metric.compute(batch, k).to(torch.float64)
+        if metric.integer:
+            integer.add(col)
+        if metric.optional:
+            optional.add(col)
 
     # An update below rounding of W0 (a zero update, as at step 0, seen through float32 factors or DoRA's
     # normalisation) has no shape: its shape metrics would be rounding noise, so they are left empty.
-    zero = out["relative_size"] < config.zero_update
+    zero = frobenius_ratio(batch) < config.zero_update
+    shape = set(registry.shape_columns(config.ks, config.rank_fraction))
     if zero.any():
-        for name in _shape_metrics(config):
-            out[name] = torch.where(zero, torch.nan, out[name].to(torch.float64))
+        for col in shape & set(out):
+            out[col] = torch.where(zero, torch.nan, out[col])
 
     # one transfer to the host per chunk, not one per value
     names = list(out)
-    table = torch.stack([out[k].to(torch.float64) for k in names], dim=-1).cpu().tolist()
-    integer = {k for k in names if not out[k].is_floating_point()}
-    constants: dict[str, Any] = {
-        f"rho_baseline_{k}": M.alignment_baseline(min(k, kmax), m, n) for k in config.ks
-    }
-    if config.wt != "none":
-        constants["intruder_basis"] = keep
+    table = torch.stack([out[k] for k in names], dim=-1).cpu().tolist()
+    zeros = zero.cpu().tolist()
     rows = []
-    for values in table:
-        row = {k: int(v) if k in integer else v for k, v in zip(names, values, strict=True)}
-        rows.append({**row, **constants})
+    for values, is_zero in zip(table, zeros, strict=True):
+        row: dict[str, Any] = {k: int(v) if k in integer and math.isfinite(v) else v
+                               for k, v in zip(names, values, strict=True)}  # fmt: skip
+        bad = [
+            k
+            for k, v in row.items()
+            if not math.isfinite(v) and not (is_zero and k in shape) and not (k in optional and math.isnan(v))
+        ]
+        row["status"] = "nonfinite" if bad else "ok"
+        if bad:
+            row["error"] = f"non-finite {', '.join(bad)}"
+        rows.append(row)
     if spectrum_top > 0:
-        for row, sigma in zip(rows, s_delta[..., :spectrum_top].cpu().tolist(), strict=True):
+        for row, sigma in zip(rows, batch.sigma[..., :spectrum_top].cpu().tolist(), strict=True):
             row["spectrum"] = sigma
     return rows
 
 
-def _shape_metrics(config: EngineConfig) -> list[str]:
-    """Metrics of ΔW's shape (undefined for a zero update); norms and W_t's metrics are not among them."""
-    names = ["erank", "stable_rank", "participation_ratio", f"rank{round(config.rank_fraction * 100)}"]
-    for k in config.ks:
-        names += [f"E_{k}", f"rho_{k}", f"rho_left_{k}", f"rho_right_{k}", f"off_principal_{k}"]
-        names += [f"rho_minor_{k}", f"rho_minor_left_{k}", f"rho_minor_right_{k}"]
-    return names
+def frobenius_ratio(batch: Batch) -> Tensor:
+    """‖ΔW‖_F / ‖W0‖_F per item (the zero-update test)."""
+    return torch.linalg.vector_norm(batch.sigma, dim=-1) / torch.linalg.vector_norm(batch.base.sigma, dim=-1)
 
 
-def _wt_metrics(wt: Tensor, base: BaseSpectrum, config: EngineConfig, kmax: int) -> dict[str, Tensor]:
-    k_vec = max(kmax, config.intruder_top)
-    if config.wt == "full":
-        res: SVDResult = dense_svd(wt, k=k_vec, streams=config.eigh_streams)
-    else:  # warm start from W0's top right vectors, oversampled where base/ keeps enough
-        res = randomized_topk(wt, k=k_vec, start=base.V[..., : max(k_vec, min(base.keep, k_vec + 10))])
-    out: dict[str, Tensor] = {}
-    for k in config.ks:
-        kk = min(k, kmax)
-        out[f"angle_left_{k}"] = M.max_principal_angle(base.U[..., :kk], res.U[..., :kk])
-        out[f"angle_right_{k}"] = M.max_principal_angle(base.V[..., :kk], res.V[..., :kk])
-    out["intruders"] = M.intruder_dimensions(res.U[..., : config.intruder_top], base.U, config.intruder_eps)
-    if config.wt == "full":
-        out["nss"] = M.spectrum_drift(res.S, base.sigma)
-    return out
-
-
-def _item_bytes(shape: tuple[int, ...], rank: int, config: EngineConfig) -> int:
+def item_bytes(shape: tuple[int, ...], rank: int, config: EngineConfig) -> int:
     """Working memory of one item (float64 bytes): W0, ΔW and W_t dense plus Gram/eigh work."""
     m, n = shape[-2:]
     p = min(m, n)
@@ -273,133 +320,40 @@ def plan_chunks(sizes: list[int], budget: int) -> list[list[int]]:
     return chunks
 
 
-def analyze_checkpoint(items: list[Item], config: EngineConfig | None = None) -> list[dict[str, Any]]:
-    """Every metric for modules already in memory (any shapes): grouped by shape and stored form,
-    batched within the memory budget. One dict per item, in input order."""
+def group_key(item: Item) -> tuple[tuple[int, ...], int]:
+    """Items batch together when they have the same shape and factored rank (0: not factored)."""
+    return tuple(item.op.shape), item.op.rank_bound if isinstance(item.op, LowRank) else 0
+
+
+def analyze_checkpoint(
+    items: list[Item],
+    config: EngineConfig | None = None,
+    spectrum_top: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Every metric for modules already in memory (any shapes): grouped by shape and factored rank,
+    batched within the memory budget. One dict per item, in input order, with ``status`` and ``error``.
+    ``progress(n)`` is called with the number of items each chunk finished."""
     config = config or EngineConfig()
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, it in enumerate(items):
-        rank = it.op.rank_bound if isinstance(it.op, LowRank) else 0
-        groups.setdefault((tuple(it.op.shape), rank), []).append(i)
+        groups.setdefault(group_key(it), []).append(i)
     rows: list[dict[str, Any]] = [{} for _ in items]
     for (shape, rank), idx in groups.items():
-        for chunk in plan_chunks([_item_bytes(shape, rank, config)] * len(idx), config.max_batch_bytes):
-            for j, row in zip(chunk, analyze_items([items[idx[j]] for j in chunk], config), strict=True):
+        for chunk in plan_chunks([item_bytes(shape, rank, config)] * len(idx), config.max_batch_bytes):
+            members = [items[idx[j]] for j in chunk]
+            for j, row in zip(chunk, _isolated(members, config, spectrum_top), strict=True):
                 rows[idx[j]] = row
+            if progress:
+                progress(len(chunk))
     return rows
 
 
-def analyze_run(
-    run: Run,
-    steps: Iterable[int] | None = None,
-    config: EngineConfig | None = None,
-    progress: Callable[[int, int, str], None] | None = None,
-    spectrum_top: int = 0,
-) -> pd.DataFrame:
-    """Every metric for every recorded step × module of a :class:`spectra.store.Run`.
-
-    Damaged files and modules are reported in the ``status`` column and skipped; the rest is analysed.
-    ``progress(done, total, label)`` is called after each chunk with the module-steps done so far and
-    the total expected (recorded steps × modules with a base weight), for a progress bar. With
-    ``spectrum_top`` > 0 a ``spectrum`` column holds each matrix module's top σ_i(ΔW) (a list).
-    """
-    config = config or EngineConfig()
-    steps = list(run.steps if steps is None else steps)
-    keep = max(config.base_keep, max(config.ks), config.intruder_top)
-    run.ensure_base_spectra(keep=keep, device=config.device, progress=progress)
-    rows: list[dict[str, Any]] = []
-    total, done = len(steps) * len(run.modules), 0
-    for step in steps:
-        try:
-            dfile = run.open_delta(step)
-        except DeltaFileError as e:
-            rows.append(_status_row(step, None, "unreadable", str(e)))
-            continue
-        with dfile:
-            groups: dict[tuple[Any, ...], list[str]] = {}
-            for module in dfile.modules:
-                try:
-                    info = dfile.info(module)
-                except DeltaFileError as e:
-                    rows.append(_status_row(step, module, "unreadable", str(e)))
-                    continue
-                groups.setdefault((info.shape, info.kind, info.rank), []).append(module)
-            for key, modules in groups.items():
-                if key[1] == "vector":
-                    rows += [_vector_row(run, dfile, step, mod) for mod in modules]
-                    done += len(modules)
-                    continue
-                sizes = [_item_bytes(key[0], key[2], config)] * len(modules)
-                for idx in plan_chunks(sizes, config.max_batch_bytes):
-                    chunk = [modules[i] for i in idx]
-                    rows += _analyze_chunk(run, dfile, step, key[1], chunk, config, spectrum_top)
-                    done += len(idx)
-                    if progress:
-                        progress(done, total, f"step {step}")
-    cols = ["step", "module", "layer", "proj", "kind", "m", "n", "status", *metric_columns(config), "error"]
-    df = pd.DataFrame(rows)
-    return df.reindex(columns=cols + [c for c in df.columns if c not in cols])
-
-
-def _analyze_chunk(
-    run: Run,
-    dfile: DeltaFile,
-    step: int,
-    kind: str,
-    modules: list[str],
-    config: EngineConfig,
-    spectrum_top: int = 0,
-) -> list[dict[str, Any]]:
-    items: list[Item] = []
-    rows: list[dict[str, Any]] = []
-    for module in modules:
-        try:
-            op, w0 = run.read_module(dfile, module)
-            if not op.is_finite():
-                rows.append(_status_row(step, module, "nonfinite", "ΔW contains NaN or Inf"))
-                continue
-            items.append(Item(module, op, w0, run.base_spectrum(module)))
-        except ShapeMismatchError as e:
-            rows.append(_status_row(step, module, "shape_mismatch", str(e)))
-        except SpectraError as e:
-            rows.append(_status_row(step, module, "unreadable", str(e)))
-    if items:
-        for it, metrics in zip(items, analyze_items(items, config, spectrum_top), strict=True):
-            m, n = it.op.shape[-2:]
-            rows.append(
-                {**_identity(step, it.module), "kind": kind, "m": m, "n": n, "status": "ok", **metrics}
-            )
-    return rows
-
-
-def _vector_row(run: Run, dfile: DeltaFile, step: int, module: str) -> dict[str, Any]:
+def _isolated(items: list[Item], config: EngineConfig, spectrum_top: int) -> list[dict[str, Any]]:
+    """:func:`analyze_items` on a chunk; if it fails, each item alone, so that a failure is one row's."""
     try:
-        rec, theta0 = run.read_module(dfile, module)
-    except SpectraError as e:
-        return _status_row(step, module, "unreadable", str(e))
-    assert isinstance(rec, VectorDelta)
-    if not rec.is_finite():
-        return _status_row(step, module, "nonfinite", "Δθ contains NaN or Inf")
-    d = rec.delta.to(torch.float64)
-    theta0 = theta0.to(torch.float64)
-    fro = float(torch.linalg.vector_norm(d))
-    ref = float(torch.linalg.vector_norm(theta0))
-    return {
-        **_identity(step, module),
-        "kind": "vector",
-        "m": d.shape[0],
-        "n": 1,
-        "status": "ok",
-        "fro_norm": fro,
-        "spectral_norm": fro,
-        "relative_size": fro / ref if ref > 0 else math.nan,
-    }
-
-
-def _identity(step: int, module: str | None) -> dict[str, Any]:
-    layer, proj = parse_module_name(module) if module else (None, None)
-    return {"step": step, "module": module, "layer": layer, "proj": proj}
-
-
-def _status_row(step: int, module: str | None, status: str, error: str) -> dict[str, Any]:
-    return {**_identity(step, module), "status": status, "error": error, "fro_norm": math.nan}
+        return analyze_items(items, config, spectrum_top)
+    except Exception as e:
+        if len(items) == 1:
+            return [{"status": "error", "error": f"analysis failed: {type(e).__name__}: {first_line(e)}"}]
+        return [row for it in items for row in _isolated([it], config, spectrum_top)]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from spectra.metrics.registry import heatmap_columns
 from spectra.names import PROJECTIONS
 
 PALETTE = (
@@ -89,8 +90,8 @@ class FigureSpec:
 class RunView:
     """What the figures need of one analysed run.
 
-    steps: per-step aggregates (:func:`spectra.analysis.per_step`) with ``collapsed`` and ``reward``
-    columns; table: metrics.csv; spectra: spectra.csv; logs: metrics.jsonl; evals: eval.jsonl.
+    steps: per-step aggregates (:func:`spectra.tables.per_step`) with a ``collapsed`` column; table:
+    the step × module table (metrics.csv); spectra: spectra.csv; logs: metrics.jsonl; evals: eval.jsonl.
     """
 
     label: str
@@ -346,12 +347,23 @@ def angles(views: Sequence[RunView], k: int | None = None) -> FigureSpec:
     )
 
 
-HEAT_METRICS = (
-    ("erank", "effective rank"),
-    ("E_1", "E_1"),
-    ("off_principal_{k}", "1 − ρ_{k}"),
-    ("relative_size", "‖ΔW‖/‖W0‖"),
-)
+def esd_alpha(views: Sequence[RunView]) -> FigureSpec:
+    """The power-law exponent α of W_t's eigenvalue spectrum over training, against W0's."""
+    lines: list[Line | None] = []
+    for v in views:
+        lines.append(_median_line(v, "alpha", _name(v, "W_t = W0 + ΔW", views)))
+        lines.append(_median_line(v, "alpha_base", _name(v, "W0", views), "dash", band=False))
+    panel = _panel("ESD power-law exponent α (median over modules)", "α", lines)
+    return FigureSpec(
+        "esd_alpha",
+        "Heavy-tailed spectral density of the weights over training",
+        "The exponent α of the power-law tail of the eigenvalues σ_i² of each weight matrix (the fit "
+        "WeightWatcher uses: Clauset–Shalizi–Newman, x_min at the minimum KS distance), median over modules "
+        "(band: 25th–75th percentile), for the fine-tuned W_t and, dashed, for W0. Martin & Mahoney read "
+        "α of 2–4 as well trained and a falling α as training adding correlations. Modules with fewer "
+        "than 50 eigenvalues have no fit.",
+        [panel] if panel is not None else [],
+    )
 
 
 def heatmaps(view: RunView, step: int | None = None, k: int | None = None) -> FigureSpec | None:
@@ -369,8 +381,7 @@ def heatmaps(view: RunView, step: int | None = None, k: int | None = None) -> Fi
     projs = [p for p in PROJECTIONS if p in set(ok["proj"])] + sorted(set(ok["proj"]) - set(PROJECTIONS))
     layers = sorted(ok["layer"].astype(int).unique())
     panels: list[Panel | HeatPanel] = []
-    for metric, label in HEAT_METRICS:
-        metric, label = metric.format(k=k), label.format(k=k)
+    for metric, label in heatmap_columns(k):
         if metric not in ok.columns or ok[metric].isna().all():
             continue
         grid = ok.pivot_table(index=ok["layer"].astype(int), columns="proj", values=metric, aggfunc="median")
@@ -403,7 +414,10 @@ def all_figures(
     views: Sequence[RunView], k: int | None = None, heat_step: int | None = None
 ) -> list[FigureSpec]:
     """The figures of a report, in order; empty figures (no data) are left out."""
-    figs = [overview(views, k), alignment(views, k), rank(views, k), spectrum(views), angles(views, k)]
+    figs = [
+        overview(views, k), alignment(views, k), rank(views, k), spectrum(views), angles(views, k),
+        esd_alpha(views),
+    ]  # fmt: skip
     if len(views) == 1:
         heat = heatmaps(views[0], heat_step, k)
         if heat is not None:

@@ -2,7 +2,8 @@
 
 HDF5 has no bfloat16; a bfloat16 tensor is stored as its raw 16-bit pattern (uint16) with the attribute
 ``dtype = "bfloat16"``. Every dataset carries ``dtype`` (the torch dtype name) so that a reader in any
-language knows what the bits mean.
+language knows what the bits mean, and HDF5's fletcher32 checksum, so that a damaged byte is an error
+when read rather than a changed number.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import json
 import os
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,9 @@ _TORCH_TO_NAME = {
     torch.bool: "bool",
 }
 _NAME_TO_TORCH = {v: k for k, v in _TORCH_TO_NAME.items()}
+#: The numpy type HDF5 stores each dtype name as (bfloat16: its raw bits).
+_STORED_AS = {name: np.dtype(np.uint16 if name == "bfloat16" else name) for name in _NAME_TO_TORCH}
+_TMP_PATTERN = ".*.tmp"
 
 
 @contextlib.contextmanager
@@ -51,6 +56,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporary files (``.<name>.XXXX.tmp``) an interrupted :func:`atomic_path` left in
+    ``folder``; returns them. Call it only as the one writer of that folder."""
+    removed = []
+    for tmp in folder.glob(_TMP_PATTERN):
+        if tmp.is_file() and not tmp.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
 
 
 def current_umask() -> int:
@@ -83,15 +100,28 @@ def write_tensor(group: h5py.Group, name: str, t: Tensor, compression: str | Non
             f"{sorted(_NAME_TO_TORCH)}"
         )
     data = t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
-    ds = group.create_dataset(name, data=data, compression=compression)
+    checksum = data.ndim > 0 and data.size > 0  # HDF5 filters need a chunked, non-empty dataset
+    ds = group.create_dataset(name, data=data, compression=compression, fletcher32=checksum)
     ds.attrs["dtype"] = _TORCH_TO_NAME[t.dtype]
     return ds
 
 
-def read_tensor(ds: h5py.Dataset, rows: int | None = None, cols: int | None = None) -> Tensor:
-    """Read a dataset written by :func:`write_tensor`, optionally only its leading rows × cols block."""
+def read_tensor(
+    ds: h5py.Dataset, rows: int | None = None, cols: int | None = None, strict: bool = False
+) -> Tensor:
+    """Read a dataset written by :func:`write_tensor`, optionally only its leading rows × cols block.
+
+    ``strict``: the ``dtype`` attribute must match the type HDF5 stores (an ``int32`` label on float data
+    would otherwise be read as other numbers), and may be absent only for plain float data; ValueError
+    otherwise."""
     name = ds.attrs.get("dtype", None)
     name = name.decode() if isinstance(name, bytes) else name
+    unlabelled_float = name is None and ds.dtype.kind == "f"  # self-describing: read as stored
+    if strict and not unlabelled_float and (name not in _STORED_AS or ds.dtype != _STORED_AS[name]):
+        raise ValueError(
+            f"dataset {ds.name!r} declares dtype {name!r} but stores {ds.dtype}; expected one of "
+            f"{', '.join(f'{k} (stored as {v})' for k, v in _STORED_AS.items())}"
+        )
     if rows is not None or cols is not None:
         arr = ds[: rows if rows is not None else ds.shape[0], : cols if cols is not None else ds.shape[1]]
     else:
@@ -103,6 +133,28 @@ def read_tensor(ds: h5py.Dataset, rows: int | None = None, cols: int | None = No
     if name in _NAME_TO_TORCH and t.dtype != _NAME_TO_TORCH[name]:
         t = t.to(_NAME_TO_TORCH[name])
     return t
+
+
+ATTRS_CHECKSUM = "attrs_crc32"
+
+
+def attrs_checksum(obj: h5py.HLObject) -> int:
+    """CRC-32 of an HDF5 object's attributes (all but the checksum itself), in a canonical JSON form.
+
+    Datasets are protected by fletcher32; this protects the attributes that change what they mean
+    (``scale``, ``shape``, ``kind``, references), which HDF5 does not checksum."""
+    items = {k: _plain(v) for k, v in obj.attrs.items() if k != ATTRS_CHECKSUM}
+    return zlib.crc32(json.dumps(items, sort_keys=True).encode())
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, np.ndarray):
+        return [_plain(x) for x in v.tolist()]
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
 
 
 def attr_str(obj: h5py.HLObject, key: str, default: str | None = None) -> str | None:

@@ -7,7 +7,13 @@ whose update is exactly low rank also return :meth:`~DeltaOperator.factors` ``(L
 ``ΔW = L @ R``, so that their spectrum is found from QR of the tall factors and the SVD of an r×r core.
 
 All tensors may carry leading batch dimensions: ``B`` of shape (..., m, r) and ``A`` (..., r, n) describe
-a batch of same-shape updates.
+a batch of same-shape updates. Whatever dtype the tensors are stored in, ΔW is materialised in float64
+(:meth:`~DeltaOperator.to_dense`, :meth:`~DeltaOperator.factors`): bf16 products and float32 differences
+would lose the small updates being measured.
+
+Each type names the codec it is stored with (:mod:`spectra.codecs`): its dataclass fields are the
+codec's datasets and attributes, so :meth:`~DeltaOperator.to_stored` and :func:`from_stored` need no
+per-type code.
 
 =====================  ===========================================================  ==============
 type                   ΔW                                                           methods
@@ -25,13 +31,43 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields, replace
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
+from spectra.codecs import CODECS, Codec, Stored
 
-class DeltaOperator(ABC):
+F64 = torch.float64
+
+
+class StoredForm:
+    """Mixin: the stored form of an update, from the dataclass fields its codec names."""
+
+    codec: ClassVar[Codec]
+
+    def to_stored(self) -> Stored:
+        """The record written to a delta file (tensors as they are; W0 is never part of it)."""
+        c = self.codec
+        tensors = {k: getattr(self, k) for k in c.datasets if getattr(self, k) is not None}
+        attrs: dict[str, Any] = {a: _attr_value(getattr(self, a)) for a in c.attrs}
+        return Stored(c.kind, tuple(self.shape), tensors, attrs)  # type: ignore[attr-defined]
+
+    @classmethod
+    def from_stored(cls, rec: Stored, w0: Tensor | None = None) -> Any:
+        """The update a record describes; ``w0`` is required by kinds defined through W0."""
+        if cls.codec.needs_w0:
+            if w0 is None:
+                raise ValueError(f"a {rec.kind} record needs W0 to be read")
+            return cls(w0=w0, **rec.tensors, **rec.attrs)  # type: ignore[call-arg]
+        return cls(**rec.tensors, **rec.attrs)  # type: ignore[call-arg]
+
+
+def _attr_value(v: Any) -> Any:
+    return float(v) if isinstance(v, (Tensor, int, float)) else v
+
+
+class DeltaOperator(StoredForm, ABC):
     """A weight update ΔW of shape (..., m, n)."""
 
     @property
@@ -41,10 +77,10 @@ class DeltaOperator(ABC):
 
     @abstractmethod
     def to_dense(self) -> Tensor:
-        """ΔW as a dense tensor of shape :attr:`shape`."""
+        """ΔW as a dense float64 tensor of shape :attr:`shape`."""
 
     def factors(self) -> tuple[Tensor, Tensor] | None:
-        """``(L, R)`` with ``ΔW = L @ R`` when the update is exactly low rank, else ``None``."""
+        """Float64 ``(L, R)`` with ``ΔW = L @ R`` when the update is exactly low rank, else ``None``."""
         return None
 
     @property
@@ -69,12 +105,12 @@ class DeltaOperator(ABC):
         return L.to(V.dtype) @ (R.to(V.dtype) @ V)
 
     def frobenius_sq(self) -> Tensor:
-        """‖ΔW‖_F², computed without forming ΔW when factored: tr((LᵀL)(RRᵀ))."""
+        """‖ΔW‖_F² in float64, without forming ΔW when factored: with L = Q₁R₁ and Rᵀ = Q₂R₂ (QR),
+        ‖ΔW‖_F² = ‖R₁R₂ᵀ‖_F², a sum of squares (no cancellation between the factors' terms)."""
         f = self.factors()
         if f is None:
             return self.to_dense().square().sum(dim=(-2, -1))
-        L, R = f
-        return ((L.mT @ L) * (R @ R.mT)).sum(dim=(-2, -1))
+        return orthonormal_right(*f)[0].square().sum(dim=(-2, -1))
 
     def is_finite(self) -> bool:
         """True when every stored number is finite (a NaN/Inf update is flagged, not analysed)."""
@@ -105,6 +141,7 @@ def _is_tensor_field(obj: object, name: str) -> bool:
 class Dense(DeltaOperator):
     """ΔW stored as a dense matrix (full fine-tuning, MiSS, QuanTA)."""
 
+    codec: ClassVar[Codec] = CODECS["dense"]
     delta: Tensor
 
     @property
@@ -112,7 +149,7 @@ class Dense(DeltaOperator):
         return tuple(self.delta.shape)
 
     def to_dense(self) -> Tensor:
-        return self.delta
+        return self.delta.to(F64)
 
 
 @dataclass(frozen=True)
@@ -124,8 +161,13 @@ class LowRank(DeltaOperator):
       W0 − s·B0·A0, so ΔW = s·(B·A − B0·A0), itself factored as [s·B, −s·B0] · [A; A0].
     - AdaLoRA: ``mid`` = λ ⊙ mask (the singular values kept by the rank allocator) and s = scaling/ranknum.
     - VeRA: ``row`` = λ_b, ``mid`` = λ_d, B and A the shared random matrices (sliced), s = 1.
+
+    With initial factors of the same rank and no ``row``/``mid``, the factors are formed as
+    ΔW = s·(B − B0)·A + s·B0·(A − A0): the differences B − B0 and A − A0 are exact, so the small update
+    of a PiSSA/MiLoRA adapter is not the difference of two large products (which would cancel).
     """
 
+    codec: ClassVar[Codec] = CODECS["lowrank"]
     B: Tensor
     A: Tensor
     scale: float | Tensor = 1.0
@@ -160,17 +202,21 @@ class LowRank(DeltaOperator):
         return self.B.shape[-1] + (0 if self.B0 is None else self.B0.shape[-1])
 
     def factors(self) -> tuple[Tensor, Tensor]:
-        s = _as_scale(self.scale, self.B)
-        L = self.B
+        B, A = self.B.to(F64), self.A.to(F64)
+        s = _as_scale(self.scale, B)
+        if self.B0 is not None and self.A0 is not None:
+            B0, A0 = self.B0.to(F64), self.A0.to(F64)
+            if self.row is None and self.mid is None and B0.shape == B.shape:
+                return torch.cat([s * (B - B0), s * B0], dim=-1), torch.cat([A, A - A0], dim=-2)
+        L = B
         if self.row is not None:
-            L = self.row.unsqueeze(-1) * L
+            L = self.row.to(F64).unsqueeze(-1) * L
         if self.mid is not None:
-            L = L * self.mid.unsqueeze(-2)
+            L = L * self.mid.to(F64).unsqueeze(-2)
         L = s * L
         if self.B0 is None:
-            return L, self.A
-        assert self.A0 is not None
-        return torch.cat([L, -s * self.B0], dim=-1), torch.cat([self.A, self.A0], dim=-2)
+            return L, A
+        return torch.cat([L, -s * B0], dim=-1), torch.cat([A, A0], dim=-2)
 
     def to_dense(self) -> Tensor:
         L, R = self.factors()
@@ -199,6 +245,7 @@ class DoRA(_OnBase):
     ``weight_norm`` over dim 1 of the (out, in) weight).
     """
 
+    codec: ClassVar[Codec] = CODECS["dora"]
     w0: Tensor
     magnitude: Tensor
     B: Tensor
@@ -213,12 +260,11 @@ class DoRA(_OnBase):
         _expect("DoRA", "magnitude", self.magnitude, (m,))
 
     def to_dense(self) -> Tensor:
-        """Formed in at least float32 (bf16 arithmetic would lose the small difference W' − W0)."""
-        dt = torch.promote_types(self.B.dtype, torch.float32)
-        w0, B, A = self.w0.to(dt), self.B.to(dt), self.A.to(dt)
+        """Formed in float64 (in float32 the small difference W' − W0 would cancel)."""
+        w0, B, A = self.w0.to(F64), self.B.to(F64), self.A.to(F64)
         directed = w0 + _as_scale(self.scale, B) * (B @ A)
         norm = torch.linalg.vector_norm(directed, dim=-1, keepdim=True)
-        return self.magnitude.to(dt).unsqueeze(-1) * directed / norm - w0
+        return self.magnitude.to(F64).unsqueeze(-1) * directed / norm - w0
 
 
 @dataclass(frozen=True)
@@ -226,6 +272,7 @@ class Scaled(_OnBase):
     """IA3: ΔW = W0 ⊙ (l − 1), with l scaling rows (``axis="row"``, l of length m, attention
     projections) or columns (``axis="column"``, l of length n, feed-forward inputs)."""
 
+    codec: ClassVar[Codec] = CODECS["scaled"]
     w0: Tensor
     l: Tensor  # noqa: E741
     axis: Literal["row", "column"] = "row"
@@ -236,15 +283,16 @@ class Scaled(_OnBase):
         _expect("Scaled", "l", self.l, (self.w0.shape[-2 if self.axis == "row" else -1],))
 
     def to_dense(self) -> Tensor:
-        lm1 = self.l.to(torch.promote_types(self.l.dtype, torch.float32)) - 1
-        w0 = self.w0.to(lm1.dtype)
+        lm1 = self.l.to(F64) - 1
+        w0 = self.w0.to(F64)
         return w0 * (lm1.unsqueeze(-1) if self.axis == "row" else lm1.unsqueeze(-2))
 
 
 @dataclass(frozen=True)
-class VectorDelta:
+class VectorDelta(StoredForm):
     """θ_t − θ_0 for a vector parameter (LayerNorm weight or bias): no linear map, only norms."""
 
+    codec: ClassVar[Codec] = CODECS["vector"]
     delta: Tensor
 
     @property
@@ -268,6 +316,29 @@ def _as_scale(scale: float | Tensor, like: Tensor) -> float | Tensor:
         s = scale.to(device=like.device, dtype=like.dtype)
         return s.reshape(*s.shape, 1, 1) if s.ndim else s
     return scale
+
+
+Record = DeltaOperator | VectorDelta
+"""What a delta file holds for one module: an operator, or a vector parameter's change."""
+
+#: kind → the type stored with that codec (every codec has exactly one: tests/test_store.py).
+OPERATORS: dict[str, type] = {cls.codec.kind: cls for cls in (Dense, LowRank, DoRA, Scaled, VectorDelta)}
+
+
+def from_stored(rec: Stored, w0: Tensor | None = None) -> Record:
+    """The update a stored record describes (``w0``: the base weight, for kinds defined through it).
+    ValueError when its tensors do not fit together."""
+    return OPERATORS[rec.kind].from_stored(rec, w0)
+
+
+def orthonormal_right(L: Tensor, R: Tensor) -> tuple[Tensor, Tensor]:
+    """``(L', Q)`` with L·R = L'·Qᵀ and Q orthonormal: Rᵀ = Q·R₂ (thin QR) and L' = L·R₂ᵀ, in float64.
+
+    Norms of ΔW and of its projections are then sums of squares of small matrices: ‖ΔW‖_F = ‖L'‖_F,
+    ‖UᵀΔW‖_F = ‖UᵀL'‖_F, ‖ΔW V‖_F = ‖L'·(QᵀV)‖_F. Unlike tr((LᵀL)(RRᵀ)), nothing cancels, so an
+    alignment ratio of them stays in [0, 1] to rounding."""
+    Q, R2 = torch.linalg.qr(R.to(F64).mT)
+    return L.to(F64) @ R2.mT, Q
 
 
 def as_operator(delta: Tensor | DeltaOperator) -> DeltaOperator:

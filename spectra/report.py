@@ -14,31 +14,17 @@ from typing import Any
 
 import pandas as pd
 
-from spectra.analysis import ANALYSIS_DIR, Analysis, per_step, summary_metrics
-from spectra.engine import EngineConfig
 from spectra.figures import PALETTE, FigureSpec, RunView, all_figures, default_k, eval_series
 from spectra.h5io import atomic_path
+from spectra.pipeline import Analysis
 from spectra.render import save_png, to_plotly
-from spectra.store import load_run
 
 
-def load_view(run_dir: str | Path, label: str | None = None, color: str = PALETTE[0]) -> RunView:
-    """A :class:`RunView` from a run and its ``analysis/`` folder (written by :func:`analyze_dir`)."""
-    run_dir = Path(run_dir)
-    folder = run_dir / ANALYSIS_DIR
-    summary = json.loads((folder / "summary.json").read_text())
-    table = pd.read_csv(folder / "metrics.csv")
-    spectra_csv = folder / "spectra.csv"
-    spectra = pd.read_csv(spectra_csv) if spectra_csv.exists() else pd.DataFrame()
-    ks = tuple(summary["engine"]["ks"])
-    steps = per_step(table, summary_metrics(EngineConfig(ks=ks)))
-    flags = {e["step"]: e["collapsed"] for e in summary["steps"]}
-    steps["collapsed"] = steps["step"].map(flags).fillna(False).astype(bool)
-    with load_run(run_dir) as run:
-        logs, evals = run.metrics, run.eval
+def run_view(analysis: Analysis, label: str | None = None, color: str = PALETTE[0]) -> RunView:
+    """What the figures need of an analysed run, from the analysis in memory."""
     return RunView(
-        label or summary["run"].get("name") or run_dir.name, color, steps, table, spectra, logs, evals, ks,
-        summary["collapse_rule"]["e1_min"],
+        label or analysis.name, color, analysis.per_step, analysis.table, analysis.spectra, analysis.logs,
+        analysis.evals, analysis.engine.ks, analysis.rule.e1_min,
     )  # fmt: skip
 
 
@@ -139,10 +125,8 @@ def run_header(analysis: Analysis) -> str:
 
 def write_run_report(analysis: Analysis, k: int | None = None, heat_step: int | None = None) -> list[Path]:
     """analysis/plots/*.png and analysis/report.html of one analysed run; returns the files written."""
-    view = load_view(analysis.run_dir)
-    figures = all_figures([view], k, heat_step)
-    name = analysis.summary["run"].get("name") or analysis.run_dir.name
-    pngs, page = write_figures(figures, analysis.folder, f"spectra — {name}", run_header(analysis))
+    figures = all_figures([run_view(analysis)], k, heat_step)
+    pngs, page = write_figures(figures, analysis.folder, f"spectra — {analysis.name}", run_header(analysis))
     return [*pngs, page]
 
 
@@ -178,11 +162,11 @@ def write_comparison(
     analyses: Sequence[Analysis], out: Path, labels: Sequence[str] | None = None, k: int | None = None
 ) -> tuple[pd.DataFrame, list[Path]]:
     """Runs side by side: out/compare.csv (final accuracy and geometry), out/plots/*.png, out/report.html."""
-    names = list(labels) if labels else [a.summary["run"].get("name") or a.run_dir.name for a in analyses]
+    names = list(labels) if labels else [a.name for a in analyses]
     if len(set(names)) < len(names):  # two runs of the same name: tell them apart by their folders
         names = [f"{n} ({a.run_dir})" for n, a in zip(names, analyses, strict=True)]
     views = [
-        load_view(a.run_dir, n, PALETTE[i % len(PALETTE)])
+        run_view(a, n, PALETTE[i % len(PALETTE)])
         for i, (n, a) in enumerate(zip(names, analyses, strict=True))
     ]
     table = pd.DataFrame([final_row(v, a.summary) for v, a in zip(views, analyses, strict=True)])

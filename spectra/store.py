@@ -1,25 +1,33 @@
-"""The run directory: reading and writing ``run.json``, ``base/``, ``deltas/``, ``metrics.jsonl``.
+"""The run directory, read and written: ``run.json``, ``base/``, ``deltas/``, ``metrics.jsonl``.
 
-The on-disk format is documented in docs/format.md so that it can be read without spectra. In short::
+This module only reads and writes (no linear algebra): updates cross it as :class:`spectra.codecs.Stored`
+records, checked against the codec table; :mod:`spectra.pipeline` turns them into operators and
+computes. The on-disk format is documented in docs/format.md so that it can be read without spectra::
 
     runs/<name>/
       run.json                 resolved configuration (+ "schema_version")
       base/weights.h5          W0 of every adapted module   (or base/pointer.json → safetensors files)
-      base/spectra.h5          σ(W0), top/bottom singular vectors, written once by ensure_base_spectra
+      base/spectra.h5          σ(W0), top/bottom singular vectors (cached by the pipeline)
       deltas/step_000050.h5    one file per recorded step, written atomically
       metrics.jsonl            one JSON object per logged training step
       eval.jsonl               evaluation results over training
 
-Writes go to a temporary name in the same folder and are renamed into place; readers never see a
-half-written file, and an interrupted write leaves the previous file untouched.
+Writing is :mod:`spectra.writer`'s. Every dataset carries HDF5's fletcher32 checksum, so a flipped
+bit is reported as a corrupt file rather than read as a changed number (files written before checksums
+existed still read).
+
+Reading trusts nothing: a path that is not a regular file is never opened (a FIFO would block), a
+file's ``step`` must match its name, a dataset's ``dtype`` attribute must match what HDF5 stores, and
+every record is checked against its codec; each problem is a :class:`DeltaFileError` naming the file
+and module.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import stat
 import warnings
-from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,15 +35,11 @@ from typing import Any
 import h5py
 import numpy as np
 import pandas as pd
-import torch
 from torch import Tensor
 
-from spectra.base import DEFAULT_KEEP, BaseSpectrum, compute_base_spectrum
-from spectra.errors import DeltaFileError, RunDirError, ShapeMismatchError
-from spectra.h5io import atomic_path, attr_str, read_tensor, write_json, write_tensor
-from spectra.metrics.collapse import CollapseRule, detect_collapse, step_medians
-from spectra.operators import DeltaOperator, Dense, DoRA, LowRank, Scaled, VectorDelta
-from spectra.svd import default_device
+from spectra.codecs import CODECS, Stored, check_record, codec
+from spectra.errors import DeltaFileError, RunDirError, first_line
+from spectra.h5io import ATTRS_CHECKSUM, attr_str, attrs_checksum, read_tensor
 
 SCHEMA_VERSION = 1
 DELTA_FORMAT = "spectra-delta"
@@ -43,7 +47,10 @@ WEIGHTS_FORMAT = "spectra-base-weights"
 SPECTRA_FORMAT = "spectra-base-spectra"
 _STEP_RE = re.compile(r"^step_(\d{6,})\.h5$")
 
-Record = DeltaOperator | VectorDelta
+
+def h5name(module: str) -> str:
+    """The HDF5 group name of a module (a ``/`` in a module name would open a subgroup)."""
+    return module.replace("/", "|")
 
 
 def delta_filename(step: int) -> str:
@@ -66,145 +73,30 @@ def _check_version(f: h5py.File, path: Path, fmt: str) -> None:
 
 
 def _open(path: Path, fmt: str) -> h5py.File:
-    if not path.exists():
-        raise DeltaFileError(f"{path}: file is missing")
+    """Open an HDF5 file of format ``fmt`` for reading; only regular files are opened."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise DeltaFileError(f"{path}: file is missing") from None
+    except OSError as e:
+        raise DeltaFileError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        raise DeltaFileError(f"{path}: not a regular file (a FIFO, device or folder); expected an HDF5 file")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
         raise DeltaFileError(
-            f"{path}: not a readable HDF5 file (truncated or damaged?): {str(e).splitlines()[0]}"
+            f"{path}: not a readable HDF5 file (truncated or damaged?): {first_line(e)}"
         ) from None
     try:
         _check_version(f, path, fmt)
     except DeltaFileError:
         f.close()
         raise
+    except Exception as e:  # damaged root metadata
+        f.close()
+        raise DeltaFileError(f"{path}: damaged file metadata ({type(e).__name__}: {first_line(e)})") from e
     return f
-
-
-# --------------------------------------------------------------------------------------------- writing
-
-
-class RunWriter:
-    """Writes a run directory. The trainer's checkpoint callback and synthetic benchmarks use this."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)  # folders are made on first write: a run that never starts leaves nothing
-
-    def _folder(self, name: str = "") -> Path:
-        folder = self.path / name if name else self.path
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
-
-    def write_config(self, config: Mapping[str, Any]) -> None:
-        """``run.json``: the resolved configuration, with ``schema_version`` added."""
-        write_json(self._folder() / "run.json", {**config, "schema_version": SCHEMA_VERSION})
-
-    def write_base_weights(self, weights: Mapping[str, Tensor]) -> None:
-        """``base/weights.h5``: W0 of every adapted module (and θ0 of vector parameters), once."""
-        with atomic_path(self._folder("base") / "weights.h5") as tmp, h5py.File(tmp, "w") as f:
-            f.attrs["format"] = WEIGHTS_FORMAT
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            mods = f.create_group("modules")
-            for name, w in weights.items():
-                g = mods.create_group(_h5name(name))
-                g.attrs["name"] = name
-                write_tensor(g, "W0", w)
-
-    def write_base_pointer(self, files: list[str | Path], names: Mapping[str, str]) -> None:
-        """``base/pointer.json``: W0 lives in safetensors files (``names`` maps module → tensor name)."""
-        write_json(
-            self._folder("base") / "pointer.json",
-            {
-                "format": "safetensors",
-                "files": [str(Path(p).resolve()) for p in files],
-                "names": dict(names),
-                "schema_version": SCHEMA_VERSION,
-            },
-        )
-
-    def write_delta(
-        self, step: int, modules: Mapping[str, Record], shared: Mapping[str, Tensor] | None = None
-    ) -> Path:
-        """``deltas/step_NNNNNN.h5`` with every module's update in its exact stored form.
-
-        ``shared`` names matrices stored once under ``/shared`` (VeRA's random matrices): a factor that
-        is a leading block view of one of them (``shared[:rows, :cols]``) is written as a reference.
-        """
-        path = self._folder("deltas") / delta_filename(step)
-        shared = dict(shared or {})
-        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-            f.attrs["format"] = DELTA_FORMAT
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            f.attrs["step"] = step
-            sh = f.create_group("shared")
-            for name, t in shared.items():
-                write_tensor(sh, name, t)
-            mods = f.create_group("modules")
-            for name, rec in modules.items():
-                _write_record(mods.create_group(_h5name(name)), name, rec, shared)
-        return path
-
-    def append_metrics(self, row: Mapping[str, Any], filename: str = "metrics.jsonl") -> None:
-        """Append one JSON line to ``metrics.jsonl`` (or ``eval.jsonl``) in a single write."""
-        path = self._folder() / filename
-        line = json.dumps(dict(row), sort_keys=True) + "\n"
-        if path.exists() and path.stat().st_size and not _ends_with_newline(path):
-            line = "\n" + line  # an earlier append was torn: keep this row on a line of its own
-        with open(path, "a") as fh:
-            fh.write(line)
-            fh.flush()
-
-
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        fh.seek(-1, 2)
-        return fh.read(1) == b"\n"
-
-
-def _h5name(module: str) -> str:
-    return module.replace("/", "|")
-
-
-def _write_record(g: h5py.Group, name: str, rec: Record, shared: Mapping[str, Tensor]) -> None:
-    g.attrs["name"] = name
-    g.attrs["shape"] = list(rec.shape)
-
-    def put(key: str, t: Tensor | None) -> None:
-        if t is None:
-            return
-        for sname, s in shared.items():
-            if t.ndim == 2 and t.data_ptr() == s.data_ptr() and t.stride() == s.stride():
-                g.attrs[f"{key}_ref"] = f"/shared/{sname}"
-                g.attrs[f"{key}_ref_shape"] = list(t.shape)
-                return
-        write_tensor(g, key, t)
-
-    if isinstance(rec, Dense):
-        g.attrs["kind"] = "dense"
-        put("delta", rec.delta)
-    elif isinstance(rec, LowRank):
-        g.attrs["kind"] = "lowrank"
-        g.attrs["scale"] = float(rec.scale)
-        for key in ("B", "A", "mid", "row", "B0", "A0"):
-            put(key, getattr(rec, key))
-    elif isinstance(rec, DoRA):
-        g.attrs["kind"] = "dora"
-        g.attrs["scale"] = float(rec.scale)
-        for key in ("B", "A", "magnitude"):
-            put(key, getattr(rec, key))
-    elif isinstance(rec, Scaled):
-        g.attrs["kind"] = "scaled"
-        g.attrs["axis"] = rec.axis
-        put("l", rec.l)
-    elif isinstance(rec, VectorDelta):
-        g.attrs["kind"] = "vector"
-        put("delta", rec.delta)
-    else:
-        raise TypeError(
-            f"write_delta: module {name!r} has an update of type {type(rec).__name__}; "
-            "expected Dense, LowRank, DoRA, Scaled or VectorDelta"
-        )
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -217,21 +109,54 @@ class ModuleInfo:
     name: str
     kind: str
     shape: tuple[int, ...]
-    rank: int  # columns of the factored form (0 for non-factored kinds)
+    rank: int  # columns of the factored form (0 for kinds that are not factored)
+
+    @property
+    def needs_w0(self) -> bool:
+        return CODECS[self.kind].needs_w0 if self.kind in CODECS else False
+
+    @property
+    def matrix(self) -> bool:
+        return CODECS[self.kind].matrix if self.kind in CODECS else True
 
 
 class DeltaFile:
-    """One open delta file; modules are read one at a time (``with DeltaFile(path) as d: ...``)."""
+    """One open delta file; modules are read one at a time (``with DeltaFile(path) as d: ...``).
 
-    def __init__(self, path: str | Path):
+    ``step``, when given, must equal the file's ``step`` attribute (a file renamed or linked under
+    another step's name is an error, not another step's numbers).
+    """
+
+    def __init__(self, path: str | Path, step: int | None = None):
         self.path = Path(path)
         self._f = _open(self.path, DELTA_FORMAT)
-        self.step = int(self._f.attrs.get("step", -1))
         try:
-            self._groups = {attr_str(g, "name") or k: g for k, g in self._f["modules"].items()}
-        except (KeyError, OSError) as e:
+            self.step = int(self._f.attrs["step"])
+            if step is not None and self.step != step:
+                raise DeltaFileError(
+                    f"{self.path}: the file says it is step {self.step}, but its name is step {step}'s "
+                    "(renamed or linked?)"
+                )
+            groups = self._f["modules"]
+            if not isinstance(groups, h5py.Group):
+                raise DeltaFileError(f"{self.path}: /modules is not a group")
+            self._groups: dict[str, h5py.Group] = {}
+            self.duplicates: set[str] = set()
+            for key, g in groups.items():
+                if not isinstance(g, h5py.Group):
+                    raise DeltaFileError(f"{self.path}: /modules/{key} is not a group")
+                name = attr_str(g, "name") or key
+                if name in self._groups:
+                    self.duplicates.add(name)
+                self._groups[name] = g
+        except DeltaFileError:
             self._f.close()
-            raise DeltaFileError(f"{self.path}: no readable /modules group ({e})") from None
+            raise
+        except Exception as e:  # a bit flip in metadata surfaces as any of several library errors
+            self._f.close()
+            raise DeltaFileError(
+                f"{self.path}: damaged file metadata ({type(e).__name__}: {first_line(e)})"
+            ) from e
 
     def __enter__(self) -> DeltaFile:
         return self
@@ -247,93 +172,83 @@ class DeltaFile:
         return list(self._groups)
 
     def info(self, module: str) -> ModuleInfo:
+        """Kind, declared shape and factored rank of ``module`` (checked against the codec table)."""
         g = self._group(module)
-        kind = attr_str(g, "kind") or "?"
         try:
-            shape = tuple(int(x) for x in g.attrs["shape"])
-            rank = 0
-            if kind == "lowrank":
-                rank = self._dim(g, "B", -1) + (self._dim(g, "B0", -1) if self._has(g, "B0") else 0)
-        except (KeyError, TypeError, ValueError, IndexError, OSError) as e:
-            raise DeltaFileError(
-                f"{self.path}: module {module!r} lacks a readable shape or B ({e})"
-            ) from None
-        return ModuleInfo(module, kind, shape, rank)
-
-    def read(self, module: str, w0: Tensor | None = None) -> Record:
-        """The module's update as an operator. DoRA and IA3 need ``w0`` (the original base weight).
-
-        The datasets are checked against each other and against the group's ``shape``."""
-        rec = self._read(module, w0)
-        declared = self.info(module).shape
-        if tuple(rec.shape) != declared:
-            raise DeltaFileError(
-                f"{self.path}: module {module!r} declares shape {declared} "
-                f"but its datasets make {tuple(rec.shape)}"
-            )
-        return rec
-
-    def _read(self, module: str, w0: Tensor | None) -> Record:
-        g = self._group(module)
-        kind = attr_str(g, "kind")
-        try:
-            if kind == "dense":
-                return Dense(self._get(g, "delta"))
-            if kind == "vector":
-                return VectorDelta(self._get(g, "delta"))
-            if kind == "lowrank":
-                return LowRank(
-                    self._get(g, "B"),
-                    self._get(g, "A"),
-                    float(g.attrs.get("scale", 1.0)),
-                    *(self._get(g, k) if self._has(g, k) else None for k in ("mid", "row", "B0", "A0")),
+            stored = g.attrs.get(ATTRS_CHECKSUM)
+            if stored is not None and int(stored) != attrs_checksum(g):
+                raise DeltaFileError(
+                    f"{self.path}: module {module!r} is corrupt: its attributes fail their checksum"
                 )
-            if kind in ("dora", "scaled"):
-                if w0 is None:
-                    raise DeltaFileError(f"{self.path}: module {module!r} ({kind}) needs W0 to be read")
-                if kind == "dora":
-                    return DoRA(
-                        w0,
-                        self._get(g, "magnitude"),
-                        self._get(g, "B"),
-                        self._get(g, "A"),
-                        float(g.attrs.get("scale", 1.0)),
-                    )
-                return Scaled(w0, self._get(g, "l"), attr_str(g, "axis") or "row")  # type: ignore[arg-type]
-        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
+            kind = attr_str(g, "kind")
+            c = codec(kind)
+            raw_shape = np.asarray(g.attrs["shape"])
+            shape = tuple(int(x) for x in raw_shape.reshape(-1))
+            dims = 2 if c.matrix else 1
+            if raw_shape.ndim != 1 or len(shape) != dims or min(shape, default=0) < 1:
+                raise DeltaFileError(
+                    f"{self.path}: module {module!r}: shape attribute {raw_shape.tolist()} is not "
+                    f"{dims} positive integer(s)"
+                )
+            rank = c.rank({k: self._shape(g, k) for k in c.rank_from if self._has(g, k)})
+        except DeltaFileError:
+            raise
+        except Exception as e:
             raise DeltaFileError(
-                f"{self.path}: module {module!r} is damaged: {str(e).splitlines()[0]}"
+                f"{self.path}: module {module!r} lacks a readable shape or kind ({first_line(e)})"
             ) from None
-        raise DeltaFileError(
-            f"{self.path}: module {module!r} has unknown kind {kind!r}; expected one of "
-            "dense, lowrank, dora, scaled, vector"
-        )
+        return ModuleInfo(module, c.kind, shape, rank)
+
+    def read(self, module: str) -> Stored:
+        """The module's stored record, every dataset read and checked against the codec table (its
+        ``dtype`` attribute against the HDF5 type, its checksum where it has one)."""
+        info = self.info(module)
+        g = self._group(module)
+        c = CODECS[info.kind]
+        try:
+            tensors = {k: self._get(g, k) for k in c.datasets if self._has(g, k)}
+            extra = sorted(k for k in g if k not in c.datasets)
+            if extra:
+                raise ValueError(f"unexpected dataset {extra[0]!r} for kind {c.kind}")
+            rec = Stored(info.kind, info.shape, tensors, {a: g.attrs[a] for a in c.attrs if a in g.attrs})
+            check_record(rec)
+        except OSError as e:
+            raise DeltaFileError(f"{self.path}: module {module!r} is corrupt: {first_line(e)}") from None
+        except Exception as e:
+            raise DeltaFileError(f"{self.path}: module {module!r} is damaged: {first_line(e)}") from None
+        return rec
 
     def _group(self, module: str) -> h5py.Group:
         if module not in self._groups:
             raise DeltaFileError(f"{self.path}: no module {module!r}")
+        if module in self.duplicates:
+            raise DeltaFileError(f"{self.path}: module {module!r} is stored twice in this file")
         return self._groups[module]
 
     def _has(self, g: h5py.Group, key: str) -> bool:
         return key in g or f"{key}_ref" in g.attrs
 
-    def _dim(self, g: h5py.Group, key: str, axis: int) -> int:
+    def _shape(self, g: h5py.Group, key: str) -> tuple[int, ...]:
         if key in g:
-            return int(g[key].shape[axis])
-        return int(g.attrs[f"{key}_ref_shape"][axis])
+            return tuple(g[key].shape)
+        return tuple(int(x) for x in g.attrs[f"{key}_ref_shape"])
 
     def _get(self, g: h5py.Group, key: str) -> Tensor:
         if key in g:
-            return read_tensor(g[key])
+            return read_tensor(g[key], strict=True)
         ref = attr_str(g, f"{key}_ref")
         if ref is None:
             raise KeyError(f"dataset {key!r} missing")
         rows, cols = (int(x) for x in g.attrs[f"{key}_ref_shape"])
-        return read_tensor(self._f[ref], rows, cols)
+        target = self._f.get(ref)
+        if not isinstance(target, h5py.Dataset):
+            raise KeyError(f"{key}_ref {ref!r} names no dataset")
+        return read_tensor(target, rows, cols, strict=True)
 
 
-class Run:
-    """A run directory opened for analysis (see :func:`load_run`)."""
+class RunStore:
+    """A run directory opened for reading (:func:`spectra.load_run` gives a :class:`spectra.pipeline.Run`,
+    which adds what needs computation)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -344,7 +259,7 @@ class Run:
             raise RunDirError(f"{self.path}: no run.json; this is not a spectra run directory")
         try:
             self.config: dict[str, Any] = json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RunDirError(f"{cfg}: not valid JSON ({e})") from None
         if not isinstance(self.config, dict):
             raise RunDirError(f"{cfg}: expected a JSON object, found {type(self.config).__name__}")
@@ -358,23 +273,37 @@ class Run:
         self._spectra: h5py.File | None = None
 
     def __repr__(self) -> str:
-        return f"Run({str(self.path)!r}, steps={self.steps}, modules={len(self.modules)})"
+        return f"{type(self).__name__}({str(self.path)!r}, steps={self.steps}, modules={len(self.modules)})"
 
     # -- what is there
+    def step_files(self) -> dict[int, list[Path]]:
+        """Every file of deltas/ named like a delta file, by the step its name says."""
+        d = self.path / "deltas"
+        found: dict[int, list[Path]] = {}
+        if d.is_dir():
+            for p in sorted(d.iterdir()):
+                if m := _STEP_RE.match(p.name):
+                    found.setdefault(int(m.group(1)), []).append(p)
+        return found
+
     @property
     def steps(self) -> list[int]:
         """Recorded steps, ascending (from the names of the files in deltas/)."""
-        d = self.path / "deltas"
-        if not d.is_dir():
-            return []
-        return sorted(int(m.group(1)) for p in d.iterdir() if (m := _STEP_RE.match(p.name)))
+        return sorted(self.step_files())
 
     def delta_path(self, step: int) -> Path:
-        return self.path / "deltas" / delta_filename(step)
+        """The delta file of ``step``; a DeltaFileError when two file names claim that step."""
+        paths = self.step_files().get(step, [])
+        if len(paths) > 1:
+            raise DeltaFileError(
+                f"{self.path / 'deltas'}: {len(paths)} files claim step {step} "
+                f"({', '.join(p.name for p in paths)}); keep one"
+            )
+        return paths[0] if paths else self.path / "deltas" / delta_filename(step)
 
     def open_delta(self, step: int) -> DeltaFile:
         """The delta file of ``step`` (raises :class:`DeltaFileError` when missing or damaged)."""
-        return DeltaFile(self.delta_path(step))
+        return DeltaFile(self.delta_path(step), step)
 
     @property
     def modules(self) -> list[str]:
@@ -383,30 +312,22 @@ class Run:
             return list(self._read_pointer()["names"])
         return [attr_str(g, "name") or k for k, g in self._weights_file()["modules"].items()]
 
-    # -- base weights and spectra
+    # -- base weights
     def w0(self, module: str) -> Tensor:
         """The original base weight W0 of ``module`` (from base/weights.h5 or the pointed-to files)."""
         if (self.path / "base" / "pointer.json").exists():
             return self._w0_from_pointer(module)
+        path = self.path / "base" / "weights.h5"
         mods = self._weights_file()["modules"]
-        key = _h5name(module)
+        key = h5name(module)
         if key not in mods:
-            raise RunDirError(f"{self.path / 'base' / 'weights.h5'}: no base weight for module {module!r}")
+            raise RunDirError(f"{path}: no base weight for module {module!r}")
         if "W0" not in mods[key]:
-            raise RunDirError(f"{self.path / 'base' / 'weights.h5'}: module {module!r} has no W0 dataset")
-        return read_tensor(mods[key]["W0"])
-
-    def base_spectrum(self, module: str) -> BaseSpectrum:
-        """W0's reference spectrum, computing and caching base/spectra.h5 on first use."""
-        f = self._spectra_file()
-        key = _h5name(module)
-        if key not in f["modules"]:
-            raise RunDirError(
-                f"{self.path / 'base' / 'spectra.h5'}: no spectrum for module {module!r}; "
-                "delete the file to recompute it"
-            )
-        g = f["modules"][key]
-        return BaseSpectrum(*(read_tensor(g[k]) for k in ("sigma", "U", "V", "U_minor", "V_minor")))
+            raise RunDirError(f"{path}: module {module!r} has no W0 dataset")
+        try:
+            return read_tensor(mods[key]["W0"], strict=True)
+        except Exception as e:
+            raise RunDirError(f"{path}: W0 of module {module!r} is damaged: {first_line(e)}") from None
 
     def base_fingerprint(self) -> dict[str, list[int] | None]:
         """Size and modification time (ns) of the files W0 is read from: ``base/weights.h5``, or
@@ -421,69 +342,47 @@ class Run:
         stats = {f.name: f.stat() if f.exists() else None for f in files}
         return {name: [st.st_size, st.st_mtime_ns] if st else None for name, st in stats.items()}
 
-    def ensure_base_spectra(
-        self,
-        keep: int | None = None,
-        device: torch.device | str | None = None,
-        progress: Callable[[int, int, str], None] | None = None,
-    ) -> Path:
-        """Compute σ(W0) and the kept singular vectors for every matrix module once; write
-        base/spectra.h5 atomically. Does nothing if the file exists and keeps at least ``keep`` vectors
-        (any number when ``keep`` is None; a new file keeps ``DEFAULT_KEEP``). ``progress(done, total,
-        label)`` is called after each module."""
-        path = self.path / "base" / "spectra.h5"
-        source = json.dumps(self.base_fingerprint(), sort_keys=True)
-        if path.exists():
-            try:
-                with h5py.File(path, "r") as f:
-                    enough = keep is None or int(f.attrs.get("keep", 0)) >= keep
-                    if enough and attr_str(f, "source") in (None, source):  # older files have no source
-                        return path
-            except OSError:
-                pass  # damaged cache: recompute it
-            self._close_spectra()
-        keep = DEFAULT_KEEP if keep is None else keep
-        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-            f.attrs["format"] = SPECTRA_FORMAT
-            f.attrs["source"] = source  # W0's files as they were: rewritten W0, recomputed spectra
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            f.attrs["keep"] = keep
-            mods = f.create_group("modules")
-            for i, module in enumerate(self.modules, 1):
-                w0 = self.w0(module)
-                if w0.ndim == 2:  # vector parameters (LayerNorm tuning) have no spectrum
-                    spec = compute_base_spectrum(w0.to(device or default_device()), keep)
-                    g = mods.create_group(_h5name(module))
-                    g.attrs["name"] = module
-                    g.attrs["shape"] = list(w0.shape)
-                    for k in ("sigma", "U", "V", "U_minor", "V_minor"):
-                        write_tensor(g, k, getattr(spec, k))
-                if progress:
-                    progress(i, len(self.modules), "base spectra (once per run)")
-        return path
+    # -- base spectra (computed by the pipeline, stored here)
+    @property
+    def base_spectra_path(self) -> Path:
+        return self.path / "base" / "spectra.h5"
 
-    # -- updates
-    def delta(self, step: int, module: str) -> Record:
-        """ΔW of ``module`` at ``step`` as an operator, checked against W0's shape."""
-        with self.open_delta(step) as d:
-            return self.read_module(d, module)[0]
+    def base_spectra_attrs(self) -> dict[str, Any] | None:
+        """The root attributes of base/spectra.h5 (``keep``, ``source``, ``precision``), or None when the
+        file is missing or unreadable."""
+        path = self.base_spectra_path
+        if not path.is_file():
+            return None
+        try:
+            with h5py.File(path, "r") as f:
+                if attr_str(f, "format") != SPECTRA_FORMAT:
+                    return None
+                return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        except OSError:
+            return None
 
-    def deltas(self, step: int) -> Iterator[tuple[str, Record]]:
-        """Stream ``(module, operator)`` pairs of one step, one module in memory at a time."""
-        with self.open_delta(step) as d:
-            for module in d.modules:
-                yield module, self.read_module(d, module)[0]
-
-    def read_module(self, d: DeltaFile, module: str) -> tuple[Record, Tensor]:
-        """``(ΔW operator, W0)`` of ``module`` from an open delta file, checked against W0's shape."""
-        info = d.info(module)
-        w0 = self.w0(module)
-        if tuple(w0.shape) != info.shape:
-            raise ShapeMismatchError(
-                f"{d.path}: module {module!r} has ΔW of shape {info.shape} but W0 is "
-                f"{tuple(w0.shape)}; the run's base/ does not match its deltas"
+    def read_base_spectrum(self, module: str) -> dict[str, Tensor]:
+        """The stored reference spectrum of ``module``: ``sigma``, ``U``, ``V``, ``U_minor``, ``V_minor``."""
+        f = self._spectra_file()
+        key = h5name(module)
+        if key not in f["modules"]:
+            raise RunDirError(
+                f"{self.base_spectra_path}: no spectrum for module {module!r}; delete the file to "
+                "recompute it"
             )
-        return d.read(module, w0 if info.kind in ("dora", "scaled") else None), w0
+        g = f["modules"][key]
+        try:
+            return {k: read_tensor(g[k], strict=True) for k in ("sigma", "U", "V", "U_minor", "V_minor")}
+        except Exception as e:
+            raise RunDirError(
+                f"{self.base_spectra_path}: module {module!r} is damaged ({first_line(e)}); delete the file "
+                "to recompute it"
+            ) from None
+
+    def close_base_spectra(self) -> None:
+        if self._spectra is not None:
+            self._spectra.close()
+            self._spectra = None
 
     # -- logs
     @property
@@ -502,24 +401,9 @@ class Run:
         logged = self.metrics
         if not {"step", "reward"} <= set(logged.columns):
             return None
-        return logged[["step", "reward"]].dropna().sort_values("step")
-
-    def analyze(self, steps: list[int] | None = None, **engine_options: Any) -> pd.DataFrame:
-        """Every metric for every recorded step and module: one row per step × module.
-
-        Keyword options are those of :class:`spectra.engine.EngineConfig`.
-        """
-        from spectra.engine import EngineConfig, analyze_run
-
-        return analyze_run(self, steps, EngineConfig(**engine_options))
-
-    def collapse(
-        self, analysis: pd.DataFrame | None = None, rule: CollapseRule | None = None
-    ) -> pd.DataFrame:
-        """The rank-collapse flag per checkpoint (:func:`spectra.metrics.detect_collapse`), from
-        ``analysis`` (or a fresh :meth:`analyze`) and the ``reward`` column of metrics.jsonl."""
-        analysis = self.analyze() if analysis is None else analysis
-        return detect_collapse(step_medians(analysis), self.rewards, rule)
+        rewards = logged[["step", "reward"]].copy()
+        rewards["reward"] = pd.to_numeric(rewards["reward"], errors="coerce")
+        return rewards.dropna().sort_values("step")
 
     def close(self) -> None:
         for f in (self._weights, self._spectra):
@@ -527,7 +411,7 @@ class Run:
                 f.close()
         self._weights = self._spectra = None
 
-    def __enter__(self) -> Run:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -550,24 +434,18 @@ class Run:
 
     def _spectra_file(self) -> h5py.File:
         if self._spectra is None:
-            path = self.ensure_base_spectra()
             try:
-                self._spectra = _open(path, SPECTRA_FORMAT)
+                self._spectra = _open(self.base_spectra_path, SPECTRA_FORMAT)
             except DeltaFileError as e:
                 raise RunDirError(str(e)) from None
         return self._spectra
-
-    def _close_spectra(self) -> None:
-        if self._spectra is not None:
-            self._spectra.close()
-            self._spectra = None
 
     def _read_pointer(self) -> dict[str, Any]:
         if self._pointer is None:
             path = self.path / "base" / "pointer.json"
             try:
                 ptr = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise RunDirError(f"{path}: not valid JSON ({e})") from None
             if not (
                 isinstance(ptr, dict)
@@ -582,44 +460,45 @@ class Run:
         from safetensors import safe_open
 
         ptr = self._read_pointer()
+        where = self.path / "base" / "pointer.json"
         name = ptr["names"].get(module)
         if name is None:
-            raise RunDirError(f"{self.path / 'base' / 'pointer.json'}: no tensor named for module {module!r}")
+            raise RunDirError(f"{where}: no tensor named for module {module!r}")
         for file in ptr["files"]:
-            if not Path(file).exists():
-                raise RunDirError(f"{self.path / 'base' / 'pointer.json'}: base checkpoint {file} is missing")
-            with safe_open(file, framework="pt") as f:
-                if name in f.keys():
-                    return f.get_tensor(name)
-        raise RunDirError(
-            f"{self.path / 'base' / 'pointer.json'}: tensor {name!r} (module {module!r}) is in "
-            f"none of {ptr['files']}"
-        )
+            if not Path(file).is_file():
+                raise RunDirError(f"{where}: base checkpoint {file} is missing")
+            try:
+                with safe_open(file, framework="pt") as f:
+                    if name in f.keys():
+                        return f.get_tensor(name)
+            except Exception as e:
+                raise RunDirError(f"{where}: base checkpoint {file} is unreadable: {first_line(e)}") from None
+        raise RunDirError(f"{where}: tensor {name!r} (module {module!r}) is in none of {ptr['files']}")
 
 
-def read_jsonl(path: Path) -> pd.DataFrame:
-    """A JSON-lines file as a DataFrame. A missing file gives an empty frame; a line that is not a JSON
-    object (a torn append from an interrupted run) is skipped with a warning naming it."""
+def read_jsonl(path: Path, integer_keys: tuple[str, ...] = ("step",)) -> pd.DataFrame:
+    """A JSON-lines file as a DataFrame. A missing file gives an empty frame. A line that is not a JSON
+    object of UTF-8 text (a torn append from an interrupted run, a damaged byte), or whose
+    ``integer_keys`` are not integers, is skipped with one warning naming the file and the lines."""
     if not path.exists():
         return pd.DataFrame()
     rows, bad = [], []
-    for i, line in enumerate(path.read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            bad.append(i + 1)
+    with open(path, "rb") as fh:
+        for i, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                row = None
+            if isinstance(row, dict) and all(_is_int(row[k]) for k in integer_keys if k in row):
+                rows.append(row)
+            else:
+                bad.append(i)
     if bad:
         warnings.warn(f"{path}: skipped {len(bad)} unreadable line(s): {bad[:10]}", stacklevel=2)
     return pd.DataFrame(rows)
 
 
-def load_run(path: str | Path) -> Run:
-    """Open a run directory: ``run.config``, ``run.steps``, ``run.modules``, ``run.delta(step, module)``,
-    ``run.metrics`` / ``run.eval`` (pandas) and ``run.analyze()`` (one row per step × module)."""
-    return Run(path)
+def _is_int(v: Any) -> bool:
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from spectra.operators import Dense, LowRank
-from spectra.store import RunWriter, load_run
+from spectra.store import RunStore
+from spectra.writer import RunWriter
 
 
 def orthonormal(
@@ -94,7 +95,7 @@ def write_synthetic_run(
         }
     )
     if (Path(path) / "base" / "weights.h5").exists():
-        with load_run(path) as run:
+        with RunStore(path) as run:
             w0 = {name: run.w0(name) for name in shapes}
     else:
         w0 = base_weights(shapes, seed)

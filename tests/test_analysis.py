@@ -14,12 +14,12 @@ from spectra.cli.main import app
 from typer.testing import CliRunner
 
 import spectra
-from spectra.analysis import NothingToAnalyze, analyze_dir, plotted_steps
 from spectra.figures import Marks, all_figures
 from spectra.operators import Dense, LowRank
-from spectra.report import load_view, write_comparison, write_run_report
-from spectra.store import RunWriter
+from spectra.pipeline import NothingToAnalyze, analyze_run, plotted_steps
+from spectra.report import run_view, write_comparison, write_run_report
 from spectra.synthetic import base_weights, write_synthetic_run
+from spectra.writer import RunWriter
 
 runner = CliRunner()
 
@@ -48,7 +48,7 @@ def _known_run(path, shapes, steps, inside: bool, rank1: bool = False, rewards=N
 
 
 def test_analysis_folder_rows_columns_and_summary(lora_run, small_shapes):
-    a = analyze_dir(lora_run)
+    a = analyze_run(lora_run)
     table = pd.read_csv(lora_run / "analysis" / "metrics.csv")
     assert len(table) == 3 * len(small_shapes)  # one row per step × module
     for col in ("step", "module", "layer", "proj", "kind", "m", "n", "status", "erank", "E_1", "rho_8"):
@@ -68,55 +68,55 @@ def test_analysis_folder_rows_columns_and_summary(lora_run, small_shapes):
 
 
 def test_rerun_reuses_cached_steps_and_analyses_only_new_ones(lora_run, small_shapes):
-    first = analyze_dir(lora_run)
-    again = analyze_dir(lora_run)
+    first = analyze_run(lora_run)
+    again = analyze_run(lora_run)
     assert again.new_steps == [] and again.reused_steps == [0, 5, 10]
     pd.testing.assert_frame_equal(first.table, again.table, check_dtype=False)
     # a new step appears: only it is analysed; the cached rows are kept as they were
     write_synthetic_run(lora_run, small_shapes, steps=(15,), rank=4, seed=3)
-    grown = analyze_dir(lora_run)
+    grown = analyze_run(lora_run)
     assert grown.new_steps == [15] and grown.reused_steps == [0, 5, 10]
     assert sorted(set(grown.table["step"])) == [0, 5, 10, 15]
     old = grown.table[grown.table["step"] < 15].reset_index(drop=True)
     pd.testing.assert_frame_equal(old, first.table, check_dtype=False)
     # a different engine option recomputes everything
-    other = analyze_dir(lora_run, spectra.EngineConfig(ks=(1, 4)))
+    other = analyze_run(lora_run, spectra.EngineConfig(ks=(1, 4)))
     assert other.new_steps == [0, 5, 10, 15]
 
 
 def test_another_version_or_base_recomputes_everything(lora_run, monkeypatch):
-    analyze_dir(lora_run)
+    analyze_run(lora_run)
     monkeypatch.setattr(spectra, "__version__", "0.0.0-older")
-    assert analyze_dir(lora_run).new_steps == [0, 5, 10]  # metrics of another version: recomputed
-    assert analyze_dir(lora_run).new_steps == []
+    assert analyze_run(lora_run).new_steps == [0, 5, 10]  # metrics of another version: recomputed
+    assert analyze_run(lora_run).new_steps == []
     weights = lora_run / "base" / "weights.h5"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # base rewritten
-    assert analyze_dir(lora_run).new_steps == [0, 5, 10]
+    assert analyze_run(lora_run).new_steps == [0, 5, 10]
 
 
 def test_progress_counts_the_base_spectra_then_every_module_step(lora_run, small_shapes):
     calls: list[tuple[int, int, str]] = []
-    analyze_dir(lora_run, progress=lambda *a: calls.append(a))
+    analyze_run(lora_run, progress=lambda *a: calls.append(a))
     base = [c for c in calls if c[2].startswith("base spectra")]
     steps = [c for c in calls if c[2].startswith("step")]
     assert [c[0] for c in base] == list(range(1, len(small_shapes) + 1)) and calls[: len(base)] == base
     assert steps[-1][:2] == (3 * len(small_shapes), 3 * len(small_shapes))
     calls.clear()
-    analyze_dir(lora_run, progress=lambda *a: calls.append(a), force=True)
+    analyze_run(lora_run, progress=lambda *a: calls.append(a), force=True)
     assert calls and not any(c[2].startswith("base") for c in calls)  # computed once per run
 
 
 def test_steps_gone_after_a_resume_are_dropped(lora_run):
-    analyze_dir(lora_run)
+    analyze_run(lora_run)
     (lora_run / "deltas" / "step_000010.h5").unlink()
-    a = analyze_dir(lora_run)
+    a = analyze_run(lora_run)
     assert sorted(set(a.table["step"])) == [0, 5]
 
 
 @pytest.mark.parametrize("inside", [True, False])
 def test_known_alignment_and_rank_through_the_pipeline(tmp_path, small_shapes, inside):
     run = _known_run(tmp_path / "known", small_shapes, (5, 10), inside)
-    steps = analyze_dir(run).summary["steps"]
+    steps = analyze_run(run).summary["steps"]
     for e in steps:
         assert e["median"]["rho_8"] == pytest.approx(1.0 if inside else 0.0, abs=1e-6)
         assert e["median"]["erank"] == pytest.approx(
@@ -129,11 +129,11 @@ def test_collapse_is_flagged_and_marked_on_the_plots(tmp_path, small_shapes):
     # rank-1 updates (E_1 = 1) while the reward falls from 0.8 to 0.1: collapse at the late steps
     rewards = [0.8] * 10 + [0.1] * 10
     run = _known_run(tmp_path / "collapse", small_shapes, (5, 20), inside=False, rank1=True, rewards=rewards)
-    a = analyze_dir(run)
+    a = analyze_run(run)
     assert a.summary["collapsed_steps"] == [20]
     flagged = next(e for e in a.summary["steps"] if e["step"] == 20)
     assert "E_1" in flagged["collapse_reason"] and "reward" in flagged["collapse_reason"]
-    view = load_view(run)
+    view = run_view(analyze_run(run))
     marks = [m for f in all_figures([view]) for p in f.panels for m in getattr(p, "marks", [])]
     assert marks and all(isinstance(m, Marks) and list(m.x) == [20] for m in marks)
 
@@ -147,7 +147,7 @@ def test_plots_and_report_are_written(tmp_path, small_shapes):
     run = _known_run(
         tmp_path / "r", small_shapes, (0, 5, 10), inside=True, rewards=[0.1, 0.3, 0.5], evals=evals
     )
-    files = write_run_report(analyze_dir(run))
+    files = write_run_report(analyze_run(run))
     names = {f.name for f in files}
     for stem in ("overview", "alignment", "rank", "spectrum", "angles", "heatmaps", "accuracy"):
         png = run / "analysis" / "plots" / f"{stem}.png"
@@ -168,7 +168,7 @@ def test_plots_and_report_are_written(tmp_path, small_shapes):
 def test_spectra_csv_reuses_the_engines_svds_and_fills_in_newly_plotted_steps(
     lora_run, small_shapes, monkeypatch
 ):
-    import spectra.analysis as analysis
+    import spectra.pipeline as analysis
 
     computed: list[int] = []
     real = analysis._module_spectrum
@@ -176,7 +176,7 @@ def test_spectra_csv_reuses_the_engines_svds_and_fills_in_newly_plotted_steps(
         analysis, "_module_spectrum", lambda run, d, step, *a: computed.append(step) or real(run, d, step, *a)
     )
     write_synthetic_run(lora_run, small_shapes, steps=(15, 20, 25), rank=4, seed=3)
-    first = analyze_dir(lora_run)
+    first = analyze_run(lora_run)
     assert sorted(set(first.spectra["step"])) == [5, 10, 20, 25]
     assert computed == []  # every plotted step was just analysed: σ comes from the engine's SVDs
     with spectra.load_run(lora_run) as run, run.open_delta(10) as d:
@@ -186,7 +186,7 @@ def test_spectra_csv_reuses_the_engines_svds_and_fills_in_newly_plotted_steps(
     assert got.to_numpy() == pytest.approx(exact[: len(got)].numpy(), rel=1e-6)  # dense ΔW formed in float32
     # a step arrives and the plotted steps move to 15 (in metrics.csv, not in spectra.csv): only it is done
     write_synthetic_run(lora_run, small_shapes, steps=(30,), rank=4, seed=3)
-    grown = analyze_dir(lora_run)
+    grown = analyze_run(lora_run)
     assert sorted(set(grown.spectra["step"])) == [5, 15, 20, 30] and set(computed) == {15}
 
 
@@ -200,7 +200,7 @@ def test_compare_table_and_report(tmp_path, small_shapes):
     evals = [{"step": 10, "benchmark": "organism", "avg@4": 0.7, "pass@1": 0.7, "pass@4": 0.9}]
     a = _known_run(tmp_path / "a", small_shapes, (5, 10), inside=True, rewards=[0.5] * 6, evals=evals)
     b = _known_run(tmp_path / "b", small_shapes, (5, 10), inside=False, rank1=True)
-    table, files = write_comparison([analyze_dir(a), analyze_dir(b)], tmp_path / "cmp")
+    table, files = write_comparison([analyze_run(a), analyze_run(b)], tmp_path / "cmp")
     assert list(table["run"]) == ["a", "b"]
     assert table.loc[0, "organism avg@4"] == pytest.approx(0.7) and pd.isna(table.loc[1, "organism avg@4"])
     assert table.loc[0, "rho_8"] == pytest.approx(1.0) and table.loc[1, "rho_8"] == pytest.approx(
@@ -251,7 +251,7 @@ def test_bad_input_not_a_run_and_no_deltas(tmp_path):
     assert r.exit_code == 1 and "run.json" in r.output and "Traceback" not in r.output
     RunWriter(tmp_path / "empty").write_config({"name": "empty"})
     with pytest.raises(NothingToAnalyze, match="no delta files"):
-        analyze_dir(tmp_path / "empty")
+        analyze_run(tmp_path / "empty")
     r = runner.invoke(app, ["analyze", str(tmp_path / "empty")])
     assert r.exit_code == 1 and "no delta files" in r.output
 
@@ -261,7 +261,7 @@ def test_damaged_delta_among_good_ones_is_reported_and_the_rest_analysed(lora_ru
     r = runner.invoke(app, ["analyze", str(lora_run)])
     assert r.exit_code == 0, r.output
     assert "warning" in r.output and "step_000005.h5" in r.output
-    a = analyze_dir(lora_run)
+    a = analyze_run(lora_run)
     ok_steps = set(a.table.loc[a.table["status"] == "ok", "step"])
     assert ok_steps == {0, 10} and any("step 5" in p for p in a.problems)
     summary = json.loads((lora_run / "analysis" / "summary.json").read_text())
@@ -281,9 +281,9 @@ def test_run_whose_model_does_not_match_base_fails_with_a_message(tmp_path, smal
 
 
 def test_a_delta_rewritten_at_the_same_step_is_analysed_again(lora_run, small_shapes):
-    first = analyze_dir(lora_run)
+    first = analyze_run(lora_run)
     write_synthetic_run(lora_run, small_shapes, steps=(10,), rank=2, seed=7)  # as after a resume
-    again = analyze_dir(lora_run)
+    again = analyze_run(lora_run)
     assert again.new_steps == [10] and again.reused_steps == [0, 5]
     before = first.table[first.table["step"] == 10]["erank"].to_numpy()
     after = again.table[again.table["step"] == 10]["erank"].to_numpy()
@@ -293,8 +293,8 @@ def test_a_delta_rewritten_at_the_same_step_is_analysed_again(lora_run, small_sh
 
 
 def test_angles_figure_draws_left_and_right(lora_run):
-    analyze_dir(lora_run)
-    fig = next(f for f in all_figures([load_view(lora_run)]) if f.name == "angles")
+    analyze_run(lora_run)
+    fig = next(f for f in all_figures([run_view(analyze_run(lora_run))]) if f.name == "angles")
     names = [ln.name for ln in fig.panels[0].lines]
     assert names == ["left (output) space", "right (input) space"]
 

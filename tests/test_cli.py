@@ -72,3 +72,56 @@ def test_a_library_error_during_training_is_one_line(monkeypatch, tmp_path):
 def test_install_hints_keep_their_brackets(tmp_path):
     result = runner.invoke(app, ["train", "--use-vllm", "--out", str(tmp_path)])
     assert result.exit_code == 1 and "spectra-rlvr[gpu]" in result.output
+
+
+def test_non_finite_and_absurd_numbers_are_refused_before_anything_is_written(tmp_path):
+    result = runner.invoke(app, ["train", "--alpha", "inf", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "--alpha: got inf; expected a finite number" in result.output
+    result = runner.invoke(app, ["train", "--max-steps", "1" + "0" * 30, "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert f"--max-steps: got {10**30}; expected an integer ≥ 1 and ≤ 10,000,000" in result.output
+    result = runner.invoke(app, ["train", "--loss", "ppo", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "--loss: got 'ppo'; expected one of grpo, dapo" in result.output
+    assert "Traceback" not in result.output and not any(tmp_path.iterdir())
+
+
+def _wrapped_failure(cfg, resume=False):
+    try:
+        int("not a number")
+    except ValueError as e:
+        raise spectra.SpectraError("--dataset data.jsonl: could not be read") from e
+
+
+def test_spectra_debug_keeps_the_cause_of_spectras_own_errors(monkeypatch, tmp_path):
+    monkeypatch.setattr("spectra.train.train", _wrapped_failure)
+    monkeypatch.delenv("SPECTRA_DEBUG", raising=False)
+    quiet = runner.invoke(app, ["train", "--out", str(tmp_path)])
+    assert quiet.exit_code == 1 and "error: --dataset data.jsonl: could not be read" in quiet.output
+    assert isinstance(quiet.exception, SystemExit)  # one line, no traceback
+    loud = runner.invoke(app, ["train", "--out", str(tmp_path)], env={"SPECTRA_DEBUG": "1"})
+    assert loud.exit_code == 1 and isinstance(loud.exception, spectra.SpectraError)
+    assert isinstance(loud.exception.__cause__, ValueError)  # raised with its chain, not swallowed
+
+
+def test_spectra_debug_prints_the_chained_traceback_for_every_command(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "run.json").write_text("{}")
+    code = (
+        "import spectra, sys\n"
+        "def load_run(path):\n"
+        "    try:\n        {}['model']\n"
+        "    except KeyError as e:\n        raise spectra.RunDirError(f'{path}: broken') from e\n"
+        "spectra.load_run = load_run\n"
+        "from spectra.cli.main import app\n"
+        f"app(['info', {str(tmp_path)!r}])\n"
+    )
+    env = {**__import__("os").environ, "SPECTRA_DEBUG": "1", "COLUMNS": "200"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 1
+    assert "KeyError" in done.stderr and "direct cause" in done.stderr and "broken" in done.stderr
+    env.pop("SPECTRA_DEBUG")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 1 and "KeyError" not in done.stderr + done.stdout
+    assert "error:" in done.stdout and "broken" in done.stdout

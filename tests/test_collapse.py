@@ -51,7 +51,7 @@ def test_bad_thresholds_and_missing_columns_are_named():
 
 def test_run_collapse_reads_analysis_and_logged_reward(lora_run):
     import spectra
-    from spectra.store import RunWriter
+    from spectra.writer import RunWriter
 
     w = RunWriter(lora_run)
     for step, reward in enumerate([0.2, 0.5, 0.6, 0.6, 0.6, 0.5, 0.1, 0.05, 0.0, 0.0, 0.0]):

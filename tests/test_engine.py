@@ -12,8 +12,8 @@ import spectra
 from spectra import metrics as M
 from spectra.engine import EngineConfig, plan_chunks
 from spectra.operators import Dense, LowRank
-from spectra.store import RunWriter
 from spectra.synthetic import base_weights
+from spectra.writer import RunWriter
 
 KS = (1, 4, 8)
 
@@ -196,8 +196,8 @@ def test_bf16_factors_are_analysed_in_float64(tmp_path):
     run0.write_base_weights(w0)
     base = spectra.load_run(run0.path).base_spectrum("l.0.w")
     # an update almost entirely inside W0's top-8 subspace, stored in bf16
-    B = (base.U[:, :8] @ torch.randn(8, 4, generator=torch.Generator().manual_seed(0))).bfloat16()
-    A = (torch.randn(4, 8, generator=torch.Generator().manual_seed(1)) @ base.V[:, :8].T).bfloat16()
+    B = (base.U[:, :8].float() @ torch.randn(8, 4, generator=torch.Generator().manual_seed(0))).bfloat16()
+    A = (torch.randn(4, 8, generator=torch.Generator().manual_seed(1)) @ base.V[:, :8].T.float()).bfloat16()
     op = LowRank(B, A, 64 / 4**0.5)
     run0.write_delta(1, {"l.0.w": op})
     row = spectra.load_run(run0.path).analyze(ks=(8,), device="cpu").iloc[0]

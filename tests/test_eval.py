@@ -11,11 +11,15 @@ import dataclasses
 import importlib.util
 import itertools
 import json
+import os
 import shutil
+import subprocess
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
 
+import h5py
 import pytest
 import torch
 
@@ -27,9 +31,10 @@ from spectra.train import TrainConfig
 from spectra.train.benchmarks import BENCHMARKS, benchmark_name, encode_prompt, get_benchmark, load_problems
 from spectra.train.config import EvalError
 from spectra.train.data import MATH_TEMPLATE
-from spectra.train.eval_run import EvalConfig, run_eval
+from spectra.train.eval_config import EvalConfig
+from spectra.train.eval_run import run_eval
 from spectra.train.evaluation import Scored, score_completions
-from spectra.train.run_model import load_target, resolve_target
+from spectra.train.run_model import DamagedStep, apply_delta, load_target, resolve_target
 from spectra.train.sampling import (
     Sampling,
     SeededSampling,
@@ -314,7 +319,7 @@ def test_one_vllm_engine_across_steps_rebuilt_only_when_it_must(monkeypatch, tmp
     """`--step all` on vLLM: the first step builds the engine, later ones reload in place; a change of
     precision, or a vLLM that cannot reload, builds a new one; each step's weights folder outlives only
     its own step."""
-    from spectra.train import eval_run
+    from spectra.train import sampling_session
 
     log = []
 
@@ -336,13 +341,11 @@ def test_one_vllm_engine_across_steps_rebuilt_only_when_it_must(monkeypatch, tmp
         def save_pretrained(self, path, **kw):
             (Path(path) / type(self).__name__).write_text("x")
 
-    monkeypatch.setattr(eval_run, "VLLMSampler", Engine)
-    p = types.SimpleNamespace(
-        backend="vllm", seed=0, target=types.SimpleNamespace(model_dir=tmp_path),
-        cfg=types.SimpleNamespace(gpu_memory_utilization=None),
-    )  # fmt: skip
+    monkeypatch.setattr(sampling_session, "VLLMSampler", Engine)
     logged = []
-    sampler = eval_run._Sampler(p, torch.device("cpu"), logged.append)
+    sampler = sampling_session.SamplingSession(
+        "vllm", tmp_path, torch.device("cpu"), seed=0, log=logged.append
+    )
     can_reload = True
     folders = []
     for dtype in (torch.float32, torch.float32, torch.bfloat16):
@@ -600,6 +603,199 @@ def test_an_incomplete_model_directory_is_refused(organism_dir, tmp_path):
     save_file({k: v for k, v in weights.items() if "q_proj" not in k}, broken / "model.safetensors")
     result = runner.invoke(app, ["eval", str(broken), "-b", "organism"], env={"COLUMNS": "300"})
     assert result.exit_code == 1 and "has no weights for" in result.output and "q_proj" in result.output
+
+
+def test_a_bf16_stored_update_merges_as_the_float64_sum_rounded_once(tmp_path):
+    """ΔW is made from its bf16 factors in float64 and added to W0 in float64, then cast once: the merged
+    weight is the float64 reference W0 + s·B·A correctly rounded to the model's dtype (B·A multiplied in
+    bf16 is off by ~1e-3 relative, and rounding ΔW before the add rounds twice)."""
+    from spectra.operators import LowRank
+
+    gen = torch.Generator().manual_seed(0)
+    B = (0.05 * torch.randn(48, 8, generator=gen)).bfloat16()
+    A = torch.randn(8, 64, generator=gen).bfloat16()
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48, bias=False))
+    w0 = model[0].weight.detach().clone()
+    writer = spectra.RunWriter(tmp_path / "tiny")
+    writer.write_config({"name": "tiny", "method": "lora", "model": "tiny"})
+    writer.write_base_weights({"0": w0})
+    writer.write_delta(3, {"0": LowRank(B, A, 2.0)})
+    reference = w0.double() + 2.0 * (B.double() @ A.double())
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(dtype)
+        with spectra.load_run(tmp_path / "tiny") as run:
+            assert apply_delta(model, run, 3)[0] == 1
+        merged = model[0].weight.detach()
+        assert merged.dtype == dtype and torch.equal(merged, reference.to(dtype)), dtype
+        model[0].weight.data.copy_(w0)
+
+
+@pytest.fixture(scope="module")
+def written_run(organism_dir, tmp_path_factory) -> Path:
+    """A LoRA run on the organism written directly (no training): ΔW of every q_proj and v_proj at steps
+    0, 1 and 2."""
+    from safetensors.torch import load_file
+
+    from spectra.operators import LowRank
+
+    weights = load_file(organism_dir / "model.safetensors")
+    ends = ("q_proj.weight", "v_proj.weight")
+    names = sorted(k.removesuffix(".weight") for k in weights if k.endswith(ends))
+    run_dir = tmp_path_factory.mktemp("written") / "lora"
+    writer = spectra.RunWriter(run_dir)
+    writer.write_config(
+        {"name": "lora", "method": "lora", "model": str(organism_dir), "model_path": str(organism_dir)}
+    )
+    writer.write_base_weights({n: weights[f"{n}.weight"] for n in names})
+    gen = torch.Generator().manual_seed(0)
+    for step in (0, 1, 2):
+        updates = {}
+        for n in names:
+            m, k = weights[f"{n}.weight"].shape
+            B, A = torch.randn(m, 2, generator=gen), torch.randn(2, k, generator=gen)
+            updates[n] = LowRank(step * 1e-2 * B, A)
+        writer.write_delta(step, updates)
+    return run_dir
+
+
+def _set_entry(path: Path, dataset: str, value: float) -> str:
+    with h5py.File(path, "r+") as f:
+        g = f["modules"][sorted(f["modules"])[0]]
+        data = g[dataset][...]
+        data.flat[0] = value
+        g[dataset][...] = data
+        return g.attrs["name"]
+
+
+def _fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _modules_a_dataset(path: Path) -> None:
+    with h5py.File(path, "r+") as f:
+        del f["modules"]
+        f["modules"] = [1, 2, 3]
+
+
+def _other_step(path: Path) -> None:
+    path.unlink()
+    path.symlink_to("step_000002.h5")  # the file says step 2
+
+
+def _dangling(path: Path) -> None:
+    path.unlink()
+    path.symlink_to("gone.h5")
+
+
+def _rewrite(path: Path, change: Callable[[dict], None]) -> str:
+    """Write the step again through the store's writer with ``change`` applied to its updates."""
+    with spectra.load_run(path.parent.parent) as run:
+        updates = dict(run.deltas(1))
+    name = sorted(updates)[0]
+    change(updates)
+    path.unlink()
+    spectra.RunWriter(path.parent.parent).write_delta(1, updates)
+    return name
+
+
+def _wrong_shape(updates: dict) -> None:
+    name = sorted(updates)[0]
+    op = updates[name]
+    updates[name] = type(op)(op.B, torch.ones(op.A.shape[0], op.A.shape[1] + 1), op.scale)
+
+
+def _lacks_a_module(updates: dict) -> None:
+    del updates[sorted(updates)[0]]
+
+
+#: Ways to damage a step's delta file; each returns the module its error must name (None: the file's).
+DAMAGES: dict[str, Callable[[Path], str | None]] = {
+    "fifo": _fifo,
+    "missing": _dangling,
+    "truncated": _truncate,
+    "modules-not-a-group": _modules_a_dataset,
+    "another-steps-file": _other_step,
+    "nan": lambda path: _set_entry(path, "B", float("nan")),
+    "inf": lambda path: _set_entry(path, "A", float("inf")),
+    "wrong-shape": lambda path: _rewrite(path, _wrong_shape),
+    "lacks-a-module": lambda path: _rewrite(path, _lacks_a_module),
+}
+
+
+#: Run in its own process (a reader blocked on a FIFO inside h5py holds the GIL): after a grace period,
+#: open the FIFO for writing every second, which wakes a reader blocked on it, and say so once.
+_UNBLOCK = """
+import os, sys, time
+time.sleep(float(sys.argv[2]))
+fired = False
+while True:
+    try:
+        os.close(os.open(sys.argv[1], os.O_WRONLY | os.O_NONBLOCK))
+        if not fired:
+            print("fired", flush=True)
+            fired = True
+    except OSError:  # no reader waiting, or not a FIFO
+        pass
+    time.sleep(1.0)
+"""
+
+
+class _Unblock:
+    """A watchdog that wakes a reader blocked on the FIFO ``path``: a test that would hang fails instead
+    (``fired`` says whether it had to)."""
+
+    def __init__(self, path: Path, after: float = 60.0):
+        self.path, self.after, self.fired = path, after, False
+
+    def __enter__(self) -> _Unblock:
+        args = [sys.executable, "-c", _UNBLOCK, str(self.path), str(self.after)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.fired = "fired" in self.proc.communicate()[0]
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_step_is_reported_and_skipped_or_alone_an_error(damage, written_run, tmp_path):
+    """`--step all`: the damaged step is one line naming its file (and module), the others are evaluated.
+    That step alone: a one-line error, exit 1, nothing written. Never a hang (a FIFO named like a delta
+    file), never another step's weights under this step's name."""
+    run = shutil.copytree(written_run, tmp_path / "run", symlinks=True)
+    path = run / "deltas" / "step_000001.h5"
+    module = DAMAGES[damage](path)
+    out = tmp_path / "out"
+    args = ["eval", str(run), "-b", "organism", "--n", "1", "--limit", "2", "--out", str(out)]
+    with _Unblock(path) as watchdog:
+        every = runner.invoke(app, [*args, "--step", "all"], env={"COLUMNS": "400"})
+        alone = runner.invoke(app, [*args, "--step", "1"], env={"COLUMNS": "400"})
+    assert not watchdog.fired, "a FIFO named like a delta file blocked spectra eval"
+    assert every.exit_code == 0, every.output
+    [line] = [line for line in every.output.splitlines() if "step 1" in line]
+    assert "skipped" in line and "step_000001.h5" in line and (module is None or repr(module) in line), line
+    written = [f"organism-step{s:06d}-n1-T1-seed0-first2.json" for s in (0, 2)]
+    assert sorted(p.name for p in out.iterdir()) == written
+    assert [json.loads(r)["step"] for r in (run / "eval.jsonl").read_text().splitlines()] == [0, 2]
+    assert alone.exit_code == 1, alone.output
+    assert "Traceback" not in alone.output and len(alone.output.strip().splitlines()) == 1, alone.output
+    assert "step_000001.h5" in alone.output and (module is None or repr(module) in alone.output)
+    assert sorted(p.name for p in out.iterdir()) == written
+    assert len((run / "eval.jsonl").read_text().splitlines()) == 2  # nothing appended
+
+
+def test_no_undamaged_step_is_an_error(written_run, tmp_path):
+    run = shutil.copytree(written_run, tmp_path / "run")
+    for step in (0, 1, 2):
+        _truncate(run / "deltas" / f"step_{step:06d}.h5")
+    with pytest.raises(DamagedStep, match=r"no step can be evaluated; step 0: .*step_000000.h5"):
+        run_eval(EvalConfig(str(run), ("organism",), n=1, limit=2, steps="all"), log=lambda text: None)
+    assert not (run / "eval").exists() and not (run / "eval.jsonl").exists()
 
 
 # ------------------------------------------------------------------------------------------ the command

@@ -1,7 +1,14 @@
-"""The analysis core stands alone: it never imports the trainer stack."""
+"""The architecture, enforced: the analysis core stands alone, and inside it imports run one way.
+
+Layers of the core, lowest first (docs/architecture.md): files → tensors → metrics → engine → tables →
+pipeline → reports. A module may import modules of its own layer or of lower ones, never of a higher
+one; within the core there is no import cycle; the files layer never imports the engine or the
+metrics, and the engine never imports the store.
+"""
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -19,6 +26,43 @@ FORBIDDEN = (
     "spectra.probes",
     "spectra.cli",
 )
+LAYERS = {
+    "files": ("errors", "names", "h5io", "codecs", "store", "writer"),
+    "tensors": ("operators", "svd", "base", "synthetic"),
+    "metrics": ("metrics",),
+    "engine": ("engine",),
+    "tables": ("tables",),
+    "pipeline": ("pipeline",),
+    "reports": ("figures", "render", "report"),
+}
+ORDER = list(LAYERS)
+
+
+def _layer(module: str) -> str:
+    """The layer of ``spectra.x`` or ``spectra.metrics.y``."""
+    top = module.split(".")[1]
+    for layer, members in LAYERS.items():
+        if top in members:
+            return layer
+    raise AssertionError(f"{module}: in no layer of tests/test_layering.py; add it to LAYERS")
+
+
+def _core_imports() -> dict[str, set[str]]:
+    """spectra module → the spectra modules it imports (anywhere in the file, lazily or not)."""
+    graph: dict[str, set[str]] = {}
+    for path in CORE.rglob("*.py"):
+        rel = path.relative_to(CORE.parent).with_suffix("")
+        name = ".".join(rel.parts).removesuffix(".__init__")
+        if name == "spectra":
+            continue  # the package's __init__ re-exports the public API of every layer
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("spectra."):
+                deps.add(node.module)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("spectra.")}
+        graph[name] = {d for d in deps if d != name and not d.startswith(name + ".")}
+    return graph
 
 
 def test_core_sources_import_no_higher_layer():
@@ -33,8 +77,45 @@ def test_core_sources_import_no_higher_layer():
 
 def test_importing_the_core_loads_no_trainer_module():
     code = (
-        "import sys, spectra, spectra.metrics, spectra.engine, spectra.store; "
+        "import sys, spectra, spectra.metrics, spectra.engine, spectra.store, spectra.pipeline, "
+        "spectra.report; "
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {list(FORBIDDEN)!r}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_core_imports_run_one_way():
+    graph = _core_imports()
+    upward = [
+        f"{mod} ({_layer(mod)}) imports {dep} ({_layer(dep)})"
+        for mod, deps in graph.items()
+        for dep in deps
+        if ORDER.index(_layer(dep)) > ORDER.index(_layer(mod))
+    ]
+    assert upward == []
+
+
+def test_files_never_import_compute_and_the_engine_never_the_store():
+    graph = _core_imports()
+    files = [m for m in graph if _layer(m) == "files"]
+    assert not [(m, d) for m in files for d in graph[m] if _layer(d) != "files"]
+    assert not graph["spectra.engine"] & {"spectra.store", "spectra.writer", "spectra.pipeline"}
+
+
+def test_no_import_cycle_in_the_core():
+    graph = _core_imports()
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                return [*path, node, dep]
+            if dep not in state and (cycle := visit(dep, [*path, node])):
+                return cycle
+        state[node] = 2
+        return None
+
+    cycles = [cycle for node in sorted(graph) if node not in state and (cycle := visit(node, []))]
+    assert cycles == []

@@ -1,4 +1,5 @@
-"""The embedded model organism: task, tokenizer, build → load → generate, cache, atomicity, determinism."""
+"""The embedded model organism: task, tokenizer, build → load → generate, cache, atomicity, determinism,
+and maturity (the model ids organism, organism@N and random-organism)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import pytest
 pytest.importorskip("transformers")
 import torch
 from safetensors.torch import load_file
-from spectra.train import organism
+from spectra.train.checkpoint import find_model_dir, load_pretrained
+from spectra.train.config import ORGANISM_SFT_STEPS, TrainConfigError
 from spectra.train.organism import (
+    CARRY_DROP,
     DEFAULT_SFT_STEPS,
     MAX_COMPLETION_TOKENS,
     ORGANISM_VERSION,
@@ -25,6 +28,9 @@ from spectra.train.organism import (
     organism_problems,
     organism_prompt,
 )
+from spectra.train.organism import cache as org_cache
+from spectra.train.organism import model as org_model
+from spectra.train.organism import task as org_task
 from spectra.train.rewards import last_boxed
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -40,13 +46,13 @@ def _pair(problem: str) -> frozenset[int]:
 @pytest.fixture
 def small_eval(monkeypatch):
     """Measure accuracy on a handful of problems only: these organisms are for plumbing, not quality."""
-    monkeypatch.setattr(organism, "_EVAL", SMALL_EVAL)
+    monkeypatch.setattr(org_model, "EVAL_CONFIG", SMALL_EVAL)
 
 
 @pytest.fixture(scope="module")
 def quick_organism(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(organism, "_EVAL", SMALL_EVAL)
+        mp.setattr(org_model, "EVAL_CONFIG", SMALL_EVAL)
         return build_organism(seed=0, root=tmp_path_factory.mktemp("cache"), sft_steps=QUICK)
 
 
@@ -70,9 +76,9 @@ def test_problems_are_correct_and_well_formed():
 
 
 def test_trace_adds_column_by_column():
-    assert organism._solution(347, 588)[0] == "7+8=15,4+8+1=13,3+5+1=9,\\boxed{935}"
-    assert organism._solution(947, 588)[0] == "7+8=15,4+8+1=13,9+5+1=15,\\boxed{1535}"
-    assert organism._solution(123, 456)[0] == "3+6=9,2+5=7,1+4=5,\\boxed{579}"
+    assert org_task.solution(347, 588)[0] == "7+8=15,4+8+1=13,3+5+1=9,\\boxed{935}"
+    assert org_task.solution(947, 588)[0] == "7+8=15,4+8+1=13,9+5+1=15,\\boxed{1535}"
+    assert org_task.solution(123, 456)[0] == "3+6=9,2+5=7,1+4=5,\\boxed{579}"
     # Every step of every trace is a true equation, and a carry is written exactly when one is due.
     for r in organism_problems("test", 200):
         steps = r["solution"].split(",")[:-1]
@@ -87,9 +93,9 @@ def test_trace_adds_column_by_column():
 
 def test_forgetting_a_carry_is_the_only_error():
     # Dropped carries change the answer exactly when there was a carry to drop.
-    assert organism._solution(347, 588, [True] * 3) == ("7+8=15,4+8=12,3+5=8,\\boxed{825}", 825)
-    assert organism._solution(123, 456, [True] * 3) == (organism._solution(123, 456)[0], 579)
-    assert organism._solution(947, 588, [False, False, True]) == (
+    assert org_task.solution(347, 588, [True] * 3) == ("7+8=15,4+8=12,3+5=8,\\boxed{825}", 825)
+    assert org_task.solution(123, 456, [True] * 3) == (org_task.solution(123, 456)[0], 579)
+    assert org_task.solution(947, 588, [False, False, True]) == (
         "7+8=15,4+8+1=13,9+5=14,\\boxed{1435}",
         1435,
     )
@@ -98,18 +104,18 @@ def test_forgetting_a_carry_is_the_only_error():
 def test_splits_are_disjoint_fixed_and_seeded():
     train = organism_problems("train", 5000)
     test = organism_problems("test")
-    assert len(test) == organism.DEFAULT_N["test"]
+    assert len(test) == org_task.DEFAULT_N["test"]
     assert not {_pair(r["problem"]) for r in train} & {_pair(r["problem"]) for r in test}
     # The split is a property of the unordered pair, so b+a of a test problem is never a train problem.
     for r in test[:50]:
         a, b = map(int, r["problem"].split("+"))
-        assert organism._split_of(a, b) == organism._split_of(b, a) == "test"
+        assert org_task.split_of(a, b) == org_task.split_of(b, a) == "test"
     # Deterministic, prefix-stable in n, and different for a different seed.
     assert organism_problems("test", 64) == test[:64]
     assert organism_problems("train", 100, seed=0) == train[:100]
     assert organism_problems("train", 100, seed=1) != train[:100]
     # About 10 % of the pairs are held out.
-    shares = [organism._split_of(a, b) == "test" for a in range(100, 1000, 7) for b in range(100, 1000, 11)]
+    shares = [org_task.split_of(a, b) == "test" for a in range(100, 1000, 7) for b in range(100, 1000, 11)]
     assert 0.08 < sum(shares) / len(shares) < 0.12
 
 
@@ -122,7 +128,7 @@ def test_problem_arguments_are_validated():
 
 
 def test_tokenizer_round_trip_is_exact():
-    tok = organism._make_tokenizer()
+    tok = org_model.make_tokenizer()
     texts = [r["prompt"] + r["solution"] for r in organism_problems("test", 50)]
     texts += [string.printable.replace("\r", "").replace("\x0b", "").replace("\x0c", ""), "a  b\n\n\tc ", ""]
     for text in texts:
@@ -135,7 +141,7 @@ def test_tokenizer_round_trip_is_exact():
 
 
 def test_tokenizer_batch_decode_skips_padding_and_eos():
-    tok = organism._make_tokenizer()
+    tok = org_model.make_tokenizer()
     assert tok.padding_side == "left"
     enc = tok(["1+2=", "347+588="], return_tensors="pt", padding=True)
     assert enc["input_ids"].shape == (2, 8)
@@ -217,14 +223,14 @@ def test_cache_dir_from_environment(monkeypatch, tmp_path):
 def test_default_root_is_the_cache_dir(monkeypatch, tmp_path, fake_builds):
     monkeypatch.setenv("SPECTRA_CACHE", str(tmp_path))
     path = build_organism(seed=3, sft_steps=QUICK)
-    assert fake_builds and organism._is_complete(path, 3, QUICK)
+    assert fake_builds and org_cache._is_complete(path, 3, QUICK)
     assert path == tmp_path / f"organism-v{ORGANISM_VERSION}-seed3-sft{QUICK}"
-    assert organism._name(3, DEFAULT_SFT_STEPS) == f"organism-v{ORGANISM_VERSION}-seed3"
+    assert org_cache._name(3, DEFAULT_SFT_STEPS) == f"organism-v{ORGANISM_VERSION}-seed3"
 
 
 def _fake_build(path: Path, seed: int = 0, steps: int = QUICK, complete: bool = True) -> None:
     """Stand-in for the real build: the required files, organism.json (written last) only if ``complete``."""
-    for name in organism._REQUIRED_FILES[:-1]:
+    for name in org_cache._REQUIRED_FILES[:-1]:
         (path / name).write_text("{}")
     if complete:
         meta = {"version": ORGANISM_VERSION, "seed": seed, "sft_steps": steps}
@@ -240,7 +246,7 @@ def fake_builds(monkeypatch) -> list[Path]:
         calls.append(path)
         _fake_build(path, seed, steps)
 
-    monkeypatch.setattr(organism, "_build", fake)
+    monkeypatch.setattr(org_cache, "_build", fake)
     return calls
 
 
@@ -250,7 +256,7 @@ def test_second_build_reuses_the_cache(quick_organism, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("rebuilt an organism that was already in the cache")
 
-    monkeypatch.setattr(organism, "_build", fail)
+    monkeypatch.setattr(org_cache, "_build", fail)
     assert build_organism(seed=0, root=quick_organism.parent, sft_steps=QUICK) == quick_organism
     assert (quick_organism / "model.safetensors").stat().st_mtime_ns == before
 
@@ -267,34 +273,34 @@ def test_force_rebuilds(tmp_path, fake_builds):
 
 def test_leftover_temp_dir_is_not_a_finished_organism(tmp_path, fake_builds):
     calls = fake_builds
-    name = organism._name(0, QUICK)
+    name = org_cache._name(0, QUICK)
     # A killed build of another live process, and one of a dead process, both half-written.
-    live = tmp_path / f"{organism._tmp_prefix(name)}{os.getpid()}-abc"
+    live = tmp_path / f"{org_cache._tmp_prefix(name)}{os.getpid()}-abc"
     proc = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    dead = tmp_path / f"{organism._tmp_prefix(name)}{int(proc.stdout)}-xyz"
+    dead = tmp_path / f"{org_cache._tmp_prefix(name)}{int(proc.stdout)}-xyz"
     for d in (live, dead):
         d.mkdir()
         _fake_build(d, complete=False)
     path = build_organism(root=tmp_path, sft_steps=QUICK)
     assert path == tmp_path / name and calls and calls[0] not in (live, dead)
-    assert organism._is_complete(path, 0, QUICK)
+    assert org_cache._is_complete(path, 0, QUICK)
     assert live.exists()  # another process's build in progress is left alone
     assert not dead.exists()  # a dead process's is cleaned up
 
 
 def test_incomplete_final_dir_is_rebuilt(tmp_path, fake_builds):
     calls = fake_builds
-    final = tmp_path / organism._name(0, QUICK)
+    final = tmp_path / org_cache._name(0, QUICK)
     final.mkdir()
     _fake_build(final, complete=False)  # everything but organism.json
     assert build_organism(root=tmp_path, sft_steps=QUICK) == final
-    assert len(calls) == 1 and organism._is_complete(final, 0, QUICK)
+    assert len(calls) == 1 and org_cache._is_complete(final, 0, QUICK)
     # A directory from another recipe version is not mistaken for this one either.
     meta = json.loads((final / "organism.json").read_text())
     (final / "organism.json").write_text(json.dumps({**meta, "version": ORGANISM_VERSION + 1}))
-    assert not organism._is_complete(final, 0, QUICK)
+    assert not org_cache._is_complete(final, 0, QUICK)
 
 
 def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
@@ -302,7 +308,7 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
         _fake_build(path, complete=False)
         raise RuntimeError("killed mid-build")
 
-    monkeypatch.setattr(organism, "_build", crash)
+    monkeypatch.setattr(org_cache, "_build", crash)
     with pytest.raises(RuntimeError, match="killed"):
         build_organism(root=tmp_path, sft_steps=QUICK)
     assert list(tmp_path.iterdir()) == []
@@ -320,6 +326,78 @@ def test_build_is_deterministic_and_leaves_torch_rng_alone(quick_organism, tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a)
     other = load_file(build_organism(seed=1, root=tmp_path / "other", sft_steps=QUICK) / "model.safetensors")
     assert not all(torch.equal(a[k], other[k]) for k in a)
+
+
+
+# -------------------------------------------------------------------------------------------- maturity
+
+
+def _fail_build(*args, **kwargs):
+    raise AssertionError("rebuilt an organism that was already in the cache")
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("maturity")
+
+
+@pytest.fixture
+def organism_cache(shared_cache, monkeypatch) -> Path:
+    """``find_model_dir`` builds into a temporary cache (never ~/.cache), measuring accuracy cheaply."""
+    monkeypatch.setenv("SPECTRA_CACHE", str(shared_cache))
+    monkeypatch.setattr(org_model, "EVAL_CONFIG", SMALL_EVAL)
+    return shared_cache
+
+
+def test_model_ids_name_warm_start_lengths_of_one_cache(monkeypatch, tmp_path, fake_builds):
+    monkeypatch.setenv("SPECTRA_CACHE", str(tmp_path))
+    assert DEFAULT_SFT_STEPS == ORGANISM_SFT_STEPS  # declared once, in spectra.train.config
+    name = f"organism-v{ORGANISM_VERSION}-seed0"
+    assert find_model_dir("organism") == find_model_dir(f"organism@{ORGANISM_SFT_STEPS}") == tmp_path / name
+    assert find_model_dir("random-organism") == find_model_dir("organism@0") == tmp_path / f"{name}-sft0"
+    assert find_model_dir("organism@150") == tmp_path / f"{name}-sft150"
+    assert len(fake_builds) == 3  # each length built once
+    assert json.loads((tmp_path / f"{name}-sft150" / "organism.json").read_text())["sft_steps"] == 150
+
+
+def test_find_model_dir_builds_and_caches_a_short_warm_start(organism_cache, monkeypatch):
+    path = find_model_dir("organism@3")
+    assert path == organism_cache / f"organism-v{ORGANISM_VERSION}-seed0-sft3"
+    meta = json.loads((path / "organism.json").read_text())
+    assert (meta["seed"], meta["sft_steps"], meta["task"]["carry_drop"]) == (0, 3, CARRY_DROP)
+    assert meta["accuracy"]["test_problems"] == SMALL_EVAL["test_problems"]
+    tok, model = load_pretrained(path, torch.float32, "--model organism@3")
+    assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.vocab_size == len(tok)
+    monkeypatch.setattr(org_cache, "_build", _fail_build)
+    assert find_model_dir("organism@3") == path  # from the cache
+
+
+def test_random_organism_is_the_seeds_initialisation(organism_cache):
+    path = find_model_dir("random-organism")
+    meta = json.loads((path / "organism.json").read_text())
+    assert (meta["sft_steps"], meta["sft"]["final_loss"]) == (0, None)
+    assert meta["accuracy"]["sampled_t1"] == meta["accuracy"]["greedy"] == 0.0  # untrained: never right
+    _, model = load_pretrained(path, torch.float32, "--model random-organism")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        init = org_model.make_model(org_model.make_tokenizer()).state_dict()
+    weights = model.state_dict()
+    assert weights.keys() == init.keys()
+    assert all(torch.equal(weights[k], init[k]) for k in init)
+    short = find_model_dir("organism@3")
+    trained = AutoModelForCausalLM.from_pretrained(short).state_dict()
+    assert all(not torch.equal(trained[k], init[k]) for k in init)  # three steps of AdamW move every weight
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json"):
+        assert (path / name).read_bytes() == (short / name).read_bytes()  # the same architecture
+
+
+@pytest.mark.parametrize("model", ["organism@x", "organism@", "organism@-3", "organism@1.5"])
+def test_malformed_organism_ids_are_one_line_errors(model, monkeypatch, tmp_path, fake_builds):
+    monkeypatch.setenv("SPECTRA_CACHE", str(tmp_path))
+    with pytest.raises(TrainConfigError, match="expected organism@N") as err:
+        find_model_dir(model)
+    assert "\n" not in str(err.value) and str(err.value).startswith(f"--model {model}:")
+    assert not fake_builds and not list(tmp_path.iterdir())
 
 
 @pytest.mark.slow

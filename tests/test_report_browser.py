@@ -6,9 +6,9 @@ import re
 
 from browser import render
 
-from spectra.analysis import analyze_dir
+from spectra.pipeline import analyze_run
 from spectra.report import write_comparison, write_run_report
-from spectra.store import RunWriter
+from spectra.writer import RunWriter
 from spectra.synthetic import write_synthetic_run
 
 
@@ -19,7 +19,7 @@ def _run_with_logs(path, shapes, rank):
         w.append_metrics({"step": step, "reward": step / 20})
     for step in (0, 5, 10):
         w.append_metrics({"step": step, "benchmark": "organism", "avg@4": 0.3, "pass@4": 0.6}, "eval.jsonl")
-    return analyze_dir(path)
+    return analyze_run(path)
 
 
 def _drawn(page) -> dict[str, int]:

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("math_verify")
 
-from spectra.train import rewards
+from spectra.train import math_worker, rewards
 from spectra.train.rewards import (
     accuracy_reward,
     format_reward,
@@ -31,7 +31,7 @@ SLACK = 1.5  # killing the worker and returning
 def warm_worker():
     """A started worker, so that timings measure scoring and not the ~0.5 s start-up."""
     assert score_answer(r"\boxed{x+1}", "1+x") == 1.0
-    return rewards._worker
+    return math_worker._worker
 
 
 # --- last_boxed -------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def test_plain_numbers_are_compared_without_the_worker():
         0.0,
         1.0,
     ]
-    assert rewards._worker is None
+    assert math_worker._worker is None
 
 
 def test_score_answers_checks_lengths_and_timeout():
@@ -139,6 +139,165 @@ def test_score_answers_checks_lengths_and_timeout():
         score_answers(["a", "b"], ["1"])
     with pytest.raises(ValueError, match="timeout must be positive"):
         score_answers(["a"], ["1"], timeout=0)
+
+
+# --- relations: a relation is judged as a relation -----------------------------------------------------
+
+# Relation operators that are never an assignment; "=" and ":=" are, so their shapes below avoid a bare
+# variable on the left.
+_NON_ASSIGNMENT_OPERATORS = [
+    "<", ">", r"\le", r"\leq", r"\leqslant", r"\ge", r"\geq", r"\geqslant", r"\lt", r"\gt", r"\ne", r"\neq",
+    r"\approx", r"\sim", r"\simeq", r"\equiv", r"\cong", r"\propto", r"\to", r"\rightarrow", r"\Rightarrow",
+    r"\implies", r"\iff", r"\mapsto", "≤", "≥", "≠", "≈", "≡", "→",
+]  # fmt: skip
+_SHAPES = ["{v} {op} 0", "0 {op} {v}", "x + 1 {op} {v}", "2 {op} {v}", "{v} {op} {v} + 1"]
+_EQUATIONS = ["{v} = 0", "0 = {v}", "x + 1 = {v}", "2x = {v}", "{v} = {v} + 1", "0 := {v}", "1 - 1 = {v}"]
+_ODD_PLACES = [
+    "x = 0 = {v}",  # a chain: math-verify takes the first left side and the last right side
+    "x = {v} = 0",
+    "x = y + 1 = {v}",
+    "{{0 = {v}}}",  # inside a group
+    r"\{{0 = {v}\}}",
+    r"\left(0 = {v}\right)",
+    r"\text{{0 = }} {v}",  # inside text
+    r"\text{{since }} 0 = {v}",
+    r"\pi = {v}",  # \pi is a constant, not a variable
+    "x = {v}, 0 = {v}",  # the second item of a list
+    r"x \in \{{0, {v}\}}",
+    "f(x) + 1 = {v}",
+]
+
+
+def _hostile_relations(value: str) -> list[str]:
+    """False or evasive relations that contain the true ``value``."""
+    shapes = [*_SHAPES, "y {op} {v}"]
+    relations = [s.format(v=value, op=op) for op in _NON_ASSIGNMENT_OPERATORS for s in shapes]
+    return relations + [s.format(v=value) for s in _EQUATIONS + _ODD_PLACES]
+
+
+@pytest.mark.parametrize("truth", ["1628", r"\frac{1}{2}", "-7"])
+def test_a_relation_containing_the_true_value_scores_zero(truth):
+    hostile = _hostile_relations(truth)
+    assert len(hostile) >= 100
+    scores = score_answers([rf"\boxed{{{h}}}" for h in hostile], [truth] * len(hostile))
+    assert [h for h, s in zip(hostile, scores, strict=True) if s != 0.0] == []
+
+
+@pytest.mark.parametrize(
+    ("answer", "truth"),
+    [
+        ("x = 1628", "1628"),  # a bare variable on the left: the right side is the answer
+        ("a_1=1628", "1628"),
+        ("N = 1628", "1628"),
+        ("a_{10} = 1628", "1628"),
+        (r"\theta = \frac{\pi}{3}", r"\frac{\pi}{3}"),
+        ("x = y = 1628", "1628"),
+        ("x := 1628", "1628"),
+        ("(x, y) = (1, 2)", "(1, 2)"),
+        ("x = 1, y = 2", "1, 2"),  # each item of a list
+        (r"x \in [0, 1]", "[0, 1]"),
+        (r"x = 19.65 \times 10^{2}", "1965"),
+        ("x = 5", "x = 5"),  # the truth is a relation: the same relation
+        ("5", "x = 5"),
+        ("y^2 + x^2 = 1", "x^2+y^2=1"),
+        ("3 < x", "x > 3"),  # a flipped inequality is the same relation
+        (r"x \le 2", r"x \leq 2"),
+        ("x ≤ 2", r"x \le 2"),
+        (r"(3, \infty)", "x > 3"),
+    ],
+)
+def test_a_correct_relation_scores_one(answer, truth):
+    assert score_answer(rf"\boxed{{{answer}}}", truth) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("answer", "truth"),
+    [
+        ("x = 0 = 5", "x = 5"),
+        ("x = 5 = 0", "x = 5"),
+        (r"x \approx 5", "x = 5"),  # another relation
+        (r"0 \approx 5", "x = 5"),
+        ("y = 5", "x = 5"),  # another variable
+        (r"x \ge 3", "x > 3"),
+        ("x = 4", "x > 3"),
+        ("x^2 + y^2 = 2", "x^2+y^2=1"),
+    ],
+)
+def test_a_wrong_relation_against_a_relation_scores_zero(answer, truth):
+    assert score_answer(rf"\boxed{{{answer}}}", truth) == 0.0
+
+
+# --- scientific notation -------------------------------------------------------------------------------
+
+SCIENTIFIC_1965 = [
+    r"19.65\times 10^{2}",
+    r"1.965 \times 10^{3}",
+    r"1.965 \times 10^3",
+    r"1.965\cdot10^{3}",
+    r"1.965 \cdot 10^{+3}",
+    "1.965 × 10^3",
+    "1.965 · 10^{3}",
+    "1.965*10^3",
+    "1.965e3",
+    "1.965E+3",
+    "196500e-2",
+    r"196500 \times 10^{-2}",
+    r"0.1965\times10^{4}",
+]
+
+
+@pytest.mark.parametrize("answer", SCIENTIFIC_1965)
+def test_scientific_notation_scores_one(answer):
+    assert score_answer(rf"\boxed{{{answer}}}", "1965") == 1.0
+
+
+@pytest.mark.parametrize(
+    ("answer", "truth"),
+    [
+        (r"1.5 \times 10^{-3}", "0.0015"),
+        ("1.5e-3", r"\frac{3}{2000}"),
+        ("-2.5e-1", r"-\frac{1}{4}"),
+        ("1965", r"1.965 \times 10^{3}"),  # the truth in scientific notation
+        (r"6.02 \times 10^{23}", "602000000000000000000000"),
+        ("6.02e23", r"6.02 \times 10^{23}"),
+    ],
+)
+def test_scientific_notation_of_other_numbers_scores_one(answer, truth):
+    assert score_answer(rf"\boxed{{{answer}}}", truth) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("answer", "truth"),
+    [
+        (r"1.965 \times 10^{2}", "1965"),
+        (r"1.965 \times 10^{4}", "1965"),
+        ("1.965e4", "1965"),
+        (r"19.65 \times 10^{3}", "1965"),
+        (r"1.965 \times 10^{-3}", "1965"),
+        (r"1.5 \times 10^{3}", "0.0015"),
+        ("1.5e-2", r"\frac{3}{2000}"),
+    ],
+)
+def test_scientific_notation_with_a_wrong_exponent_scores_zero(answer, truth):
+    assert score_answer(rf"\boxed{{{answer}}}", truth) == 0.0
+
+
+def test_exact_numbers_and_assignments_are_judged_without_the_worker():
+    rewards.shutdown_worker()
+    right = [*SCIENTIFIC_1965, "x = 1965", "x = 1.965e3"]
+    wrong = ["0 = 1965", r"1965 \le 2000", "1966", "1.966e3"]
+    completions = [rf"\boxed{{{a}}}" for a in right + wrong]
+    assert score_answers(completions, ["1965"] * len(completions)) == [1.0] * len(right) + [0.0] * len(wrong)
+    assert math_worker._worker is None
+
+
+def test_a_huge_exponent_scores_zero_without_being_expanded(warm_worker):
+    start = time.perf_counter()
+    answers = ["1e999999999", r"1 \times 10^{999999999}", r"1 \times 10^{1001}", "0"]
+    truths = ["1", "1", r"10^{1001}", "1e-1001"]  # on either side; too big to check even when equal
+    assert score_answers([rf"\boxed{{{a}}}" for a in answers], truths, timeout=TIMEOUT) == [0.0] * 4
+    assert time.perf_counter() - start < 0.5  # sympy would compute 10^999999999 until the timeout
+    assert math_worker._worker is warm_worker
 
 
 # --- hostile and huge answers ------------------------------------------------------------------------
@@ -169,7 +328,7 @@ def test_hostile_answer_times_out_in_the_main_thread_and_the_worker_is_replaced(
     assert TIMEOUT * 0.9 < elapsed < TIMEOUT + SLACK
     assert warm_worker.process.poll() is not None  # the hung worker was killed
     assert score_answer(r"\boxed{\frac{2}{4}}", "0.5", timeout=TIMEOUT) == 1.0
-    assert rewards._worker is not warm_worker and rewards._worker.is_usable()
+    assert math_worker._worker is not warm_worker and math_worker._worker.is_usable()
 
 
 def test_hostile_answer_times_out_in_another_thread(warm_worker):
@@ -240,7 +399,7 @@ def _wait_until_gone(pid: int, seconds: float = 5.0) -> bool:
 
 
 def _score_in_forked_child(conn) -> None:
-    conn.send((score_answer(r"\boxed{\frac{3}{6}}", "0.5"), rewards._worker.process.pid))
+    conn.send((score_answer(r"\boxed{\frac{3}{6}}", "0.5"), math_worker._worker.process.pid))
     conn.close()
 
 
@@ -254,7 +413,7 @@ def test_a_forked_child_starts_its_own_worker(warm_worker):
     assert score == 1.0
     assert child_worker_pid != warm_worker.process.pid
     assert score_answer(r"\boxed{\frac{3}{6}}", "0.5") == 1.0
-    assert rewards._worker is warm_worker  # the parent's worker was not disturbed
+    assert math_worker._worker is warm_worker  # the parent's worker was not disturbed
     assert _wait_until_gone(child_worker_pid)  # the child's worker ends with the child (its stdin closes)
 
 
@@ -262,16 +421,16 @@ def test_no_worker_is_left_behind_at_exit():
     """Even when a daemon thread is still waiting on a hung answer as the interpreter exits."""
     code = (
         "import importlib.util, sys, threading, time\n"
-        "spec = importlib.util.spec_from_file_location('r', sys.argv[1])\n"
-        "r = importlib.util.module_from_spec(spec); spec.loader.exec_module(r)\n"
-        "assert r.score_answer(r'\\boxed{x+1}', '1+x') == 1.0\n"
-        "print(r._worker.process.pid, flush=True)\n"
-        "threading.Thread(target=r.score_answer, args=(sys.argv[2], '1', 60.0), daemon=True).start()\n"
+        "spec = importlib.util.spec_from_file_location('w', sys.argv[1])\n"
+        "w = importlib.util.module_from_spec(spec); spec.loader.exec_module(w)\n"
+        "assert w.verify_pairs([('x+1', '1+x')], 5.0) == [(1.0, True)]\n"
+        "print(w._worker.process.pid, flush=True)\n"
+        "threading.Thread(target=w.verify_pairs, args=([(sys.argv[2], '1')], 60.0), daemon=True).start()\n"
         "time.sleep(0.5)\n"
     )
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-c", code, rewards.__file__, HOSTILE],
+        [sys.executable, "-c", code, math_worker.__file__, last_boxed(HOSTILE)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -284,7 +443,7 @@ def test_no_worker_is_left_behind_at_exit():
 def test_shutdown_worker_kills_it(warm_worker):
     rewards.shutdown_worker()
     assert warm_worker.process.poll() is not None
-    assert rewards._worker is None
+    assert math_worker._worker is None
 
 
 # --- TRL reward functions ----------------------------------------------------------------------------

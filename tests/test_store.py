@@ -12,9 +12,9 @@ import torch
 
 import spectra
 from spectra.errors import DeltaFileError, RunDirError, ShapeMismatchError
-from spectra.h5io import atomic_path
+from spectra.h5io import ATTRS_CHECKSUM, atomic_path, attrs_checksum
 from spectra.operators import Dense, DoRA, LowRank, Scaled, VectorDelta
-from spectra.store import RunWriter
+from spectra.writer import RunWriter
 
 m, n, r = 10, 8, 2
 
@@ -91,7 +91,7 @@ def test_interrupted_write_leaves_previous_file_and_no_temporary(writer, gen, mo
     def explode(*a, **k):
         raise Boom("killed mid-write")
 
-    monkeypatch.setattr("spectra.store._write_record", explode)
+    monkeypatch.setattr("spectra.writer._write_record", explode)
     with pytest.raises(Boom):
         writer.write_delta(5, good)
     with pytest.raises(Boom):
@@ -230,6 +230,11 @@ def test_written_files_get_the_usual_permissions(writer, gen):
     assert (writer.path / "run.json").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
+def _consistent_attrs(g):
+    """After an edit: the group's attribute checksum as a (buggy) writer would have written it."""
+    g.attrs[ATTRS_CHECKSUM] = attrs_checksum(g)
+
+
 def test_inconsistent_datasets_are_a_clear_error(writer, gen):
     path = writer.write_delta(1, {"a.q": LowRank(rnd(gen, m, r), rnd(gen, r, n), mid=rnd(gen, r))})
     with h5py.File(path, "a") as f:
@@ -240,11 +245,13 @@ def test_inconsistent_datasets_are_a_clear_error(writer, gen):
     path = writer.write_delta(2, {"a.q": LowRank(rnd(gen, m + 1, r), rnd(gen, r, n))})
     with h5py.File(path, "a") as f:
         f["modules/a.q"].attrs["shape"] = [m, n]
+        _consistent_attrs(f["modules/a.q"])
     with pytest.raises(DeltaFileError, match=r"declares shape \(10, 8\) but its datasets make \(11, 8\)"):
         spectra.load_run(writer.path).delta(2, "a.q")
     path = writer.write_delta(3, {"a.q": Dense(rnd(gen, m, n))})
     with h5py.File(path, "a") as f:
         del f["modules/a.q"].attrs["shape"]
+        _consistent_attrs(f["modules/a.q"])
     with pytest.raises(DeltaFileError, match="lacks a readable shape"):
         spectra.load_run(writer.path).delta(3, "a.q")
 

@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("trl")
 
 from spectra.train import TrainConfig, TrainConfigError
-from spectra.train.config import METHOD_NAMES
+from spectra.train.methods import method_names
 from spectra.train.trainer import prepare, train
 
 import spectra
@@ -56,7 +56,7 @@ def tiny(organism_dir, tmp_path, method: str, **kw) -> TrainConfig:
     return TrainConfig(**values)
 
 
-@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("method", method_names())
 def test_every_method_trains_and_records_its_merge(method, organism_dir, tmp_path, varied_reward):
     session = prepare(tiny(organism_dir, tmp_path, method))
     run_dir = session.train()

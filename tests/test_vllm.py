@@ -105,7 +105,7 @@ def test_step_all_reloads_weights_in_place_as_a_fresh_engine_would(lora_run, tmp
     must differ (the weights did change). The prompts fill two KV blocks of 32 tokens, so that a prefix
     cache kept from the previous step's weights would change the samples."""
     import vllm
-    from spectra.train import eval_run, sampling
+    from spectra.train import sampling
     from spectra.train.eval_run import run_eval
 
     if not sampling._reloads_in_place():
@@ -129,7 +129,7 @@ def test_step_all_reloads_weights_in_place_as_a_fresh_engine_would(lora_run, tmp
     assert [r["step"] for r in reloaded] == [0, 3, 6] and len(engines) == 1
     assert all(64 <= len(c["prompt"]) < 96 for c in _completions(reloaded[0]))
 
-    monkeypatch.setattr(eval_run.VLLMSampler, "reload", lambda self, model_dir: False)
+    monkeypatch.setattr(sampling.VLLMSampler, "reload", lambda self, model_dir: False)
     fresh = run_eval(dataclasses.replace(cfg, out=str(tmp_path / "fresh")))
     assert len(engines) == 4  # one more per step
 

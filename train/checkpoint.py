@@ -49,13 +49,15 @@ def resolve_model_dir(model: str) -> Path:
 
 
 def find_model_dir(model: str) -> Path:
-    """The directory of ``model``: the organism (built once and cached), a local directory or a hub id."""
-    from spectra.train.config import ORGANISM
+    """The directory of ``model``: an organism (``organism``, ``organism@N``, ``random-organism``: built once
+    and cached), a local directory or a hub id."""
+    from spectra.train.config import organism_sft_steps
 
-    if model == ORGANISM:
+    sft_steps = organism_sft_steps(model)
+    if sft_steps is not None:
         from spectra.train.organism import build_organism
 
-        return build_organism(seed=0)
+        return build_organism(seed=0, sft_steps=sft_steps)
     return resolve_model_dir(model)
 
 

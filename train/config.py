@@ -1,31 +1,60 @@
 """`TrainConfig`: every option of `spectra train`, in one dataclass that is written to ``run.json``.
 
+Each field declares its option once: type, default, and ``metadata`` with the help and the ``--help`` panel
+(``spectra train`` is generated from the fields by :mod:`spectra.cli.options`; a new field is a new option).
+
 Defaults follow the PEFT-under-RLVR benchmark study (rank 32, alpha 64, dropout 0.05, G = 8 rollouts
 per prompt, lr 1e-5 constant with no warm-up, β = 0, DAPO loss). Options left at ``None`` are resolved by
 :meth:`TrainConfig.resolve`: on a hub or local model they take the study's values; on the embedded model
 organism (no ``--model``) they take the organism preset, which is sized for a 2-core CPU and a tiny model
 that needs a larger learning rate to move in minutes. ``run.json`` always holds the resolved values.
 
-The three losses map onto TRL's ``GRPOConfig``:
+The losses map onto TRL's ``GRPOConfig`` (``trainer.grpo_config``). ρ is the importance ratio π_θ/π_old
+(per token unless said otherwise), A the group-relative advantage, [1 − ε, 1 + ε_high] the clipping range
+(``--epsilon``, ``--epsilon-high``; unset: the loss's in :data:`LOSS_CLIP`, else ε = 0.2, ε_high = ε).
+Rewards are scaled by the group's std except for dr_grpo.
 
-=========  ============================================================================================
-``grpo``   ``loss_type="grpo"``: per-sequence length normalisation, group-std reward scaling
-``dapo``   ``loss_type="dapo"``: token-level normalisation over the batch, clip-higher ε_high = 0.28,
-           truncated completions masked out of the loss (``mask_truncated_completions``)
+=========== ==========================================================================================
+``grpo``    ``loss_type="grpo"``: clipped ρ·A, each sequence normalised by its own length
+``dapo``    ``loss_type="dapo"``: token-level normalisation over the whole batch, clip-higher
+            ε_high = 0.28, truncated completions masked out of the loss (``mask_truncated_completions``)
 ``dr_grpo`` ``loss_type="dr_grpo"``: a constant normaliser (no length normalisation) and no std scaling
-=========  ============================================================================================
+``bnpo``    ``loss_type="bnpo"``: dapo's token-level normalisation, over the local micro-batch
+``cispo``   ``loss_type="cispo"``: the IS weight min(ρ, ε_high) is detached and multiplies A·log π
+            (MiniMax-M1); ε_high = 5.0 (TRL's recommendation, ScaleRL's ε_max); token-level normalisation
+``sapo``    ``loss_type="sapo"``: a soft sigmoid gate on ρ instead of clipping, temperatures 1.0 (A > 0)
+            and 1.05 (A ≤ 0): TRL's defaults, those of the SAPO paper
+``gspo``    ``loss_type="grpo"`` with ``importance_sampling_level="sequence"``: ρ is the sequence's
+            length-normalised ratio, clipped to [1 − 3e-4, 1 + 4e-4] (the GSPO paper's ranges)
+``luspo``   ``loss_type="luspo"`` with ``importance_sampling_level="sequence"`` (as TRL asks): GSPO with
+            each sequence's loss scaled by its length; GSPO's clipping ranges
+``vespo``   ``loss_type="vespo"``: a smooth Gamma weight of the sequence-level ratio instead of clipping
+            (TRL's k, λ = 2, 3 for A > 0 and 3, 2 for A < 0); token level, as TRL asks
+=========== ==========================================================================================
+
+GSPO's recipe also splits each generation batch into 4 optimizer steps; spectra keeps one step per batch
+for every loss (a recorded step is one update of the policy that sampled it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any
 
 from spectra.errors import SpectraError
 from spectra.names import PROJECTIONS
 
-LOSSES = ("grpo", "dapo", "dr_grpo")
+LOSSES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "gspo", "luspo", "vespo")
+#: (ε, ε_high) where a loss's own values differ from (0.2, ε): what unset --epsilon/--epsilon-high become.
+LOSS_CLIP: dict[str, tuple[float, float]] = {
+    "dapo": (0.2, 0.28),
+    "cispo": (0.2, 5.0),
+    "gspo": (3e-4, 4e-4),
+    "luspo": (3e-4, 4e-4),
+}
+PRECISIONS = ("auto", "fp32", "bf16")
 ORGANISM = "organism"
 #: Supervised warm-start steps of the default organism (``organism``); ``organism@N`` asks for N steps and
 #: ``random-organism`` for none (the same architecture at its random initialisation).
@@ -33,13 +62,38 @@ ORGANISM_SFT_STEPS = 600
 RANDOM_ORGANISM = "random-organism"
 #: ``--report-to`` values and the package each needs (transformers' integrations).
 REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
-#: The registry's method names (spectra.train.methods.METHODS holds one entry for each, in this order).
-METHOD_NAMES = (
-    "full", "lora", "rslora", "dora", "adalora", "miss", "pissa", "milora",
-    "loraplus", "lorafa", "vera", "ia3", "lntuning", "quanta",
-)  # fmt: skip
 #: What ``spectra demo`` trains: LoRA, a structural variant, an SVD-initialised one, full fine-tuning.
 DEMO_METHODS = ("lora", "dora", "pissa", "full")
+#: Upper bounds of the integer options, far above any real run, so that a slip such as 10**30 is refused.
+MAX_RANK = 65_536
+MAX_COUNT = 10_000_000  # steps, tokens, prompts, rollouts, samples
+MAX_SEED = 2**32 - 1  # numpy's seed range (transformers.set_seed seeds numpy)
+
+#: The benchmark study's values, used on any real model.
+STUDY_PRESET: dict[str, Any] = {
+    "batch_size": 32,
+    "lr": 1e-5,
+    "max_steps": 500,
+    "max_completion_length": 2048,
+    "delta_every": 50,
+    "eval_every": 0,
+    "gradient_checkpointing": True,
+}
+
+#: The embedded model organism: a tiny model on a 2-core CPU, a few minutes per run.
+ORGANISM_PRESET: dict[str, Any] = {
+    "batch_size": 8,
+    "lr": 1e-3,
+    "max_steps": 60,
+    "max_completion_length": 40,  # organism.MAX_COMPLETION_TOKENS: the longest trace and <eos>
+    "delta_every": 10,
+    "eval_every": 10,
+    "gradient_checkpointing": False,
+}
+
+#: Per-method learning rates on the organism where the preset's 1e-3 makes the method collapse within 30
+#: steps (held-out Avg@4 → 0): chosen by a 30-step sweep (benchmarks/RESULTS.md, "Organism learning rates").
+ORGANISM_LR: dict[str, float] = {"full": 1e-4, "rslora": 5e-5, "loraplus": 2e-5, "miss": 1e-4, "pissa": 1e-4}
 
 
 class TrainConfigError(SpectraError):
@@ -50,63 +104,112 @@ class EvalError(SpectraError):
     """An option of `spectra eval` has a value it cannot take, or what it names does not exist."""
 
 
+def method_names() -> tuple[str, ...]:
+    """The registered methods (:mod:`spectra.train.methods`: its family modules import torch and
+    transformers, so they are loaded when this is called, not when this module is imported)."""
+    from spectra.train.methods import method_names as registered
+
+    return registered()
+
+
+def _option(default: Any, group: str, help: str, **metadata: Any) -> Any:
+    """A field with its command-line help and ``--help`` panel (read by :mod:`spectra.cli.options`)."""
+    return field(default=default, metadata={"help": help, "group": group, **metadata})
+
+
+def preset_text(key: str) -> str:
+    """The two presets' value of an option left unset."""
+    return f"(study: {STUDY_PRESET[key]}; organism: {ORGANISM_PRESET[key]})"
+
+
+WHAT, ADAPTER, RL = "What to train", "Adapter", "RL"  # the panels of `spectra train --help`
+RECORD, WHERE = "Recording and evaluation", "Where and how"
+
+
 @dataclass
 class TrainConfig:
     """The resolved configuration of one RLVR run (all of it goes to ``run.json``)."""
 
     # what to train
-    model: str = ORGANISM  # hub id, local directory, or "organism"
-    method: str = "lora"
-    dataset: str = ORGANISM  # hub id[:config], a .jsonl/.json/.parquet file, or "organism"
-    dataset_split: str = "train"
-    problem_column: str | None = None
-    answer_column: str | None = None
-    eval_dataset: str | None = None  # held-out set for eval.jsonl; the organism's test split by default
-    eval_split: str = "test"
-    target_modules: tuple[str, ...] = PROJECTIONS
+    model: str = _option(
+        ORGANISM, WHAT, "Hub id or local model directory; 'organism' = the embedded tiny model."
+    )
+    method: str = _option("lora", WHAT, "Adapter method: {choices}.", choices=method_names)
+    dataset: str = _option(ORGANISM, WHAT, "Hub id[:config], a .jsonl/.json/.parquet file, or 'organism'.")
+    dataset_split: str = _option("train", WHAT, "Split of a hub dataset.")
+    problem_column: str | None = _option(None, WHAT, "Column with the problem (found by name if unset).")
+    answer_column: str | None = _option(None, WHAT, "Column with the answer (found by name if unset).")
+    eval_dataset: str | None = _option(
+        None, WHAT, "Held-out set for eval.jsonl (the organism's test split by default)."
+    )
+    eval_split: str = _option("test", WHAT, "Split of a hub --eval-dataset.")
+    target_modules: tuple[str, ...] = _option(PROJECTIONS, WHAT, "Comma-separated module name suffixes.")
 
     # adapter
-    rank: int = 32
-    alpha: float = 64.0
-    dropout: float = 0.05
-    loraplus_lr_ratio: float = 16.0  # LoRA+: lr(B) / lr(A)
-    quanta_d: int = 3  # QuanTA: number of tensor axes
-    adalora_init_rank: int | None = None  # AdaLoRA: starting rank (default 1.5 × rank); rank is the target
-    vera_rank: int | None = None  # VeRA: rank of the shared random matrices (default: rank)
+    rank: int = _option(32, ADAPTER, "Adapter rank r (AdaLoRA: the target average rank).")
+    alpha: float = _option(64.0, ADAPTER, "LoRA alpha (scale s = alpha/r, alpha/sqrt(r) for rslora).")
+    dropout: float = _option(0.05, ADAPTER, "Adapter dropout.")
+    loraplus_lr_ratio: float = _option(16.0, ADAPTER, "LoRA+: learning rate of B over that of A.")
+    quanta_d: int = _option(3, ADAPTER, "QuanTA: number of tensor axes.")
+    adalora_init_rank: int | None = _option(None, ADAPTER, "AdaLoRA: starting rank (default 1.5 × --rank).")
+    vera_rank: int | None = _option(
+        None, ADAPTER, "VeRA: rank of the shared random matrices (default: --rank)."
+    )
 
     # RL
-    loss: Literal["grpo", "dapo", "dr_grpo"] = "dapo"
-    num_generations: int = 8
-    batch_size: int | None = None  # prompts per optimizer step (rollouts = batch_size × num_generations)
-    micro_batch_size: int | None = None  # completions per forward/backward pass (gradient accumulation)
-    lr: float | None = None
-    max_steps: int | None = None
-    beta: float = 0.0
-    epsilon: float = 0.2
-    epsilon_high: float | None = None  # 0.28 for dapo, epsilon otherwise
-    temperature: float = 1.0
-    max_completion_length: int | None = None
-    format_reward: float = 0.0  # weight of the format reward next to the accuracy reward (0: off)
+    loss: str = _option("dapo", RL, "{choices} (table at the top of train/config.py).", choices=LOSSES)
+    num_generations: int = _option(8, RL, "Rollouts per prompt (G).")
+    batch_size: int | None = _option(None, RL, "Prompts per optimizer step. " + preset_text("batch_size"))
+    micro_batch_size: int | None = _option(
+        None, RL, "Completions per forward/backward pass (organism: all; real models: G)."
+    )
+    lr: float | None = _option(None, RL, "Learning rate, constant, no warm-up. " + preset_text("lr"))
+    max_steps: int | None = _option(None, RL, "Optimizer steps. " + preset_text("max_steps"))
+    beta: float = _option(0.0, RL, "KL coefficient (0: no reference model).")
+    epsilon: float | None = _option(None, RL, "PPO clipping range (lower): 0.2 (gspo, luspo: 3e-4).")
+    epsilon_high: float | None = _option(
+        None, RL, "Upper clipping range (dapo: 0.28; cispo: 5.0; gspo, luspo: 4e-4; else --epsilon)."
+    )
+    temperature: float = _option(1.0, RL, "Sampling temperature of rollouts and evaluation.")
+    max_completion_length: int | None = _option(
+        None, RL, "Tokens per completion. " + preset_text("max_completion_length")
+    )
+    format_reward: float = _option(0.0, RL, "Weight of the format reward (0: accuracy only).")
 
     # recording and evaluation
-    delta_every: int | None = None  # write deltas/step_NNNNNN.h5 every N optimizer steps (and at 0 and last)
-    eval_every: int | None = None  # held-out Avg@k / Pass@k every N steps (0: off)
-    eval_problems: int = 64
-    eval_k: int = 4
-    save_every: int | None = None  # trainer checkpoint (for --resume) every N steps
-    base_copy_limit_mb: float = 512.0  # copy W0 into base/weights.h5 up to this size, else point at the files
+    delta_every: int | None = _option(
+        None, RECORD, "Record ΔW every N steps, and always at 0 and the last step (0: those two only). "
+        + preset_text("delta_every")
+    )
+    eval_every: int | None = _option(
+        None, RECORD, "Held-out Avg@k/Pass@k every N steps (0: off). " + preset_text("eval_every")
+    )
+    eval_problems: int = _option(64, RECORD, "Held-out problems per evaluation.")
+    eval_k: int = _option(4, RECORD, "Samples per held-out problem.")
+    save_every: int | None = _option(
+        None, RECORD, "Trainer checkpoint for --resume every N steps (default: --delta-every, else 50)."
+    )
+    base_copy_limit_mb: float = _option(
+        512.0, RECORD, "Copy W0 into base/weights.h5 up to this size in MB, else point at the model's files."
+    )
 
     # where and how
-    out: str = "runs"
-    name: str | None = None  # run directory name (default: <method>)
-    seed: int = 0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    gradient_checkpointing: bool | None = None  # trade compute for memory (study: on; organism: off)
-    use_vllm: bool = False
-    deepspeed: str | None = None  # "zero2" or a path to a DeepSpeed JSON config
-    report_to: tuple[str, ...] = ()  # e.g. ("tensorboard",) or ("wandb",)
-    logging_steps: int = 1
-    resolved: bool = field(default=False, repr=False)
+    out: str = _option("runs", WHERE, "Parent directory of runs.")
+    name: str | None = _option(None, WHERE, "Run directory name (default: the method).")
+    seed: int = _option(0, WHERE, "Random seed.")
+    precision: str = _option(
+        "auto", WHERE, "auto (bf16 on a GPU that has it), fp32 or bf16.", choices=PRECISIONS
+    )
+    gradient_checkpointing: bool | None = _option(
+        None, WHERE, "Recompute activations to save memory. " + preset_text("gradient_checkpointing")
+    )
+    use_vllm: bool = _option(
+        False, WHERE, "Generate rollouts with vLLM (colocate; GPU).", flags=("--use-vllm",)
+    )
+    deepspeed: str | None = _option(None, WHERE, "zero2, or a DeepSpeed JSON config (GPU).")
+    report_to: tuple[str, ...] = _option((), WHERE, "Comma-separated: {choices}.", choices=tuple(REPORTERS))
+    logging_steps: int = _option(1, WHERE, "Log the trainer's metrics every N steps.")
+    resolved: bool = field(default=False, repr=False, metadata={"cli": False})
 
     # ----------------------------------------------------------------------------------------- presets
 
@@ -126,8 +229,11 @@ class TrainConfig:
         }
         if organism and self.lr is None:
             values["lr"] = ORGANISM_LR.get(self.method, values["lr"])
+        epsilon, epsilon_high = LOSS_CLIP.get(self.loss, (0.2, None))
+        if values["epsilon"] is None:
+            values["epsilon"] = epsilon
         if values["epsilon_high"] is None:
-            values["epsilon_high"] = 0.28 if self.loss == "dapo" else self.epsilon
+            values["epsilon_high"] = values["epsilon"] if epsilon_high is None else epsilon_high
         if values["name"] is None:
             values["name"] = self.method
         if values["eval_dataset"] is None and self.dataset == ORGANISM:
@@ -154,13 +260,24 @@ class TrainConfig:
                 value = getattr(self, option.lstrip("-").replace("-", "_"))
                 raise TrainConfigError(f"--{option.lstrip('-')}: got {value!r}; expected {expected}")
 
-        need(self.method in METHOD_NAMES, "method", "one of " + ", ".join(METHOD_NAMES))
+        def count(option: str, low: int, high: int = MAX_COUNT, note: str = "") -> None:
+            value = getattr(self, option.replace("-", "_"))
+            ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+            need(ok, option, f"an integer ≥ {low} and ≤ {high:,}{note}")
+
+        methods = method_names()
+        need(self.method in methods, "method", "one of " + ", ".join(methods))
         need(self.loss in LOSSES, "loss", "one of " + ", ".join(LOSSES))
-        need(self.rank >= 1, "rank", "an integer ≥ 1")
+        need(self.precision in PRECISIONS, "precision", ", ".join(PRECISIONS))
+        for f in fields(self):  # every float option: inf and nan pass the range checks below, or fail late
+            value = getattr(self, f.name)
+            ok = not isinstance(value, float) or math.isfinite(value)
+            need(ok, f.name.replace("_", "-"), "a finite number")
+        count("rank", 1, MAX_RANK)
         need(self.alpha > 0, "alpha", "a positive number")
         need(0 <= self.dropout < 1, "dropout", "a probability in [0, 1)")
-        need(self.num_generations >= 2, "num-generations", "≥ 2 (GRPO compares rollouts within a group)")
-        need(self.batch_size is not None and self.batch_size >= 1, "batch-size", "an integer ≥ 1")
+        count("num-generations", 2, note=" (GRPO compares rollouts within a group)")
+        count("batch-size", 1)
         rollouts = (self.batch_size or 1) * self.num_generations
         need(
             rollouts % num_processes == 0,
@@ -168,19 +285,27 @@ class TrainConfig:
             f"batch-size × num-generations ({rollouts}) divisible by the {num_processes} processes",
         )
         need(
-            self.micro_batch_size is not None
+            isinstance(self.micro_batch_size, int)
             and self.micro_batch_size >= 1
             and (rollouts // num_processes) % self.micro_batch_size == 0,
             "micro-batch-size",
             f"a divisor of the rollouts per process per step ({rollouts // num_processes})",
         )
         need(self.lr is not None and self.lr > 0, "lr", "a positive learning rate")
-        need(self.max_steps is not None and self.max_steps >= 1, "max-steps", "an integer ≥ 1")
-        need(self.delta_every is not None and self.delta_every >= 0, "delta-every", "an integer ≥ 0 (0: off)")
-        need(self.eval_every is not None and self.eval_every >= 0, "eval-every", "an integer ≥ 0 (0: off)")
-        need(self.eval_k >= 1, "eval-k", "an integer ≥ 1")
+        count("max-steps", 1)
+        count("max-completion-length", 1)
+        count("delta-every", 0, note=" (0: first and last step only)")
+        count("eval-every", 0, note=" (0: off)")
+        count("save-every", 1)
+        count("eval-k", 1)
+        count("eval-problems", 1)
+        count("logging-steps", 1)
+        count("seed", 0, MAX_SEED)
         need(2 <= self.quanta_d <= 7, "quanta-d", "an integer from 2 to 7")
-        need(self.vera_rank is None or self.vera_rank >= 1, "vera-rank", "an integer ≥ 1")
+        if self.vera_rank is not None:
+            count("vera-rank", 1, MAX_RANK)
+        if self.adalora_init_rank is not None:
+            count("adalora-init-rank", 1, MAX_RANK)
         need(
             self.adalora_init_rank is None or self.adalora_init_rank > self.rank,
             "adalora-init-rank",
@@ -188,9 +313,11 @@ class TrainConfig:
         )
         need(self.temperature > 0, "temperature", "a positive sampling temperature (RL samples rollouts)")
         need(self.format_reward >= 0, "format-reward", "a weight ≥ 0")
-        need(self.epsilon >= 0, "epsilon", "a clipping range ≥ 0")
+        need(self.loraplus_lr_ratio > 0, "loraplus-lr-ratio", "a positive ratio")
+        need(self.base_copy_limit_mb >= 0, "base-copy-limit-mb", "a size ≥ 0")
+        need(self.epsilon is not None and self.epsilon >= 0, "epsilon", "a clipping range ≥ 0")
         need(
-            self.epsilon_high is None or self.epsilon_high >= self.epsilon,
+            self.epsilon_high is None or self.epsilon_high >= (self.epsilon or 0),
             "epsilon-high",
             f"≥ --epsilon {self.epsilon}",
         )
@@ -224,12 +351,6 @@ class TrainConfig:
             f"off with --method {self.method} (its PEFT optimizer is not a DeepSpeed optimizer)",
         )
         need(len(self.target_modules) > 0, "target-modules", "at least one module name suffix")
-        need(self.precision in ("auto", "fp32", "bf16"), "precision", "auto, fp32 or bf16")
-        need(
-            self.max_completion_length is not None and self.max_completion_length >= 1,
-            "max-completion-length",
-            "an integer ≥ 1",
-        )
 
     # ---------------------------------------------------------------------------------- serialisation
 
@@ -279,29 +400,3 @@ def _installed(package: str) -> bool:
 def _names() -> list[str]:
     return [f.name for f in fields(TrainConfig)]
 
-
-#: The benchmark study's values, used on any real model.
-STUDY_PRESET: dict[str, Any] = {
-    "batch_size": 32,
-    "lr": 1e-5,
-    "max_steps": 500,
-    "max_completion_length": 2048,
-    "delta_every": 50,
-    "eval_every": 0,
-    "gradient_checkpointing": True,
-}
-
-#: The embedded model organism: a tiny model on a 2-core CPU, a few minutes per run.
-ORGANISM_PRESET: dict[str, Any] = {
-    "batch_size": 8,
-    "lr": 1e-3,
-    "max_steps": 60,
-    "max_completion_length": 40,  # organism.MAX_COMPLETION_TOKENS: the longest trace and <eos>
-    "delta_every": 10,
-    "eval_every": 10,
-    "gradient_checkpointing": False,
-}
-
-#: Per-method learning rates on the organism where the preset's 1e-3 makes the method collapse within 30
-#: steps (held-out Avg@4 → 0): chosen by a 30-step sweep (benchmarks/RESULTS.md, "Organism learning rates").
-ORGANISM_LR: dict[str, float] = {"full": 1e-4, "rslora": 5e-5, "loraplus": 2e-5, "miss": 1e-4, "pissa": 1e-4}

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from spectra.train.config import DEMO_METHODS, METHOD_NAMES, TrainConfig, TrainConfigError
+from spectra.train.config import DEMO_METHODS, TrainConfig, TrainConfigError, method_names
 
 
 def finished(run_dir: Path) -> bool:
@@ -34,11 +34,12 @@ def train_demo_runs(
 
     ``overrides`` are further :class:`TrainConfig` fields (the tests use them to train tiny runs).
     """
-    unknown = [m for m in methods if m not in METHOD_NAMES]
+    known = method_names()
+    unknown = [m for m in methods if m not in known]
     if unknown or not methods:
         raise TrainConfigError(
             f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'}; choose among "
-            + ", ".join(METHOD_NAMES)
+            + ", ".join(known)
         )
     from spectra.train.trainer import train
 

@@ -22,7 +22,8 @@ from torch import nn
 from transformers import TrainerCallback
 
 from spectra.metrics.accuracy import avg_at_k, mean_pass_at_k
-from spectra.store import RunWriter, read_jsonl
+from spectra.store import read_jsonl
+from spectra.writer import RunWriter
 
 
 @dataclass

@@ -21,8 +21,8 @@ from spectra.train.methods.base import Method
 from torch import nn
 from transformers import TrainerCallback
 
+from spectra import RunWriter, load_run
 from spectra.h5io import write_json
-from spectra.store import RunWriter, load_run
 
 
 class DeltaRecorder(TrainerCallback):

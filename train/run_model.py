@@ -10,6 +10,13 @@ Full fine-tuning is the one exception. It also trains the embeddings, the norms 
 delta files do not hold (they record the target projections). At a step where the trainer kept a
 checkpoint (``checkpoints/checkpoint-t``, always the last step) its complete weights are loaded instead;
 at other steps those parameters stay at their base values, and the result says so.
+
+Precision: ΔW is materialised in float64 and added to W0 in float64, and only the sum is cast to the
+model's dtype (one rounding; a bf16-stored LoRA update merges to the correctly rounded float32 weight).
+
+A step whose delta file cannot be made into weights raises :class:`DamagedStep`, one line naming the file
+and module: the file is missing, not a regular file, truncated or damaged (:mod:`spectra.store` checks
+it), lacks a module of the run's ``base/``, or holds a ΔW that is not finite or not of W0's shape.
 """
 
 from __future__ import annotations
@@ -26,9 +33,10 @@ from spectra.train.checkpoint import find_model_dir, load_pretrained
 from spectra.train.config import EvalError, TrainConfigError
 from torch import nn
 
-from spectra.errors import first_line
+from spectra import Run, load_run
+from spectra.errors import SpectraError, first_line
 from spectra.operators import VectorDelta
-from spectra.store import Run, delta_filename, load_run
+from spectra.store import DeltaFile, delta_filename
 
 
 @dataclass
@@ -51,6 +59,15 @@ class Weights:
     complete: bool = True  # False: full fine-tuning without a checkpoint (embeddings, norms, head at W0)
     rounded_away: float = 0.0  # share of nonzero ΔW entries lost when merged in bf16/fp16
 
+
+class DamagedStep(EvalError):
+    """A run's step whose weights cannot be built from its delta file (see the module docstring)."""
+
+
+#: What a damaged file or record raises from inside h5py, numpy or torch when the store has not named it.
+_READ_ERRORS = (
+    OSError, KeyError, ValueError, TypeError, AttributeError, IndexError, UnicodeError, RuntimeError,
+)  # fmt: skip
 
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
@@ -186,20 +203,89 @@ def full_checkpoint(run: Run, step: int) -> Path | None:
     return None
 
 
+def check_step(run: Run, step: int) -> None:
+    """Raise :class:`DamagedStep` when the delta file of ``step`` cannot be opened, lacks a module of the
+    run's ``base/``, or has a module whose kind or shape cannot be read (metadata only: no tensor is
+    read, so this is cheap enough to run on every step before any model loads)."""
+    with _open_step(run, step) as d:
+        for name in d.modules:
+            try:
+                d.info(name)
+            except SpectraError as e:
+                raise DamagedStep(str(e)) from e
+            except _READ_ERRORS as e:
+                raise DamagedStep(f"{d.path}: module {name!r}: damaged metadata ({_why(e)})") from e
+
+
+def _open_step(run: Run, step: int) -> DeltaFile:
+    """The open delta file of ``step``, checked to hold every module of the run's ``base/``."""
+    try:
+        d = run.open_delta(step)
+    except SpectraError as e:
+        raise DamagedStep(str(e)) from e
+    except _READ_ERRORS as e:  # a library's error the store let through
+        path = run.path / "deltas" / delta_filename(step)
+        raise DamagedStep(f"{path}: cannot be read ({_why(e)})") from e
+    try:
+        stored = set(d.modules)
+        missing = [m for m in run.modules if m not in stored]
+    except BaseException:
+        d.close()
+        raise
+    if missing:
+        d.close()
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise DamagedStep(
+            f"{d.path}: no module {missing[0]!r}{more} of the run's base/; expected every recorded module "
+            "(the file is incomplete)"
+        )
+    return d
+
+
+def _why(e: BaseException) -> str:
+    return f"{type(e).__name__}: {first_line(e)}"
+
+
+def read_delta(run: Run, d: DeltaFile, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ΔW, W0)`` of ``module`` in float64: ΔW materialised from its stored form in float64, checked to
+    be finite and of W0's shape (:class:`DamagedStep` otherwise)."""
+    try:
+        rec, w0 = run.read_module(d, module)
+        delta = rec.delta if isinstance(rec, VectorDelta) else rec.to_dense()
+        delta = delta.to(torch.float64)  # to_dense() gives float64 already; a vector's θ_t − θ_0 does not
+    except SpectraError as e:
+        raise DamagedStep(str(e)) from e
+    except _READ_ERRORS as e:
+        raise DamagedStep(f"{d.path}: module {module!r} could not be read ({_why(e)})") from e
+    if tuple(delta.shape) != tuple(w0.shape):
+        raise DamagedStep(
+            f"{d.path}: module {module!r} has ΔW of shape {tuple(delta.shape)} but W0 is {tuple(w0.shape)}"
+        )
+    finite = torch.isfinite(delta)
+    if not bool(finite.all()):
+        raise DamagedStep(
+            f"{d.path}: module {module!r} has {int((~finite).sum())} non-finite ΔW entries (NaN or Inf); "
+            "expected finite numbers"
+        )
+    return delta, w0.to(torch.float64)
+
+
 @torch.no_grad()
 def apply_delta(model: nn.Module, run: Run, step: int) -> tuple[int, float]:
-    """Set every recorded parameter of ``model`` to W0 + ΔW at ``step`` (in place). Returns the number of
-    modules and the share of nonzero ΔW entries that the model's dtype rounds away (0 in float32: in
-    bf16, W0 + ΔW rounds back to W0 wherever |ΔW| is below half a bf16 step of W0).
+    """Set every recorded parameter of ``model`` to W0 + ΔW at ``step`` (in place): the sum is formed in
+    float64 and cast once to the parameter's dtype. Returns the number of modules and the share of
+    nonzero ΔW entries that the model's dtype rounds away (0 in float32: in bf16, W0 + ΔW rounds back to
+    W0 wherever |ΔW| is below half a bf16 step of W0).
 
-    W0 is the run's ``base/`` weight, so applying another step afterwards is correct too. Raises when a
-    recorded module is missing from the model or has another shape, or when the model's own weight is
-    not the run's W0 (the model is not the run's base)."""
+    W0 is the run's ``base/`` weight, so applying another step afterwards is correct too. Raises
+    :class:`DamagedStep` when the step's file or one of its modules is damaged (see the module
+    docstring), and :class:`EvalError` when a recorded module is missing from the model or has another
+    shape, or when the model's own weight is not the run's W0 (the model is not the run's base)."""
     params = dict(model.named_parameters())
     lost = moved = 0
-    with run.open_delta(step) as d:
+    with _open_step(run, step) as d:
         for i, name in enumerate(d.modules):
-            rec, w0 = run.read_module(d, name)
+            delta, w0 = read_delta(run, d, name)
             key = name if name in params else f"{name}.weight"
             if key not in params:
                 raise EvalError(
@@ -207,26 +293,29 @@ def apply_delta(model: nn.Module, run: Run, step: int) -> tuple[int, float]:
                     "run.json's model is not the run's base"
                 )
             param = params[key]
-            delta = rec.delta if isinstance(rec, VectorDelta) else rec.to_dense()
             if tuple(param.shape) != tuple(delta.shape):
                 raise EvalError(
                     f"{d.path}: module {name!r} has ΔW of shape {tuple(delta.shape)} but the model's "
                     f"{key} is {tuple(param.shape)}; run.json's model is not the run's base"
                 )
-            w0 = w0.to(torch.float32)
-            if i == 0 and not torch.allclose(param.float(), w0, rtol=1e-2, atol=1e-2):
+            if i == 0 and not torch.allclose(param.double(), w0, rtol=1e-2, atol=1e-2):
                 raise EvalError(
                     f"{run.path}: the model at {run_model_dir(run)} is not the run's base "
                     f"({key} differs from base/); evaluate with the model the run was trained from"
                 )
-            delta = delta.to(torch.float32)
             merged = (w0 + delta).to(param.dtype)
+            if not bool(torch.isfinite(merged).all()):
+                raise DamagedStep(
+                    f"{d.path}: module {name!r}: W0 + ΔW overflows {str(param.dtype).removeprefix('torch.')} "
+                    f"(|ΔW| up to {delta.abs().max().item():.3g}); expected an update of a trained model"
+                )
             if param.dtype != torch.float32:
                 nonzero = delta != 0
                 moved += int(nonzero.sum())
                 lost += int((nonzero & (merged == w0.to(param.dtype))).sum())
             param.copy_(merged)
-    return len(d.modules), lost / moved if moved else 0.0
+        count = len(d.modules)
+    return count, lost / moved if moved else 0.0
 
 
 def merge_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +35,9 @@ from spectra.train.methods import get_method
 from spectra.train.methods.base import Method
 from spectra.train.recorder import ConsoleLog, DeltaRecorder, MetricsLogger
 
+from spectra import RunWriter, load_run
 from spectra.h5io import atomic_path, write_json
-from spectra.store import RunWriter, load_run, read_jsonl
+from spectra.store import read_jsonl
 
 DEEPSPEED_CONFIGS = {"zero2": Path(__file__).parent / "deepspeed" / "zero2.json"}
 
@@ -182,7 +185,8 @@ def load_model(model_dir: Path, cfg: TrainConfig) -> tuple[Any, Any]:
 
 
 def grpo_config(cfg: TrainConfig, output_dir: Path):
-    """TRL's ``GRPOConfig`` for the configuration (the loss choices are documented in ``config.py``)."""
+    """TRL's ``GRPOConfig`` for the configuration (the loss choices are documented in ``config.py``; sapo's
+    temperatures and vespo's k, λ are TRL's defaults, cispo's cap on ρ is ``epsilon_high``)."""
     from accelerate import PartialState
     from trl import GRPOConfig
 
@@ -203,7 +207,8 @@ def grpo_config(cfg: TrainConfig, output_dir: Path):
         beta=cfg.beta,
         epsilon=cfg.epsilon,
         epsilon_high=cfg.epsilon_high,
-        loss_type=cfg.loss,
+        loss_type="grpo" if cfg.loss == "gspo" else cfg.loss,  # GSPO: GRPO's loss on a sequence-level ρ
+        importance_sampling_level="sequence" if cfg.loss in ("gspo", "luspo") else "token",
         scale_rewards="none" if cfg.loss == "dr_grpo" else "group",
         mask_truncated_completions=cfg.loss == "dapo",
         reward_weights=[1.0, cfg.format_reward] if cfg.format_reward else None,
@@ -226,9 +231,13 @@ def grpo_config(cfg: TrainConfig, output_dir: Path):
 
 
 def build_trainer(cfg, model, tokenizer, train_set, callbacks, optimizer, run_dir: Path):
-    """The GRPOTrainer with the accuracy reward (and the format reward when weighted)."""
+    """The GRPOTrainer with the accuracy reward (and the format reward when weighted).
+
+    TRL's trainer with one hook (:mod:`spectra.train.grpo`): rollouts are sampled with the policy in eval
+    mode, adapter dropout off, as the studies' vLLM sampling from merged weights; the training forward
+    keeps ``--dropout``."""
+    from spectra.train.grpo import GRPOTrainer
     from spectra.train.rewards import accuracy_reward, format_reward
-    from trl import GRPOTrainer
 
     rewards = [accuracy_reward, format_reward] if cfg.format_reward else [accuracy_reward]
     return GRPOTrainer(
@@ -246,7 +255,9 @@ def build_trainer(cfg, model, tokenizer, train_set, callbacks, optimizer, run_di
 
 
 def _check_run_dir(run_dir: Path, resume: bool) -> Path | None:
-    """Refuse to write over a run; on resume, the last trainer checkpoint (None: resume from step 0)."""
+    """Refuse to write over a run; on resume, the newest *complete* trainer checkpoint (None: resume from
+    step 0). Newer partial checkpoints (a kill during a save) are skipped with a warning; :func:`truncate_run`
+    removes them with the rest of the abandoned tail."""
     if not resume:
         if (run_dir / "run.json").exists():
             raise TrainConfigError(
@@ -255,11 +266,47 @@ def _check_run_dir(run_dir: Path, resume: bool) -> Path | None:
         return None
     if not (run_dir / "run.json").exists():
         raise TrainConfigError(f"--resume: {run_dir} has no run.json; there is no run to resume")
-    from transformers.trainer_utils import get_last_checkpoint
+    checkpoints = _checkpoints(run_dir / "checkpoints")
+    newest = next((c for c in reversed(checkpoints) if _complete(c)), None)
+    kept = _checkpoint_step(newest) if newest else -1
+    partial = [c.name for c in checkpoints if _checkpoint_step(c) > kept]
+    if partial:
+        warnings.warn(
+            f"--resume: {run_dir / 'checkpoints'}: skipped partial checkpoint(s) {', '.join(partial)} "
+            f"(interrupted while saving); resuming from {newest.name if newest else 'step 0'}",
+            stacklevel=2,
+        )
+    return newest
 
-    ckpt_dir = run_dir / "checkpoints"
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-    return Path(last) if last else None
+
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    """The trainer's ``checkpoint-N`` folders, by step."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if not ckpt_dir.is_dir():
+        return []
+    name = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-\d+")
+    found = [p for p in ckpt_dir.iterdir() if name.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=_checkpoint_step)
+
+
+def _complete(checkpoint: Path) -> bool:
+    """Whether a trainer checkpoint was saved to the end.
+
+    ``Trainer._save_checkpoint`` (transformers 5) writes, in order and from one process: the model (or
+    adapter) weights, the optimizer and scheduler, the grad scaler, the RNG state, and last
+    ``trainer_state.json`` (not atomically); only then does it delete older checkpoints (rotation), so a
+    kill there leaves the newest one complete. A checkpoint is complete when its ``trainer_state.json``
+    parses and holds the folder's step. (Multi-process runs: each process writes its own RNG file before
+    that, unsynchronised: a narrow window this rule does not see.)
+    """
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("global_step") == _checkpoint_step(checkpoint)
 
 
 def _checkpoint_step(path: Path) -> int:
@@ -292,7 +339,10 @@ def _free_name(out: Path, name: str) -> str:
 
 
 def truncate_run(run_dir: Path, step: int) -> None:
-    """Remove what a run wrote after ``step``: later delta files and later metrics/eval rows."""
+    """Remove what a run wrote after ``step``: later delta files, later metrics/eval rows, and later
+    trainer checkpoints (partial ones: ``step`` is the newest complete checkpoint's, or -1 without one)."""
+    for later in (c for c in _checkpoints(run_dir / "checkpoints") if _checkpoint_step(c) > step):
+        shutil.rmtree(later)
     run = load_run(run_dir)
     for later in (s for s in run.steps if s > step):
         run.delta_path(later).unlink(missing_ok=True)

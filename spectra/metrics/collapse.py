@@ -6,11 +6,18 @@ known) the policy is failing:
 1. geometry: the median over modules of E_1(ΔW) = σ₁²/‖ΔW‖_F² is at least ``e1_min`` (default 0.5: one
    direction holds half of the update energy), and, if ``erank_max`` is set, the median effective rank
    is at most ``erank_max``;
-2. reward: the reward, averaged over the last ``reward_window`` logged steps up to the checkpoint, has
-   fallen to at most (1 − ``reward_drop``) of its running peak.
+2. reward: the reward, averaged over the last ``reward_window`` logged steps up to the checkpoint
+   (r_now), has fallen below its running peak (r_peak) by at least ``reward_drop`` of the reward's scale:
+   r_peak − r_now ≥ reward_drop · scale, with scale = max(|r_peak|, r_peak − r_first), r_first the first
+   window's mean. For rewards ≥ 0 (accuracy) the scale is the peak itself, so the rule reads "the reward
+   fell to (1 − reward_drop) of its peak"; for rewards that are negative or of either sign (penalties,
+   ±1 rewards) the scale is the peak's magnitude or the range the run climbed, so a fall from −0.2 to
+   −0.93 is flagged just as one from 0.8 to 0.07 is. A scale of 0 (a reward that never moved off 0)
+   never flags a fall.
 
 Without reward data the flag follows geometry alone unless ``require_reward`` is set; the reason string
-says which conditions fired.
+says which conditions fired. The geometry inputs are the registry's ``E_1`` and ``erank`` columns
+(:data:`INPUTS`).
 """
 
 from __future__ import annotations
@@ -19,6 +26,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+
+from spectra.codecs import MATRIX_KINDS
+
+#: The per-step medians the rule reads, and the registry column each is the median of.
+INPUTS = {"e1_median": "E_1", "erank_median": "erank"}
 
 
 @dataclass(frozen=True)
@@ -43,8 +55,8 @@ class CollapseRule:
 def step_medians(analysis: pd.DataFrame) -> pd.DataFrame:
     """Per checkpoint, the medians over analysed matrix modules of E_1 and effective rank
     (``step``, ``e1_median``, ``erank_median``), from the engine's step × module table."""
-    ok = analysis[(analysis["status"] == "ok") & (analysis["kind"] != "vector")]
-    grouped = ok.groupby("step").agg(e1_median=("E_1", "median"), erank_median=("erank", "median"))
+    ok = analysis[(analysis["status"] == "ok") & analysis["kind"].isin(MATRIX_KINDS)]
+    grouped = ok.groupby("step").agg(**{out: (col, "median") for out, col in INPUTS.items()})
     return grouped.reset_index()
 
 
@@ -63,11 +75,13 @@ def detect_collapse(
         if col not in per_step.columns:
             raise ValueError(f"detect_collapse: per-step table lacks column {col!r}")
     smooth = peak = None
+    first = np.nan
     if rewards is not None and len(rewards):
         r = rewards.sort_values("step")
-        smooth_series = r["reward"].rolling(rule.reward_window, min_periods=1).mean()
+        smooth_series = r["reward"].astype(float).rolling(rule.reward_window, min_periods=1).mean()
         smooth = pd.Series(smooth_series.to_numpy(), index=r["step"].to_numpy())
         peak = smooth.cummax()
+        first = float(smooth_series.iloc[min(rule.reward_window, len(smooth_series)) - 1])
 
     rows = []
     for _, row in per_step.sort_values("step").iterrows():
@@ -88,9 +102,11 @@ def detect_collapse(
         if np.isnan(r_now):
             fell = None
         else:
-            fell = r_peak > 0 and r_now <= (1 - rule.reward_drop) * r_peak
+            scale = max(abs(r_peak), r_peak - first) if not np.isnan(first) else abs(r_peak)
+            fell = bool(scale > 0 and r_peak - r_now >= rule.reward_drop * scale)
             if fell:
-                reasons.append(f"reward {r_now:.3f} ≤ {1 - rule.reward_drop:.2f} × peak {r_peak:.3f}")
+                drop = f"{rule.reward_drop:g} × {scale:.3f}"
+                reasons.append(f"reward {r_now:.3f} fell from its peak {r_peak:.3f} by ≥ {drop}")
         if fell is None:
             collapsed = geometry and not rule.require_reward
             if collapsed:

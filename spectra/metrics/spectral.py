@@ -23,8 +23,9 @@ def spectral_norm(s: Tensor) -> Tensor:
 
 
 def relative_update_size(s_delta: Tensor, s_w0: Tensor) -> Tensor:
-    """‖ΔW‖_F / ‖W0‖_F, from the two spectra."""
-    return frobenius_norm(s_delta) / frobenius_norm(s_w0)
+    """‖ΔW‖_F / ‖W0‖_F, from the two spectra (NaN where W0 = 0: no scale to be relative to)."""
+    ref = frobenius_norm(s_w0)
+    return frobenius_norm(s_delta) / torch.where(ref > 0, ref, torch.nan)
 
 
 def effective_rank(s: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from spectra.operators import DeltaOperator, as_operator
+from spectra.operators import DeltaOperator, as_operator, orthonormal_right
 
 
 def alignment_curves(delta: Tensor | DeltaOperator, U: Tensor, V: Tensor) -> dict[str, Tensor]:
@@ -22,16 +22,28 @@ def alignment_curves(delta: Tensor | DeltaOperator, U: Tensor, V: Tensor) -> dic
     - left       ‖U_kᵀ ΔW‖_F² / ‖ΔW‖_F²          (random baseline k/m),
     - right      ‖ΔW V_k‖_F² / ‖ΔW‖_F²          (random baseline k/n).
 
-    Factored operators are never made dense. The value is NaN when ΔW = 0.
+    Computed in float64. Factored operators are never made dense: ΔW = L'Qᵀ with Q orthonormal
+    (:func:`spectra.operators.orthonormal_right`), so every norm is a sum of squares and each ratio lies
+    in [0, 1] to rounding, even when ΔW is a small difference of large factors (PiSSA). NaN when ΔW = 0.
     """
-    dtype = torch.promote_types(U.dtype, torch.float64)
-    op = as_operator(delta).to(dtype=dtype)  # bf16/float32 factors would bias ‖ΔW‖_F² and ρ
-    U, V = U.to(dtype), V.to(dtype)
-    fro2 = op.frobenius_sq().to(dtype)
-    left_proj = op.left_project(U)  # (…, K, n)
-    left = left_proj.square().sum(dim=-1).cumsum(dim=-1)
-    right = op.right_project(V).square().sum(dim=-2).cumsum(dim=-1)
-    core = (left_proj @ V).square()  # (…, K, K): (U_Kᵀ ΔW V_K)²
+    U, V = U.to(torch.float64), V.to(torch.float64)
+    op = as_operator(delta)
+    factors = op.factors()
+    if factors is not None:
+        Lp, Q = orthonormal_right(*factors)
+        UL = U.mT @ Lp  # (…, K, ρ): U_Kᵀ ΔW = UL·Qᵀ
+        fro2 = Lp.square().sum(dim=(-2, -1))
+        left = UL.square().sum(dim=-1).cumsum(dim=-1)
+        QV = Q.mT @ V  # (…, ρ, K)
+        right = (Lp @ QV).square().sum(dim=-2).cumsum(dim=-1)
+        core = (UL @ QV).square()  # (…, K, K): (U_Kᵀ ΔW V_K)²
+    else:
+        X = op.to_dense()
+        fro2 = X.square().sum(dim=(-2, -1))
+        UX = U.mT @ X  # (…, K, n)
+        left = UX.square().sum(dim=-1).cumsum(dim=-1)
+        right = (X @ V).square().sum(dim=-2).cumsum(dim=-1)
+        core = (UX @ V).square()
     two_sided = core.cumsum(dim=-1).cumsum(dim=-2).diagonal(dim1=-2, dim2=-1)
     den = torch.where(fro2 > 0, fro2, torch.nan).unsqueeze(-1)
     return {"two_sided": two_sided / den, "left": left / den, "right": right / den}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from spectra.train.checkpoint import BaseCheckpoint
 from spectra.train.config import TrainConfig
+from spectra.train.methods import register
 from spectra.train.methods.base import ADAPTER, Delta, PeftMethod, cpu, find_layers
 from torch import nn
 from transformers import TrainerCallback
@@ -40,6 +41,7 @@ class RankAllocation(TrainerCallback):
         self.calls += 1
 
 
+@register
 class AdaLoRA(PeftMethod):
     name = "adalora"
     summary = "AdaLoRA: SVD-form LoRA whose rank budget is reallocated across modules while training"

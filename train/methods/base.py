@@ -23,7 +23,7 @@ from spectra.train.config import TrainConfig, TrainConfigError
 from torch import Tensor, nn
 
 from spectra.errors import first_line
-from spectra.store import Record
+from spectra.operators import Record
 
 ADAPTER = "default"  # PEFT's adapter name
 _PEFT_PREFIX = "base_model.model."

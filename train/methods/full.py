@@ -10,12 +10,14 @@ from __future__ import annotations
 import torch
 from spectra.train.checkpoint import BaseCheckpoint
 from spectra.train.config import TrainConfig, TrainConfigError
+from spectra.train.methods import register
 from spectra.train.methods.base import Delta, Method, cpu
 from torch import Tensor, nn
 
 from spectra.operators import Dense
 
 
+@register
 class Full(Method):
     name = "full"
     summary = "full fine-tuning: ΔW = W_t − W0 (recorded for the target projections)"

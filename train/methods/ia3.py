@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from spectra.train.checkpoint import BaseCheckpoint
 from spectra.train.config import TrainConfig
+from spectra.train.methods import register
 from spectra.train.methods.base import ADAPTER, Delta, PeftMethod, cpu, find_layers, meta_like
 from torch import nn
 
@@ -19,6 +20,7 @@ from spectra.operators import Scaled
 FEEDFORWARD = ("gate_proj", "up_proj", "down_proj")
 
 
+@register
 class IA3(PeftMethod):
     name = "ia3"
     summary = "IA3: ΔW = W0 ⊙ (l − 1), rows of attention projections, columns of feed-forward inputs"

@@ -11,6 +11,7 @@ import warnings
 
 from spectra.train.checkpoint import BaseCheckpoint
 from spectra.train.config import TrainConfig
+from spectra.train.methods import register
 from spectra.train.methods.base import ADAPTER, Delta, PeftMethod, cpu, find_layers
 from torch import Tensor, nn
 
@@ -29,6 +30,7 @@ def _norm_params(model: nn.Module) -> dict[str, Tensor]:
     }
 
 
+@register
 class LNTuning(PeftMethod):
     name = "lntuning"
     summary = "LayerNorm tuning: the norms' scales (and biases) train, nothing else"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from spectra.train.checkpoint import BaseCheckpoint
 from spectra.train.config import TrainConfig, TrainConfigError
+from spectra.train.methods import register
 from spectra.train.methods.base import ADAPTER, Delta, PeftMethod, cpu, find_layers, meta_like
 from spectra.train.methods.milora import milora_init
 from torch import nn
@@ -37,6 +38,7 @@ def _lora_cls() -> type:
     return LoraLayer
 
 
+@register
 class LoRA(PeftMethod):
     name = "lora"
     summary = "LoRA: ΔW = (α/r)·B·A"
@@ -69,12 +71,14 @@ class LoRA(PeftMethod):
         return Delta(out)
 
 
+@register
 class RsLoRA(LoRA):
     name = "rslora"
     summary = "rank-stabilised LoRA: s = α/√r"
     use_rslora = True
 
 
+@register
 class LoRAPlus(LoRA):
     name = "loraplus"
     summary = "LoRA+: B learns `loraplus_lr_ratio` times faster than A"
@@ -87,6 +91,7 @@ class LoRAPlus(LoRA):
         )
 
 
+@register
 class LoRAFA(LoRA):
     name = "lorafa"
     summary = "LoRA-FA: A frozen at init, B trained with the projected-gradient optimizer"
@@ -97,6 +102,7 @@ class LoRAFA(LoRA):
         return create_lorafa_optimizer(model, r=cfg.rank, lora_alpha=cfg.alpha, lr=cfg.lr)
 
 
+@register
 class DoRAMethod(LoRA):
     name = "dora"
     summary = "DoRA: magnitude m and direction W0 + s·B·A, row-normalised"
@@ -141,12 +147,14 @@ class _InitFactors(LoRA):
         return Delta(out)
 
 
+@register
 class PiSSA(_InitFactors):
     name = "pissa"
     summary = "PiSSA: B·A initialised from W0's top-r singular triplets, base ← residual"
     init = "pissa"
 
 
+@register
 class MiLoRA(_InitFactors):
     name = "milora"
     summary = "MiLoRA: B·A initialised from W0's r minor singular triplets, base ← residual"

@@ -10,12 +10,14 @@ from __future__ import annotations
 import torch
 from spectra.train.checkpoint import BaseCheckpoint
 from spectra.train.config import TrainConfig
+from spectra.train.methods import register
 from spectra.train.methods.base import ADAPTER, Delta, PeftMethod, find_layers
 from torch import nn
 
 from spectra.operators import Dense
 
 
+@register
 class MiSS(PeftMethod):
     name = "miss"
     summary = "MiSS: a shared r×r (or r×n) block repeated across the weight's shards"

@@ -12,6 +12,7 @@ import copy
 import torch
 from spectra.train.checkpoint import BaseCheckpoint
 from spectra.train.config import TrainConfig, TrainConfigError
+from spectra.train.methods import register
 from spectra.train.methods.base import Delta, Method, cpu
 from spectra.train.methods.quanta import (
     QuantaConfig,
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 from spectra.operators import Dense
 
 
+@register
 class QuanTA(Method):
     name = "quanta"
     summary = "QuanTA: ΔW = T − T_init, a circuit of small gates on d tensor axes (high rank)"

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from spectra.train.checkpoint import BaseCheckpoint
 from spectra.train.config import TrainConfig
+from spectra.train.methods import register
 from spectra.train.methods.base import ADAPTER, Delta, PeftMethod, cpu, find_layers
 from torch import nn
 
 from spectra.operators import LowRank
 
 
+@register
 class VeRA(PeftMethod):
     name = "vera"
     summary = "VeRA: ΔW = diag(λ_b)·B·diag(λ_d)·A with B, A frozen random and shared"

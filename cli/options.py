@@ -1,0 +1,200 @@
+"""Command-line options generated from a configuration dataclass: an option is declared once, on its field.
+
+Every field of the dataclass becomes one ``--field-name`` option whose type, default and help are read from
+the field, as PEFT's configs and TRL's ``TrlParser`` do::
+
+    rank: int = field(default=32, metadata={"help": "Adapter rank r.", "group": "Adapter"})
+
+The metadata keys it reads:
+
+============ ==============================================================================================
+``help``     the option's help; ``{choices}`` in it becomes the allowed values, comma-separated
+``group``    the panel of ``--help`` the option is listed under
+``choices``  the allowed values: a tuple, or a function that returns them, called only when ``--help`` is
+             shown (a registry that imports torch is then not loaded to start the command). The dataclass
+             checks values itself; this is for the help.
+``flags``    the option's spelling when it is not ``--name`` / ``--name/--no-name``: ``("--use-vllm",)``
+``multiple`` a tuple field given by repeating the option (``-b x -b y``) instead of as ``x,y``
+``cli``      ``False``: not an option (internal state)
+============ ==============================================================================================
+
+Field types: ``str``, ``int``, ``float``, ``bool`` (``--name/--no-name``), ``X | None`` (unset: None),
+``Literal[...]`` (text; its values are the choices) and tuples of str, int or float (comma-separated text,
+or a repeated option with ``multiple``). A field without a default is a positional argument.
+
+A command takes the dataclass as its first parameter; its other parameters are options of its own::
+
+    @app.command(cls=ConfigCommand)
+    @config_options(TrainConfig)
+    def train(cfg: TrainConfig, resume: bool = typer.Option(False, "--resume")) -> None: ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar, Union
+
+import typer
+from typer.core import TyperCommand
+
+F = TypeVar("F", bound=Callable[..., Any])
+_SCALARS = (str, int, float, bool)
+_KEYWORD = inspect.Parameter.KEYWORD_ONLY
+
+
+def option_fields(config: type) -> list[dataclasses.Field]:
+    """The fields of ``config`` that are command-line options (all but those marked ``cli: False``)."""
+    return [f for f in dataclasses.fields(config) if f.metadata.get("cli", True)]
+
+
+def parameters(config: type) -> list[inspect.Parameter]:
+    """One keyword parameter per field, with its type and a ``typer.Option`` (default, help, panel), or a
+    ``typer.Argument`` for a field without a default."""
+    hints = typing.get_type_hints(config)
+    params = []
+    for f in option_fields(config):
+        kind, optional = _cli_type(hints[f.name], f"{config.__name__}.{f.name}")
+        item = _tuple_item(hints[f.name])
+        shown_help = help_text(f, hints[f.name], resolve=False)
+        text = {"help": shown_help, "rich_help_panel": f.metadata.get("group")}
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            info = typer.Argument(..., **text)
+        elif item is not None and f.metadata.get("multiple"):
+            kind, default = list[item], _default(f)
+            info = typer.Option(list(default or ()), *f.metadata.get("flags", ()), **text)
+        else:
+            default = _default(f)
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            info = typer.Option(shown, *f.metadata.get("flags", ()), **text)
+        annotation = kind | None if optional else kind
+        params.append(inspect.Parameter(f.name, _KEYWORD, default=info, annotation=annotation))
+    return params
+
+
+def to_config(config: type, values: dict[str, Any]) -> Any:
+    """The dataclass built from parsed option values: comma-separated text (or a repeated option's list)
+    back into a tuple of the field's item type, a value that is not one being a one-line usage error."""
+    hints = typing.get_type_hints(config)
+    fields = {}
+    for f in option_fields(config):
+        if f.name not in values:
+            continue
+        value, item = values[f.name], _tuple_item(hints[f.name])
+        if item is not None and isinstance(value, (str, list)):
+            parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else value
+            try:
+                value = tuple(item(p) for p in parts if p)
+            except ValueError:
+                option = (f.metadata.get("flags") or ["--" + f.name.replace("_", "-")])[0]
+                example = {int: "1,8,16", float: "0.5,1.0"}.get(item, "a,b")
+                raise typer.BadParameter(
+                    f"{value!r}: expected comma-separated {item.__name__} values such as {example}",
+                    param_hint=option,
+                ) from None
+        fields[f.name] = value
+    return config(**fields)
+
+
+def config_options(config: type) -> Callable[[F], F]:
+    """Decorator for a typer command whose first parameter is a ``config`` instance: the command gets one
+    option per field of ``config`` (before its own options) and is called with the built dataclass."""
+
+    def decorate(command: F) -> F:
+        own = list(inspect.signature(command).parameters.values())[1:]
+        hints = typing.get_type_hints(command)
+        own = [p.replace(annotation=hints.get(p.name, p.annotation), kind=p.KEYWORD_ONLY) for p in own]
+        generated = parameters(config)
+        names = {p.name for p in generated}
+
+        @functools.wraps(command)
+        def run(**kwargs: Any) -> Any:
+            values = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+            return command(to_config(config, values), **kwargs)
+
+        del run.__wrapped__  # typer reads the signature below, not the command's
+        run.__signature__ = inspect.Signature(generated + own)
+        run.__annotations__ = {p.name: p.annotation for p in generated + own}
+        run.config_class = config
+        return typing.cast(F, run)
+
+    return decorate
+
+
+class ConfigCommand(TyperCommand):
+    """A typer command that fills the help of options whose choices come from a function (see
+    ``choices`` above) only when ``--help`` is shown."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        config = getattr(self.callback, "config_class", None)
+        if config is not None:
+            hints = typing.get_type_hints(config)
+            lazy = {f.name: f for f in option_fields(config) if callable(f.metadata.get("choices"))}
+            for param in self.params:
+                if param.name in lazy:
+                    param.help = help_text(lazy[param.name], hints[param.name], resolve=True)
+        super().format_help(ctx, formatter)
+
+
+def choices(f: dataclasses.Field, hint: Any = None, resolve: bool = True) -> tuple[str, ...] | None:
+    """The allowed values of a field: its ``choices`` metadata (called if a function and ``resolve``),
+    else the values of a ``Literal`` type; None when it has none (or they are not resolved)."""
+    given = f.metadata.get("choices")
+    if callable(given):
+        return tuple(given()) if resolve else None
+    if given is not None:
+        return tuple(given)
+    inner = _strip_optional(hint)[0] if hint is not None else None
+    return tuple(str(v) for v in typing.get_args(inner)) if typing.get_origin(inner) is Literal else None
+
+
+def help_text(f: dataclasses.Field, hint: Any = None, resolve: bool = True) -> str:
+    """A field's help with ``{choices}`` filled in (``…`` until lazily computed choices are resolved)."""
+    text = f.metadata.get("help", "")
+    if "{choices}" not in text:
+        return text
+    try:
+        values = choices(f, hint, resolve)
+    except ImportError as e:  # a registry whose modules need an extra that is not installed
+        return text.replace("{choices}", f"(not listed: {e})")
+    return text.replace("{choices}", ", ".join(values) if values is not None else "…")
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _strip_optional(hint: Any) -> tuple[Any, bool]:
+    """``X | None`` → ``(X, True)``; anything else → ``(hint, False)``."""
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(hint)) == 2:
+            return args[0], True
+    return hint, False
+
+
+def _tuple_item(hint: Any) -> type | None:
+    """The item type of a ``tuple[X, ...]`` field; None for other fields."""
+    inner = _strip_optional(hint)[0]
+    if typing.get_origin(inner) is not tuple:
+        return None
+    args = typing.get_args(inner)
+    return args[0] if args and args[0] in (str, int, float) else str
+
+
+def _cli_type(hint: Any, where: str) -> tuple[type, bool]:
+    """The option's type for a field type, and whether it may be None."""
+    inner, optional = _strip_optional(hint)
+    if inner in _SCALARS:
+        return inner, optional
+    if typing.get_origin(inner) is Literal:
+        kinds = {type(v) for v in typing.get_args(inner)}
+        if len(kinds) == 1 and kinds <= set(_SCALARS):
+            return kinds.pop(), optional
+    if typing.get_origin(inner) is tuple and typing.get_args(inner) in ((t, ...) for t in (str, int, float)):
+        return str, optional
+    raise TypeError(f"{where}: no command-line form for the type {hint!r}")

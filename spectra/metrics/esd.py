@@ -1,0 +1,412 @@
+"""Heavy-tailed metrics of the empirical spectral density (ESD) of a weight matrix, batched.
+
+For a matrix W (N×M, N ≥ M) with singular values σ_i, the ESD is that of λ_i = σ_i², the eigenvalues of
+WᵀW, *unnormalised* (no 1/N): exactly what WeightWatcher 0.7.7's ``analyze()`` uses by default.
+Heavy-tailed self-regularisation theory (Martin & Mahoney, JMLR 22(165), 2021, "Implicit
+self-regularization in deep neural networks"; Nature Communications 12:4122, 2021, "Predicting trends in
+the quality of state-of-the-art neural networks without access to training or testing data") reads a
+trained layer's quality off the power-law tail ρ(λ) ∝ λ^(−α) of this density and off its
+Marchenko–Pastur (MP) bulk. The tail is fitted as Clauset, Shalizi & Newman (SIAM Review 51, 2009,
+"Power-law distributions in empirical data") do it, with WeightWatcher's conventions, so that the numbers
+agree with ``weightwatcher==0.7.7`` (tested in tests/test_esd.py):
+
+- the fit sees the eigenvalues λ > ``eval_floor`` (1e-5, WeightWatcher's EVALS_THRESH), ascending;
+- every one of them but the largest is a candidate x_min; for each, the continuous MLE
+  α = 1 + n / Σ_{λ_i ≥ x_min} ln(λ_i / x_min) over the n eigenvalues of the tail, and the
+  Kolmogorov–Smirnov distance D = max_j |(1 − (λ_j/x_min)^(1−α)) − j/n| over the tail (j = 0 … n−1,
+  the empirical CDF taken at the lower end of each step, as WeightWatcher does; no minimum tail size,
+  no x_max, no "fix_fingers");
+- the chosen x_min has the smallest D (the first one on a tie).
+
+All functions take σ of shape (b, p) (one row per matrix, any order, float64 work on σ's device) and
+return (b,) tensors; the x_min scan is vectorised: α for every candidate from reversed cumulative sums
+of ln λ, D for every candidate in blocks of one tensor operation each.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from spectra.metrics.spectral import effective_rank, stable_rank
+
+EVALS_THRESH = 1e-5  # WeightWatcher: eigenvalues at or below it are left out of the power-law fit
+MIN_EVALS = 50  # Martin & Mahoney's rule of thumb; WeightWatcher itself fits from 20 (fewer: another fit)
+FLAT_RTOL = 1e-6  # λ_max / λ_min − 1 below this is a flat spectrum (float rounding, not a tail)
+MP_BANDWIDTH = 0.1  # WeightWatcher's kernel density bandwidth, in units of the mean eigenvalue
+BLOCK_ELEMENTS = 1 << 24  # work-tensor size per block of the KS scan
+
+# Our names → WeightWatcher's ``analyze()`` columns (``mp_fit=True`` for the MP ones).
+WW_COLUMNS = {
+    "alpha": "alpha", "alpha_stderr": "sigma", "ks_distance": "D", "xmin": "xmin",
+    "num_tail": "num_pl_spikes", "alpha_weighted": "alpha_weighted", "lambda_max": "lambda_max",
+    "log_spectral_norm": "log_spectral_norm", "log_norm": "log_norm", "stable_rank": "stable_rank",
+    "spectral_entropy": "entropy", "mp_sigma": "sigma_mp", "mp_bulk_max": "bulk_max",
+    "mp_bulk_min": "bulk_min", "num_spikes": "num_spikes", "mp_softrank": "mp_softrank",
+}  # fmt: skip
+
+
+def esd_eigenvalues(sigma: Tensor, p: int | None = None) -> Tensor:
+    """λ = σ² in float64, ascending, zero-padded to ``p`` values per row (p = min(N, M) of the matrix)."""
+    if sigma.ndim != 2:
+        raise ValueError(f"esd: singular values must have shape (b, p); got {tuple(sigma.shape)}")
+    lam = sigma.to(torch.float64).square()
+    if p is not None and p > lam.shape[-1]:
+        lam = torch.cat([lam.new_zeros(lam.shape[0], p - lam.shape[-1]), lam], dim=-1)
+    return lam.sort(dim=-1).values
+
+
+def power_law_candidates(lam: Tensor, eval_floor: float = EVALS_THRESH) -> tuple[Tensor, Tensor]:
+    """α and KS distance D for every candidate x_min = λ_i (λ ascending, shape (b, p)).
+
+    α_i = 1 + n_i / (Σ_{j≥i} ln λ_j − n_i ln λ_i) with n_i = p − i (Clauset et al. eq. 3.1);
+    D_i = max_{j≥i} |1 − (λ_j/λ_i)^(1−α_i) − (j−i)/n_i|. Candidates that cannot fit — λ_i ≤ eval_floor,
+    the largest eigenvalue, or a tail of equal values (Σ ln = 0, α = ∞) — get α = NaN and D = +∞.
+    """
+    b, p = lam.shape
+    valid = lam > eval_floor
+    loglam = torch.where(valid, lam, torch.ones_like(lam)).log()
+    n = torch.arange(p, 0, -1, dtype=lam.dtype, device=lam.device)  # n_i = p − i
+    tail_sum = loglam.flip(-1).cumsum(-1).flip(-1)  # Σ_{j≥i} ln λ_j
+    excess = tail_sum - n * loglam  # Σ_{j≥i} ln(λ_j/λ_i) ≥ 0
+    ok = valid & (excess > 0)
+    ok[:, -1] = False
+    alpha = torch.where(ok, 1 + n / torch.where(ok, excess, torch.ones_like(excess)), torch.nan)
+    D = torch.full_like(lam, math.inf)
+    first = int(valid.int().argmax(-1).min()) if bool(valid.any()) else p  # no candidate before it
+    block = max(1, BLOCK_ELEMENTS // max(1, b * p))
+    j = torch.arange(p, device=lam.device)
+    for c0 in range(first, p - 1, block):
+        c1 = min(c0 + block, p - 1)
+        i = torch.arange(c0, c1, device=lam.device)
+        a = alpha[:, c0:c1].nan_to_num(2.0).unsqueeze(-1)  # (b, c, 1)
+        log_ratio = loglam[:, None, c0:] - loglam[:, c0:c1, None]  # ln(λ_j/λ_i), (b, c, p − c0)
+        offset = (j[None, c0:] - i[:, None]).to(lam.dtype)  # j − i
+        cdf_emp = offset / n[c0:c1, None]
+        dist = (1 - torch.exp(log_ratio * (1 - a)) - cdf_emp).abs()
+        dist = torch.where(offset >= 0, dist, torch.zeros_like(dist))
+        D[:, c0:c1] = torch.where(ok[:, c0:c1], dist.amax(-1), math.inf)
+    return alpha, D
+
+
+def power_law_fit(
+    lam: Tensor, eval_floor: float = EVALS_THRESH, min_evals: int = MIN_EVALS, flat_rtol: float = FLAT_RTOL
+) -> tuple[dict[str, Tensor], list[str]]:
+    """Clauset–Shalizi–Newman power-law fit of the ESD tail, x_min at the minimum KS distance.
+
+    λ ascending (b, p). Returns α, its standard error (α − 1)/√n (n = eigenvalues from x_min up), D,
+    x_min, and num_tail = #{λ ≥ x_min}; NaN with a reason where the fit is undefined: fewer than
+    ``min_evals`` eigenvalues above ``eval_floor``, or a flat spectrum (λ_max/λ_min − 1 ≤ ``flat_rtol``).
+    """
+    p = lam.shape[-1]
+    alphas, Ds = power_law_candidates(lam, eval_floor)
+    best = Ds.argmin(-1, keepdim=True)  # the first minimum, as numpy's argmin
+    D = Ds.gather(-1, best).squeeze(-1)
+    alpha = alphas.gather(-1, best).squeeze(-1)
+    xmin = lam.gather(-1, best).squeeze(-1)
+    n_tail = (lam >= xmin[:, None]).sum(-1).to(lam.dtype)
+    n_fit = (p - best.squeeze(-1)).to(lam.dtype)
+    num_evals = (lam > eval_floor).sum(-1)
+    low = torch.where(lam > eval_floor, lam, math.inf).amin(-1)
+    flat = lam[:, -1] <= low * (1 + flat_rtol)
+    reasons = []
+    for count, is_flat, fitted in zip(num_evals.tolist(), flat.tolist(), D.isfinite().tolist(), strict=True):
+        if count < min_evals:
+            reasons.append(f"power law: {count} eigenvalues above {eval_floor:g}; needs {min_evals}")
+        elif is_flat or not fitted:
+            reasons.append("power law: flat spectrum (all eigenvalues equal), no tail to fit")
+        else:
+            reasons.append("")
+    bad = torch.tensor([r != "" for r in reasons], device=lam.device)
+    nan = torch.full_like(alpha, math.nan)
+    out = {
+        "alpha": torch.where(bad, nan, alpha),
+        "alpha_stderr": torch.where(bad, nan, (alpha - 1) / n_fit.sqrt()),
+        "ks_distance": torch.where(bad, nan, D),
+        "xmin": torch.where(bad, nan, xmin),
+        "num_tail": torch.where(bad, nan, n_tail),
+    }
+    return out, reasons
+
+
+def _kde_linear(points: Tensor, grid: Tensor, bandwidth: float) -> Tensor:
+    """Linear-kernel density of each row of ``points`` (b, p, ascending) at ``grid`` (b, G):
+    ρ(x) = (1/(p h)) Σ_i max(0, 1 − |x − x_i|/h) (scikit-learn's ``KernelDensity(kernel='linear')``),
+    summed in O(p + G log p) with prefix sums over the points within h on each side of x."""
+    h = bandwidth
+    p = points.shape[-1]
+    prefix = torch.cat([points.new_zeros(points.shape[0], 1), points.cumsum(-1)], dim=-1)
+    lo = torch.searchsorted(points, grid - h, right=True)  # first x_i > x − h
+    mid = torch.searchsorted(points, grid, right=True)  # first x_i > x
+    hi = torch.searchsorted(points, grid + h, right=False)  # first x_i ≥ x + h
+    n_left, n_right = (mid - lo).to(grid.dtype), (hi - mid).to(grid.dtype)
+    s_left = prefix.gather(-1, mid) - prefix.gather(-1, lo)
+    s_right = prefix.gather(-1, hi) - prefix.gather(-1, mid)
+    total = n_left - (n_left * grid - s_left) / h + n_right - (s_right - n_right * grid) / h
+    return total.clamp_min(0) / (p * h)
+
+
+class _MPObjective:
+    """WeightWatcher's MP residual (RMT_Util.resid_mp): squared distance between the MP density of
+    scale σ and a kernel density estimate of the rescaled ESD, on the grid points where the estimate
+    exceeds 0.01; 10⁶ per point when the MP support [λ₋, λ₊] misses the estimate's mode or overshoots
+    the grid. For a square matrix (Q = 1), the quarter-circle law (1/(πσ²))√(4 − x²) of √λ instead."""
+
+    def __init__(self, to_fit: Tensor, Q: float, bandwidth: float, grid_size: int = 1000):
+        self.Q = Q
+        top = to_fit[:, -1:] + 0.5
+        g = torch.arange(grid_size, dtype=to_fit.dtype, device=to_fit.device)
+        grid = g * (top / (grid_size - 1))  # numpy.linspace(0, top, grid_size)
+        grid[:, -1:] = top
+        density = _kde_linear(to_fit, grid, bandwidth)
+        good = density > 0.01
+        peak = torch.where(good, density, -math.inf).argmax(-1, keepdim=True)
+        self.mode = grid.gather(-1, peak)
+        self.x_top = torch.where(good, grid, -math.inf).amax(-1, keepdim=True)
+        self.penalty = 1e6 * good.sum(-1, keepdim=True).to(grid.dtype)
+        cols = good.any(0).nonzero().flatten()  # only grid points that count somewhere are kept
+        lo, hi = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 1)
+        x, y, good = grid[:, lo:hi], density[:, lo:hi], good[:, lo:hi]
+        # MP density m(x) = Q/(2πσ²) · √((λ₊ − x)(x − λ₋))/x = c(σ)·√(max(0, q)), q = (λ₊+λ₋)/x − λ₊λ₋/x² − 1
+        self.u = torch.where(x > 0, 1 / x, 0.0)  # x = 0 gives q = −1: density 0, as WeightWatcher's NaN → 0
+        self.u2 = self.u.square()
+        self.good = good.to(grid.dtype)
+        self.gy = torch.where(good, y, 0.0)
+        self.yy = self.gy.square().sum(-1, keepdim=True)
+        if Q == 1:  # the quarter circle's shape √(4 − x²) does not depend on σ
+            qc = torch.where(good, (4 - x * x).clamp_min(0).sqrt(), 0.0)
+            self.qc = (qc.square().sum(-1, keepdim=True), (qc * self.gy).sum(-1, keepdim=True), self.yy)
+
+    def take(self, rows: slice) -> _MPObjective:
+        """The same objective for some rows of the batch (to evaluate it in blocks)."""
+        part = copy.copy(self)
+        for name in ("mode", "x_top", "penalty", "u", "u2", "good", "gy", "yy"):
+            setattr(part, name, getattr(self, name)[rows])
+        if self.Q == 1:
+            part.qc = tuple(t[rows] for t in self.qc)
+        return part
+
+    def edges(self, s: Tensor) -> tuple[Tensor, Tensor]:
+        """MP edges λ₊ = (σ(1 + √(1/Q)))², λ₋ = (σ(1 − √(1/Q)))²."""
+        return (s * (1 + math.sqrt(1 / self.Q))).square(), (s * (1 - math.sqrt(1 / self.Q))).square()
+
+    def misses(self, sigma: Tensor) -> Tensor:
+        """(b, K): σ whose support is rejected (the 10⁶ penalty); never for Q = 1."""
+        if self.Q == 1:
+            return torch.zeros_like(sigma, dtype=torch.bool)
+        b, a = self.edges(sigma)
+        return (b < self.mode) | (b > self.x_top) | (a > self.mode)
+
+    def __call__(self, sigma: Tensor) -> Tensor:
+        """Residual for σ of shape (b, K): (b, K)."""
+        if self.Q == 1:  # c·q(x) − y with c = 1/(πσ²): Σ(cq − y)² = c²Σq² − 2cΣqy + Σy², O(1) per σ
+            c = 1 / (math.pi * sigma * sigma)
+            return (c * c * self.qc[0] - 2 * c * self.qc[1] + self.qc[2]).nan_to_num(nan=math.inf)
+        # Σ_good (c√q⁺ − y)² = c²·Σ good·q⁺ − 2c·Σ good·y·√q⁺ + Σ good·y²: two batched products over the grid
+        b, a = self.edges(sigma)
+        q = (a + b)[..., None] * self.u[:, None, :] - (a * b)[..., None] * self.u2[:, None, :] - 1
+        q = q.clamp_min_(0)
+        s1 = (q @ self.good[..., None]).squeeze(-1)
+        s2 = (q.sqrt_() @ self.gy[..., None]).squeeze(-1)
+        c = self.Q / (2 * math.pi * sigma * sigma)
+        r = (c * c * s1 - 2 * c * s2 + self.yy).nan_to_num(nan=math.inf)
+        return torch.where(self.misses(sigma), self.penalty.expand_as(r), r)
+
+    def brute(self, grid: Tensor, valid: Tensor) -> Tensor:
+        """The residual at every σ of ``grid`` (b, K) where ``valid``, +∞ elsewhere. Penalised σ are
+        filled in without evaluating the density: the rest form one interval of k per row (λ₊ and λ₋
+        grow with σ), and only the longest such interval is evaluated, in blocks of rows."""
+        keep = valid & ~self.misses(grid)
+        res = torch.where(valid, self.penalty.expand_as(grid), math.inf)
+        width = keep.sum(-1)
+        w = int(width.max()) if grid.shape[0] else 0
+        if w == 0:
+            return res
+        start = keep.int().argmax(-1, keepdim=True)
+        k = torch.arange(w, device=grid.device)
+        idx = (start + k).clamp_max(grid.shape[-1] - 1)
+        sub = torch.empty(grid.shape[0], w, dtype=grid.dtype, device=grid.device)
+        rows = max(1, BLOCK_ELEMENTS // max(1, w * self.u.shape[-1]))
+        for r0 in range(0, grid.shape[0], rows):
+            part = slice(r0, r0 + rows)
+            sub[part] = self.take(part)(grid[part].gather(-1, idx[part]))
+        return res.scatter(-1, idx, torch.where(k < width[:, None], sub, res.gather(-1, idx)))
+
+
+def nelder_mead_1d(
+    f: Callable[[Tensor], Tensor], x0: Tensor, xatol: float = 1e-4, fatol: float = 1e-4, maxiter: int = 200
+) -> Tensor:
+    """``scipy.optimize.fmin`` in one dimension, step for step, for a batch of starting points x0 (b,).
+
+    Simplex {x0, 1.05·x0}; reflection 1, expansion 2, contraction ½, shrink ½; stops an item when
+    |x₁ − x₀| ≤ xatol and |f₁ − f₀| ≤ fatol, or after ``maxiter`` iterations or function calls.
+    ``f`` maps (b, 1) to (b, 1).
+    """
+
+    def F(x: Tensor) -> Tensor:
+        return f(x[:, None])[:, 0]
+
+    def order(s0: Tensor, s1: Tensor, f0: Tensor, f1: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        swap = f1 < f0  # numpy's argsort keeps ties in place
+        return (
+            torch.where(swap, s1, s0),
+            torch.where(swap, s0, s1),
+            torch.where(swap, f1, f0),
+            torch.where(swap, f0, f1),
+        )
+
+    s0 = x0.clone()
+    s1 = torch.where(x0 != 0, 1.05 * x0, torch.full_like(x0, 0.00025))
+    s0, s1, f0, f1 = order(s0, s1, F(s0), F(s1))
+    calls = torch.full_like(x0, 2.0)
+    for _ in range(1, maxiter):  # scipy counts its first iteration as 1
+        active = ~(((s1 - s0).abs() <= xatol) & ((f0 - f1).abs() <= fatol)) & (calls < maxiter)
+        if not bool(active.any()):
+            break
+        xr = 2.0 * s0 - 1.0 * s1  # reflect the worst point through the best
+        fr = F(xr)
+        better, inside = fr < f0, fr < f1  # (in 1-D the second-worst point is the best one)
+        x2 = torch.where(
+            better, 3.0 * s0 - 2.0 * s1, torch.where(inside, 1.5 * s0 - 0.5 * s1, 0.5 * s0 + 0.5 * s1)
+        )
+        f2 = F(x2)  # expansion, outside or inside contraction
+        take2 = torch.where(better, f2 < fr, torch.where(inside, f2 <= fr, f2 < f1))
+        new1 = torch.where(take2, x2, torch.where(better, xr, s1))
+        newf1 = torch.where(take2, f2, torch.where(better, fr, f1))
+        shrink = ~better & ~take2
+        xs = s0 + 0.5 * (s1 - s0)
+        fs = F(xs) if bool((shrink & active).any()) else f1
+        new1, newf1 = torch.where(shrink, xs, new1), torch.where(shrink, fs, newf1)
+        calls = calls + torch.where(active, 2.0 + shrink.to(calls.dtype), 0.0)
+        s0, s1, f0, f1 = order(s0, torch.where(active, new1, s1), f0, torch.where(active, newf1, f1))
+    return s0
+
+
+def mp_fit(lam: Tensor, shape: tuple[int, int], bandwidth: float = MP_BANDWIDTH) -> dict[str, Tensor]:
+    """Marchenko–Pastur bulk fitted to the ESD, as WeightWatcher's ``mp_fit`` (analyze(mp_fit=True)).
+
+    With Q = N/M ≥ 1, the eigenvalues are rescaled to mean 1 (λ̃ = λ·M/Σλ), then σ minimises the
+    :class:`_MPObjective` residual: a grid σ ∈ [0.05 s, 2 s) in steps of 0.01 s, s = √λ̃_max/(1 + 1/√Q),
+    polished by Nelder–Mead (scipy's ``brute`` + ``fmin``). The bulk edge is λ₊ = σ²(1 + 1/√Q)²
+    (λ₋ = σ²(1 − 1/√Q)²); spikes are the λ̃ > λ₊ + √(Q^(−1/2) λ₊^(2/3) M^(−2/3)) (a Tracy–Widom
+    margin); MP soft rank = λ₊ / λ̃_max. Returns σ (rescaled units), λ₊ and λ₋ in units of λ, spikes and
+    soft rank, each (b,).
+    """
+    N, M = max(shape), min(shape)
+    Q = N / M
+    if lam.shape[-1] < M:  # the missing eigenvalues are zeros
+        lam = torch.cat([lam.new_zeros(lam.shape[0], M - lam.shape[-1]), lam], dim=-1)
+    lam = lam.to(torch.float64).sort(dim=-1).values
+    scale2 = M / lam.sum(-1, keepdim=True)  # Wscale²
+    x = lam * scale2
+    top = x[:, -1]
+    objective = _MPObjective(x.sqrt() if Q == 1 else x, Q, bandwidth)
+    s = (top / (1 + 1.0 / math.sqrt(Q)) ** 2).sqrt()
+    start, stop, step = 0.05 * s, 2.0 * s, 0.01 * s
+    size = torch.ceil((stop - start) / step).long()  # numpy.arange(start, stop, step)
+    k = torch.arange(int(size.max()), dtype=x.dtype, device=x.device)
+    grid = start[:, None] + k * ((start + step) - start)[:, None]
+    res = objective.brute(grid, k < size[:, None])
+    sigma0 = grid.gather(-1, res.argmin(-1, keepdim=True))[:, 0]
+    sigma = nelder_mead_1d(objective, sigma0)
+    bulk_max = (sigma * (1 + 1 / math.sqrt(Q))) ** 2
+    bulk_min = (sigma * (1 - 1 / math.sqrt(Q))) ** 2
+    tw = 1 / math.sqrt(Q) * bulk_max.pow(2 / 3) * M ** (-2 / 3)
+    spikes = (x > (bulk_max + tw.sqrt())[:, None]).sum(-1).to(x.dtype)
+    return {
+        "mp_sigma": sigma,
+        "mp_bulk_max": bulk_max / scale2[:, 0],
+        "mp_bulk_min": bulk_min / scale2[:, 0],
+        "num_spikes": spikes,
+        "mp_softrank": bulk_max / top,
+    }
+
+
+def spectral_entropy(lam: Tensor, n: int | None = None) -> Tensor:
+    """Normalised spectral entropy H = −Σ p_i ln p_i / ln r, p_i = λ_i/Σλ, r the numerical rank
+    #{σ_i > σ_max·n·ε} (n the larger dimension of the matrix, default the number of λ), as
+    WeightWatcher's ``entropy`` column (which adds 1e-10 to every p_i). 1 for a flat spectrum, lower
+    as the spectrum concentrates; NaN for rank ≤ 1."""
+    s = lam.clamp_min(0).sqrt()
+    tol = s.amax(-1, keepdim=True) * (n or s.shape[-1]) * torch.finfo(torch.float64).eps
+    rank = (s > tol).sum(-1).to(lam.dtype)
+    prob = lam / lam.sum(-1, keepdim=True)
+    h = -torch.special.xlogy(prob, prob).sum(-1)
+    return torch.where(rank > 1, h / rank.clamp_min(2).log(), math.nan)
+
+
+def esd_alpha(sigma: Tensor, shape: tuple[int, int], min_evals: int = MIN_EVALS) -> Tensor:
+    """The power-law exponent α of each matrix's ESD (:func:`power_law_fit` on λ = σ²), NaN where the
+    fit is undefined (fewer than ``min_evals`` eigenvalues, a flat spectrum, non-finite σ)."""
+    finite = torch.isfinite(sigma).all(-1)
+    lam = esd_eigenvalues(torch.where(finite[:, None], sigma.to(torch.float64), 0.0), min(shape))
+    alpha = power_law_fit(lam, min_evals=min_evals)[0]["alpha"]
+    return torch.where(finite, alpha, math.nan)
+
+
+def esd_fit(
+    sigma: Tensor,
+    shape: tuple[int, int],
+    *,
+    eval_floor: float = EVALS_THRESH,
+    min_evals: int = MIN_EVALS,
+    flat_rtol: float = FLAT_RTOL,
+    mp_bandwidth: float = MP_BANDWIDTH,
+) -> tuple[dict[str, Tensor], list[str]]:
+    """Every heavy-tailed ESD statistic of a batch of same-shape matrices, from their singular values.
+
+    ``sigma`` (b, p): singular values of b matrices of ``shape`` (N, M); fewer than min(N, M) per row
+    means the rest are zero. With λ = σ² (unnormalised):
+
+    - power law (:func:`power_law_fit`): ``alpha``, ``alpha_stderr`` = (α−1)/√n, ``ks_distance`` D,
+      ``xmin``, ``num_tail`` = #{λ ≥ x_min};
+    - ``alpha_weighted`` α̂ = α·log10 λ_max; ``lambda_max``; ``log_spectral_norm`` = log10 λ_max
+      (= 2·log10 σ_max: WeightWatcher's "spectral norm" is λ_max); ``log_norm`` = log10 Σλ = log10 ‖W‖_F²;
+      ``stable_rank`` = Σλ/λ_max;
+    - Marchenko–Pastur (:func:`mp_fit`): ``mp_sigma``, ``mp_bulk_max`` λ₊ and ``mp_bulk_min`` λ₋ (units of
+      λ), ``num_spikes`` above λ₊ (with a Tracy–Widom margin), ``mp_softrank`` = λ₊/λ_max;
+    - ``spectral_entropy`` (:func:`spectral_entropy`) and ``effective_rank`` exp(−Σ q ln q), q = σ/Σσ;
+    - ``num_evals`` = #{λ > eval_floor}.
+
+    All values are float64 tensors of shape (b,). Returns them and one string per matrix: "" when every
+    value is defined, else why some are NaN (too few eigenvalues, flat spectrum, zero matrix, NaN/Inf).
+    """
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f"esd_fit: shape must be (N, M) with N, M ≥ 1; got {shape}")
+    p = min(shape)
+    if sigma.ndim != 2 or sigma.shape[-1] > p:
+        raise ValueError(
+            f"esd_fit: singular values must be (b, ≤{p}) for shape {tuple(shape)}; got {tuple(sigma.shape)}"
+        )
+    finite = torch.isfinite(sigma).all(-1)
+    nonzero = (sigma.abs() > 0).any(-1) & finite
+    clean = torch.where(
+        (finite & nonzero)[:, None],
+        sigma.to(torch.float64).abs(),
+        torch.ones_like(sigma, dtype=torch.float64),
+    )
+    lam = esd_eigenvalues(clean, p)
+    out, reasons = power_law_fit(lam, eval_floor, min_evals, flat_rtol)
+    lam_max = lam[:, -1]
+    out["alpha_weighted"] = out["alpha"] * lam_max.log10()
+    out["lambda_max"] = lam_max
+    out["log_spectral_norm"] = lam_max.log10()
+    out["log_norm"] = lam.sum(-1).log10()
+    out["stable_rank"] = stable_rank(lam.sqrt())
+    out.update(mp_fit(lam, shape, mp_bandwidth))
+    out["spectral_entropy"] = spectral_entropy(lam, max(shape))
+    out["effective_rank"] = effective_rank(lam.sqrt())
+    out["num_evals"] = (lam > eval_floor).sum(-1).to(torch.float64)
+    for k, (is_finite, is_nonzero) in enumerate(zip(finite.tolist(), nonzero.tolist(), strict=True)):
+        if not is_finite:
+            reasons[k] = "non-finite singular values"
+        elif not is_nonzero:
+            reasons[k] = "zero matrix"
+    bad = ~(finite & nonzero)
+    if bool(bad.any()):
+        out = {name: torch.where(bad, math.nan, v) for name, v in out.items()}
+    return out, reasons

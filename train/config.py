@@ -222,7 +222,7 @@ class TrainConfig:
         if self.resolved:
             self.check(num_processes)
             return self
-        organism = self.model == ORGANISM
+        organism = organism_sft_steps(self.model) is not None  # organism, organism@N, random-organism
         preset = ORGANISM_PRESET if organism else STUDY_PRESET
         values = {
             k: (preset[k] if getattr(self, k) is None and k in preset else getattr(self, k)) for k in _names()

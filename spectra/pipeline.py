@@ -20,18 +20,21 @@ row with ``status`` and ``error`` naming it; the rest is analysed.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 
+from spectra import shard
 from spectra.base import DEFAULT_KEEP, BaseSpectrum, compute_base_spectrum
-from spectra.engine import EngineConfig, Item, analyze_checkpoint, item_bytes, plan_chunks
+from spectra.engine import EngineConfig, EngineConfigError, Item, analyze_checkpoint, item_bytes, plan_chunks
 from spectra.errors import DeltaFileError, ShapeMismatchError, SpectraError, first_line
 from spectra.h5io import atomic_path, remove_stale_temporaries, write_json
 from spectra.metrics import registry
@@ -199,6 +202,8 @@ def analyze_run(
     force: bool = False,
     progress: Progress | None = None,
     save: bool = True,
+    devices: str | Sequence[str] | None = None,
+    prefetch: bool = True,
 ) -> Analysis:
     """Analyse a run: every metric of every recorded step (or ``steps``) × module.
 
@@ -207,8 +212,21 @@ def analyze_run(
     draws them); without it, everything asked is computed and nothing is written but base spectra.
     ``progress(done, total, label)`` is called as modules are analysed. Raises :class:`RunDirError` for
     a directory that is not a run and :class:`NothingToAnalyze` when no step could be analysed.
+
+    ``devices`` (``"cuda:0,cuda:1"``, ``["cpu", "cpu"]``) spreads the steps not in the cache over one
+    process per device (:mod:`spectra.shard`; workers are started here, this process keeps the first
+    device). A process started by ``torchrun``/``accelerate launch`` analyses its share on its own device
+    (``config.device``, else ``cuda:LOCAL_RANK``) and gets every row; rank 0 alone writes ``analysis/``.
+    ``prefetch``: read the next chunk from disk while the engine analyses this one.
     """
     config = config or EngineConfig()
+    devices = _check_devices(shard.parse_devices(devices), config)
+    launched = shard.launched(config.device)
+    if launched is not None and len(devices) > 1:
+        raise shard.ShardError(
+            f"--devices {','.join(devices)}: this process was started by torchrun or accelerate launch, "
+            "which already spread the work; leave --devices out"
+        )
     rule = rule or CollapseRule()
     run = run if isinstance(run, Run) else load_run(run)
     recorded = run.steps
@@ -230,7 +248,17 @@ def analyze_run(
         old = old[old["step"].isin(steps) & ~old["step"].isin(retry)]
         done = set(old["step"].astype(int))
     todo = [s for s in steps if s not in done]
-    fresh, sigmas = _analyze_steps(run, todo, config, progress) if todo else (pd.DataFrame(), {})
+    if launched is not None:  # rank 0's view of the cache decides for all
+        todo = launched.broadcast(todo)
+        done = set(steps) - set(todo)
+        old = old[old["step"].isin(done)] if old is not None else None
+    fresh, sigmas = pd.DataFrame(), {}
+    if todo:
+        with _shards(launched, devices, run, config, prefetch) as group:
+            on = replace(config, device=group.device) if group.device else config
+            shown = progress if group.is_main else None
+            fresh, sigmas = _analyze_steps(run, todo, on, shown, prefetch, group)
+    save = save and (launched is None or launched.is_main)
     parts = [t for t in (old, fresh) if t is not None and len(t)]
     if not parts:
         raise NothingToAnalyze(f"{run.path / 'deltas'}: the delta files hold no modules")
@@ -265,20 +293,99 @@ def analyze_run(
     )  # fmt: skip
 
 
+# ---------------------------------------------------------------------------------- several processes
+
+
+def _check_devices(devices: list[str], config: EngineConfig) -> list[str]:
+    """Each of ``--devices`` checked as the engine's ``--device`` is (one line naming the option)."""
+    for d in devices:
+        try:
+            replace(config, device=d)
+        except EngineConfigError as e:
+            raise shard.ShardError(f"--devices {','.join(devices)}: {e}") from None
+    return devices
+
+
+@contextmanager
+def _shards(
+    launched: shard.Group | None, devices: list[str], run: Run, config: EngineConfig, prefetch: bool
+) -> Iterator[shard.Group]:
+    """The processes the analysis runs on: the launcher's, workers started for ``devices``, or this one."""
+    if launched is not None:
+        yield launched
+    elif len(devices) > 1:
+        with shard.spawned(devices, _worker, (str(run.path), asdict(config), prefetch)) as group:
+            yield group
+    else:
+        yield shard.Group(device=devices[0] if devices else None)
+
+
+def _worker(
+    index: int, store: str, world: int, devices: list[str], threads: int,
+    run_path: str, config: dict[str, Any], prefetch: bool,
+) -> None:  # fmt: skip
+    """A worker of :func:`shard.spawned`: rank ``index + 1``'s share of the plan rank 0 broadcasts."""
+    with shard.join_spawned(index + 1, store, world, devices, threads) as group:
+        on = replace(EngineConfig(**config), device=group.device)
+        _analyze_steps(load_run(run_path), None, on, None, prefetch, group)
+
+
 # ---------------------------------------------------------------------------------- steps → engine rows
 
 
 Sigmas = dict[int, list[tuple[str, list[float]]]]  # step → [(module, top σ_i(ΔW))]
 
 
+class Unit(NamedTuple):
+    """One piece of work: modules of one step read and analysed together, a chunk of same-shape
+    matrices within the memory budget or a step's vector parameters (``cost``: working bytes)."""
+
+    step: int
+    modules: list[str]
+    matrix: bool
+    cost: int
+
+
+class _Loaded(NamedTuple):
+    """A unit as read: the engine's items, rows already settled (problems, vectors), the file's path."""
+
+    items: list[Item]
+    rows: list[dict[str, Any]]
+    path: Path | None
+
+
 def _analyze_steps(
-    run: Run, steps: list[int], config: EngineConfig, progress: Progress | None
+    run: Run,
+    steps: list[int] | None,
+    config: EngineConfig,
+    progress: Progress | None,
+    prefetch: bool = True,
+    group: shard.Group = shard.ONE,
 ) -> tuple[pd.DataFrame, Sigmas]:
-    """Rows of ``steps``, streamed chunk by chunk, and the top σ_i(ΔW) of each analysed matrix module."""
-    run.ensure_base_spectra(keep=config.keep, device=config.device, progress=progress)
-    rows: list[dict[str, Any]] = []
+    """Rows of ``steps``, streamed chunk by chunk, and the top σ_i(ΔW) of each analysed matrix module.
+
+    Over several processes (``group``), rank 0 computes W0's spectra and plans the chunks (the other
+    ranks pass ``steps=None``), each rank analyses its share, and every rank gets all the rows."""
+    if group.is_main:
+        run.ensure_base_spectra(keep=config.keep, device=config.device, progress=progress)
+    group.barrier()
+    units, rows = group.broadcast(_plan(run, steps or [], config) if group.is_main else None)
+    units = [Unit(*u) for u in units]
+    mine = _run_units(run, _share(units, group.rank, group.world), config, progress, prefetch, group)
+    rows = list(rows) + [r for part in group.all_gather(mine) for r in part]
     sigmas: Sigmas = {}
-    total, done = len(steps) * len(run.modules), 0
+    for r in rows:
+        spectrum = r.pop("spectrum", None)
+        if r["status"] == "ok" and spectrum is not None:
+            sigmas.setdefault(r["step"], []).append((r["module"], spectrum))
+    return pd.DataFrame(rows), sigmas
+
+
+def _plan(run: Run, steps: list[int], config: EngineConfig) -> tuple[list[Unit], list[dict[str, Any]]]:
+    """The units of ``steps`` in order (from the files' declared shapes, no tensor read), and the rows
+    of what cannot be analysed (a file or a module's metadata unreadable)."""
+    units: list[Unit] = []
+    rows: list[dict[str, Any]] = []
     for step in steps:
         try:
             dfile = run.open_delta(step)
@@ -294,29 +401,119 @@ def _analyze_steps(
                     rows.append(_status_row(step, module, "unreadable", str(e)))
                     continue
                 groups.setdefault((info.shape, info.matrix, info.rank), []).append(module)
-            for (shape, matrix, rank), modules in groups.items():
-                if not matrix:
-                    rows += [_vector_row(run, dfile, step, mod) for mod in modules]
-                    done += len(modules)
-                    continue
-                for idx in plan_chunks(
-                    [item_bytes(shape, rank, config)] * len(modules), config.max_batch_bytes
-                ):
-                    chunk_rows = _analyze_chunk(run, dfile, step, [modules[i] for i in idx], config)
-                    rows += chunk_rows
-                    for r in chunk_rows:
-                        if r["status"] == "ok" and "spectrum" in r:
-                            sigmas.setdefault(step, []).append((r["module"], r.pop("spectrum")))
-                        r.pop("spectrum", None)
-                    done += len(idx)
-                    if progress:
-                        progress(done, total, f"step {step}")
-    return pd.DataFrame(rows), sigmas
+        for (shape, matrix, rank), modules in groups.items():
+            if not matrix:
+                units.append(Unit(step, modules, False, max(1, 8 * sum(shape) * len(modules))))
+                continue
+            size = item_bytes(shape, rank, config)
+            for idx in plan_chunks([size] * len(modules), config.max_batch_bytes):
+                units.append(Unit(step, [modules[i] for i in idx], True, size * len(idx)))
+    return units, rows
 
 
-def _analyze_chunk(
-    run: Run, dfile: DeltaFile, step: int, modules: list[str], config: EngineConfig
+def _share(units: list[Unit], rank: int, world: int) -> list[Unit]:
+    """Rank ``rank``'s consecutive run of units, the runs of equal cost (to within one unit): whole steps
+    of a run of many steps, chunks of modules of a single step."""
+    if world == 1:
+        return units
+    total = sum(u.cost for u in units) or 1
+    mine, before = [], 0
+    for u in units:
+        if min(world - 1, int((before + u.cost / 2) * world / total)) == rank:
+            mine.append(u)
+        before += u.cost
+    return mine
+
+
+def _run_units(
+    run: Run,
+    units: list[Unit],
+    config: EngineConfig,
+    progress: Progress | None,
+    prefetch: bool,
+    group: shard.Group,
 ) -> list[dict[str, Any]]:
+    """Rows of ``units``: each read (on another thread, one unit ahead, with ``prefetch``), then
+    analysed by the engine."""
+    reader = _Reader(run, config.keep, pin=config.torch_device().type == "cuda")
+    loads = _prefetched(reader.read, units) if prefetch else (reader.read(u) for u in units)
+    rows: list[dict[str, Any]] = []
+    total, done = sum(len(u.modules) for u in units), 0
+    where = f" (process {group.rank + 1} of {group.world})" if group.world > 1 else ""
+    try:
+        for unit, loaded in zip(units, loads, strict=True):
+            group.check()
+            rows += loaded.rows
+            if loaded.items:
+                rows += _analyze_items(unit.step, loaded, config)
+            done += len(unit.modules)
+            if progress and unit.matrix:
+                progress(done, total, f"step {unit.step}{where}")
+    finally:
+        loads.close()  # no read left running on the other thread
+        reader.close()
+    return rows
+
+
+def _prefetched(read: Callable[[Unit], _Loaded], units: list[Unit]) -> Iterator[_Loaded]:
+    """``read(unit)`` for each unit in turn, the next one read on another thread while the caller
+    analyses this one (h5py reads and checksums partly outside the GIL; torch computes outside it)."""
+    if not units:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="spectra-read") as pool:
+        pending: Future[_Loaded] = pool.submit(read, units[0])
+        try:
+            for nxt in [*units[1:], None]:
+                loaded = pending.result()
+                if nxt is not None:
+                    pending = pool.submit(read, nxt)
+                yield loaded
+        finally:
+            pending.cancel()
+
+
+class _Reader:
+    """Reads units from their delta files, one file open at a time; with ``pin``, into pinned host
+    memory (the engine's copies to the GPU then run at full speed)."""
+
+    def __init__(self, run: Run, keep: int, pin: bool):
+        self.run, self.keep, self.pin = run, keep, pin
+        self._file: DeltaFile | None = None
+
+    def read(self, unit: Unit) -> _Loaded:
+        try:
+            dfile = self._open(unit.step)
+        except SpectraError as e:  # readable when planned, not now (rewritten meanwhile)
+            return _Loaded([], [_status_row(unit.step, m, "unreadable", str(e)) for m in unit.modules], None)
+        if not unit.matrix:
+            return _Loaded([], [_vector_row(self.run, dfile, unit.step, m) for m in unit.modules], dfile.path)
+        items, rows = _read_items(self.run, dfile, unit.step, unit.modules, self.keep)
+        if self.pin:
+            items = [Item(it.module, _pinned(it.op), it.w0.pin_memory(), _pinned(it.base)) for it in items]
+        return _Loaded(items, rows, dfile.path)
+
+    def _open(self, step: int) -> DeltaFile:
+        if self._file is None or self._file.step != step:
+            self.close()
+            self._file = self.run.open_delta(step)
+        return self._file
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _pinned(obj: Any) -> Any:
+    """The same dataclass (operator, base spectrum) with its tensors in pinned host memory."""
+    tensors = {f.name: getattr(obj, f.name) for f in fields(obj)}
+    return replace(obj, **{k: t.pin_memory() for k, t in tensors.items() if isinstance(t, Tensor)})
+
+
+def _read_items(
+    run: Run, dfile: DeltaFile, step: int, modules: list[str], keep: int
+) -> tuple[list[Item], list[dict[str, Any]]]:
+    """The engine's items of ``modules``, and a row for each module that cannot be analysed."""
     items: list[Item] = []
     rows: list[dict[str, Any]] = []
     for module in modules:
@@ -325,7 +522,7 @@ def _analyze_chunk(
             if not op.is_finite():
                 rows.append(_status_row(step, module, "nonfinite", f"{dfile.path}: ΔW contains NaN or Inf"))
                 continue
-            items.append(Item(module, op, w0, run.base_spectrum(module, config.keep)))
+            items.append(Item(module, op, w0, run.base_spectrum(module, keep)))
         except ShapeMismatchError as e:
             rows.append(_status_row(step, module, "shape_mismatch", str(e)))
         except SpectraError as e:
@@ -334,10 +531,16 @@ def _analyze_chunk(
             rows.append(
                 _status_row(step, module, "unreadable", f"{dfile.path}: {type(e).__name__}: {first_line(e)}")
             )
-    for it, metrics in zip(items, analyze_checkpoint(items, config, SPECTRUM_TOP), strict=True):
+    return items, rows
+
+
+def _analyze_items(step: int, loaded: _Loaded, config: EngineConfig) -> list[dict[str, Any]]:
+    """The engine's rows of a unit's items, with the module's identity and the file named in errors."""
+    rows = []
+    for it, metrics in zip(loaded.items, analyze_checkpoint(loaded.items, config, SPECTRUM_TOP), strict=True):
         m, n = it.op.shape[-2:]
         if metrics["status"] != "ok":
-            metrics["error"] = f"{dfile.path}: {metrics['error']}"
+            metrics["error"] = f"{loaded.path}: {metrics['error']}"
         rows.append({**_identity(step, it.module), "kind": it.op.codec.kind, "m": m, "n": n, **metrics})
     return rows
 

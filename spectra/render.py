@@ -54,6 +54,8 @@ def _mpl_panel(ax: Any, p: Panel, show_xlabel: bool) -> None:
         ax.axhline(y, color="0.45", ls="--", lw=1, label=label)
     if p.logy and any(y > 0 for ln in p.lines for y in ln.y if y == y):
         ax.set_yscale("log")
+    if p.logx:
+        ax.set_xscale("log")
     ax.set_title(p.title, fontsize=10)
     ax.set_ylabel(p.ylabel)
     if show_xlabel:
@@ -75,6 +77,11 @@ def _mpl_heat(fig: Figure, ax: Any, p: HeatPanel) -> None:
     ax.set_xlabel(p.xlabel)
     ax.set_ylabel(p.ylabel)
     fig.colorbar(im, ax=ax, label=p.colorbar)
+    if p.marks:
+        ax.scatter([p.x.index(x) for x, _ in p.marks], [p.y.index(y) for _, y in p.marks], marker="X", s=90,
+                   color="#d62728", label=p.marks_name or None, zorder=5)  # fmt: skip
+        if p.marks_name:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.12))
 
 
 def save_png(spec: FigureSpec, path: Path, dpi: int = 110) -> Path:
@@ -112,10 +119,16 @@ def to_plotly(spec: FigureSpec) -> Any:
                     z=panel.z, x=panel.x, y=panel.y, colorscale="Viridis",
                     colorbar={"title": {"text": panel.colorbar}, "x": dom_x[1] + 0.01, "y": sum(dom_y) / 2,
                               "len": dom_y[1] - dom_y[0], "thickness": 12},
-                    hovertemplate="layer %{y}, %{x}: %{z:.4g}<extra></extra>",
+                    hovertemplate=f"{panel.ylabel} %{{y}}, {panel.xlabel} %{{x}}: %{{z:.4g}}<extra></extra>",
                 ),
                 row=row, col=col,
             )  # fmt: skip
+            if panel.marks:
+                fig.add_trace(go.Scatter(x=[x for x, _ in panel.marks], y=[y for _, y in panel.marks],
+                                         mode="markers", name=panel.marks_name,
+                                         showlegend=bool(panel.marks_name),
+                                         marker={"symbol": "x", "size": 13, "color": "#d62728"}),
+                              row=row, col=col)  # fmt: skip
             fig.update_xaxes(title_text=panel.xlabel, row=row, col=col)
             fig.update_yaxes(title_text=panel.ylabel, row=row, col=col)
             continue
@@ -150,6 +163,8 @@ def to_plotly(spec: FigureSpec) -> Any:
                           annotation_text=label, annotation_font_size=9)  # fmt: skip
         if panel.logy:
             fig.update_yaxes(type="log", row=row, col=col)
+        if panel.logx:
+            fig.update_xaxes(type="log", row=row, col=col)
         fig.update_yaxes(title_text=panel.ylabel, row=row, col=col)
         if not (spec.sharex and cols == 1) or row == rows:
             fig.update_xaxes(title_text=panel.xlabel, row=row, col=col)

@@ -2,22 +2,39 @@
 
 The report is one HTML file with plotly's JavaScript embedded: it opens from disk, offline, and fetches
 nothing. Its header holds the run's configuration; each mechanism figure follows with a caption.
+
+Runs given to a comparison that differ only by seed (:func:`spectra.stats.seed_groups`) are drawn as one
+curve per configuration, the mean over seeds with a bootstrap band (:func:`seed_view`), and tabled as the
+mean with its bootstrap 95 % interval (``compare_seeds.csv``, :func:`seed_table`), which also says
+whether each configuration's main score lies within the seed noise of the best one.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from spectra.figures import PALETTE, FigureSpec, RunView, all_figures, default_k, eval_series
+from spectra.figures import (
+    EVAL_SETTINGS,
+    PALETTE,
+    SCORE,
+    FigureSpec,
+    RunView,
+    all_figures,
+    default_k,
+    eval_series,
+)
 from spectra.h5io import atomic_path
 from spectra.pipeline import Analysis
 from spectra.render import save_png, to_plotly
+from spectra.stats import bootstrap_ci, difference_ci, distinguishing_keys, mean_over_seeds, seed_groups
 
 
 def run_view(analysis: Analysis, label: str | None = None, color: str = PALETTE[0]) -> RunView:
@@ -25,6 +42,52 @@ def run_view(analysis: Analysis, label: str | None = None, color: str = PALETTE[
     return RunView(
         label or analysis.name, color, analysis.per_step, analysis.table, analysis.spectra, analysis.logs,
         analysis.evals, analysis.engine.ks, analysis.rule.e1_min,
+    )  # fmt: skip
+
+
+#: Appended to a figure's caption when some of its curves average several seeds.
+SEED_NOTE = (
+    " Where runs differ only by seed, a curve is the mean over the seeds and its band the bootstrap 95 % "
+    "interval of that mean; crosses mark steps flagged in any seed."
+)
+
+
+def seed_view(views: Sequence[RunView], label: str, color: str) -> RunView:
+    """Runs that differ only by seed as one :class:`RunView`: per step, the mean over the seeds of each
+    median (band ``<metric>_lo``/``_hi``: its bootstrap 95 % interval, :func:`spectra.stats.mean_over_seeds`),
+    of the reward and of each held-out score; ``collapsed`` where any seed was flagged. The module
+    tables and spectra are pooled (each seed's modules kept apart). One view is returned relabelled."""
+    if len(views) == 1:
+        return replace(views[0], label=label, color=color)
+    first = views[0]
+    metrics = [
+        c for c in first.steps.columns
+        if c not in ("step", "modules", "collapsed") and not c.endswith(("_q25", "_q75", "_mean"))
+    ]  # fmt: skip
+    steps = mean_over_seeds([v.steps for v in views], "step", metrics)
+    flags = [v.steps[["step", "collapsed"]] for v in views if "collapsed" in v.steps.columns]
+    if flags:
+        any_seed = pd.concat(flags).groupby("step")["collapsed"].any()
+        steps["collapsed"] = steps["step"].map(any_seed).fillna(False).astype(bool)
+    rewards = [v.logs[["step", "reward"]].dropna() for v in views if {"step", "reward"} <= set(v.logs)]
+    logs = mean_over_seeds(rewards, "step", ["reward"]) if rewards else pd.DataFrame()
+    evals = [v.evals for v in views if {"step", "benchmark"} <= set(v.evals.columns)]
+    if evals:
+        keys = ["benchmark", *(c for c in EVAL_SETTINGS if all(c in e.columns for e in evals)), "step"]
+        scores = sorted({c for e in evals for c in e.columns if SCORE.fullmatch(c)})
+        last = [e.drop_duplicates(keys, keep="last") for e in evals]  # a step evaluated again: its last row
+        evals_mean = mean_over_seeds(last, keys, scores)
+    else:
+        evals_mean = pd.DataFrame()
+
+    def pooled(frames: list[pd.DataFrame]) -> pd.DataFrame:
+        parts = [f.assign(module=f"seed{i}:" + f["module"].astype(str)) for i, f in enumerate(frames)
+                 if len(f) and "module" in f.columns]  # fmt: skip
+        return pd.concat(parts, ignore_index=True) if parts else frames[0]
+
+    return RunView(
+        label, color, steps, pooled([v.table for v in views]), pooled([v.spectra for v in views]), logs,
+        evals_mean, first.ks, first.e1_min,
     )  # fmt: skip
 
 
@@ -158,10 +221,120 @@ def final_row(view: RunView, summary: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def main_score(table: pd.DataFrame) -> str | None:
+    """The column a comparison ranks runs by: the first held-out Avg@n, else the final reward."""
+    scores = [c for c in table.columns if " avg@" in c and table[c].notna().any()]
+    if scores:
+        return scores[0]
+    return "reward (last 5 steps)" if "reward (last 5 steps)" in table.columns else None
+
+
+def group_labels(
+    configs: Sequence[dict[str, Any]], groups: list[list[int]], names: Sequence[str]
+) -> list[str]:
+    """A label per seed group: its run's name when alone, else the configuration values that tell the
+    groups apart (``method lora, rank 8``), or the first run's method, with the number of seeds."""
+    keys = distinguishing_keys([configs[g[0]] for g in groups])
+    labels = []
+    for g in groups:
+        if len(g) == 1:
+            labels.append(names[g[0]])
+            continue
+        c = configs[g[0]]
+        what = ", ".join(f"{k} {c.get(k)}" for k in keys) or str(c.get("method") or names[g[0]])
+        labels.append(f"{what} ({len(g)} seeds)")
+    return labels
+
+
+def seed_table(
+    table: pd.DataFrame,
+    groups: list[list[int]],
+    labels: Sequence[str],
+    label_col: str = "run",
+    keep: Sequence[str] = (),
+    skip: Sequence[str] = (),
+) -> pd.DataFrame:
+    """One row per seed group of a per-run table: ``configuration``, its ``runs`` and ``seeds``, the
+    columns in ``keep`` as they are (the first run's), and for each other numeric column (but ``skip``)
+    its mean, ``<col> ci_low`` and ``<col> ci_high`` (bootstrap 95 %, empty for one seed); then, on the
+    main score (:func:`main_score`), the difference from the best configuration with its interval and
+    whether it lies ``within seed noise of best`` (yes / no / "one seed")."""
+    numeric = [c for c in table.select_dtypes("number").columns if c not in (*keep, *skip)]
+    score = main_score(table)
+    rows = []
+    for g, label in zip(groups, labels, strict=True):
+        part = table.iloc[g]
+        row: dict[str, Any] = {"configuration": label, "runs": ", ".join(map(str, part[label_col])),
+                               "seeds": len(g)}  # fmt: skip
+        row |= {c: part[c].iloc[0] for c in keep if c in part.columns}
+        for c in numeric:
+            ci = bootstrap_ci(part[c].to_numpy(dtype=float))
+            row[c] = ci.mean
+            row[f"{c} ci_low"], row[f"{c} ci_high"] = ci.low, ci.high
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    if score is not None and len(groups) > 1:
+        values = [table.iloc[g][score].to_numpy(dtype=float) for g in groups]
+        means = [v[~pd.isna(v)].mean() if (~pd.isna(v)).any() else -math.inf for v in values]
+        best = int(max(range(len(means)), key=lambda i: means[i]))
+        diffs, noise = [], []
+        for i, v in enumerate(values):
+            if i == best:
+                diffs.append("best")
+                noise.append("—")
+                continue
+            d = difference_ci(v, values[best])
+            diffs.append(str(d))
+            inside = d.contains(0.0)
+            noise.append("one seed" if inside is None else "yes" if inside else "no")
+        out[f"{score}: difference from best"] = diffs
+        out["within seed noise of best"] = noise
+    return out
+
+
+def seed_display(seeds: pd.DataFrame) -> pd.DataFrame:
+    """:func:`seed_table` for reading: each numeric column as ``mean [low, high]`` (``mean`` alone for one
+    seed), its ``ci_low``/``ci_high`` columns folded in."""
+    shown = {}
+    for c in seeds.columns:
+        if c.endswith((" ci_low", " ci_high")):
+            continue
+        if f"{c} ci_low" in seeds.columns:
+            shown[c] = [
+                "—" if pd.isna(m) else f"{m:.3g}" if pd.isna(lo) else f"{m:.3g} [{lo:.3g}, {hi:.3g}]"
+                for m, lo, hi in zip(seeds[c], seeds[f"{c} ci_low"], seeds[f"{c} ci_high"], strict=True)
+            ]
+        else:
+            shown[c] = seeds[c]
+    return pd.DataFrame(shown)
+
+
+def noise_sentences(seeds: pd.DataFrame) -> list[str]:
+    """The seed-noise verdicts of :func:`seed_table` in words, one per configuration but the best."""
+    diff = next((c for c in seeds.columns if c.endswith(": difference from best")), None)
+    if diff is None:
+        return []
+    score = diff.removesuffix(": difference from best")
+    best = seeds.loc[seeds[diff] == "best", "configuration"].iloc[0]
+    out = []
+    for row in seeds.to_dict("records"):
+        label, d, verdict = row["configuration"], row[diff], row["within seed noise of best"]
+        if d == "best":
+            continue
+        if verdict == "one seed":
+            out.append(f"{label} vs {best}: {score} differs by {d}; one seed on a side, no noise estimate.")
+        else:
+            within = "within" if verdict == "yes" else "beyond"
+            out.append(f"{label} vs {best}: {score} differs by {d}, {within} the seed noise.")
+    return out
+
+
 def write_comparison(
     analyses: Sequence[Analysis], out: Path, labels: Sequence[str] | None = None, k: int | None = None
 ) -> tuple[pd.DataFrame, list[Path]]:
-    """Runs side by side: out/compare.csv (final accuracy and geometry), out/plots/*.png, out/report.html."""
+    """Runs side by side: out/compare.csv (final accuracy and geometry per run), out/plots/*.png,
+    out/report.html; and out/compare_seeds.csv where some runs differ only by seed (their figures then
+    show one curve per configuration: the mean over seeds with a bootstrap band)."""
     names = list(labels) if labels else [a.name for a in analyses]
     if len(set(names)) < len(names):  # two runs of the same name: tell them apart by their folders
         names = [f"{n} ({a.run_dir})" for n, a in zip(names, analyses, strict=True)]
@@ -173,7 +346,27 @@ def write_comparison(
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "compare.csv") as tmp:
         table.to_csv(tmp, index=False)
-    header = (
+    written = [out / "compare.csv"]
+    header = ""
+    configs = [a.config for a in analyses]
+    groups = seed_groups(configs)
+    seeded = any(len(g) > 1 for g in groups)
+    if seeded:
+        glabels = group_labels(configs, groups, names)
+        seeds = seed_table(table, groups, glabels)
+        with atomic_path(out / "compare_seeds.csv") as tmp:
+            seeds.to_csv(tmp, index=False)
+        written.append(out / "compare_seeds.csv")
+        views = [
+            seed_view([views[i] for i in g], lab, PALETTE[j % len(PALETTE)])
+            for j, (g, lab) in enumerate(zip(groups, glabels, strict=True))
+        ]
+        header += "<p>Runs that differ only by seed, as the mean over seeds [bootstrap 95 % interval]:</p>"
+        header += _table_html(seed_display(seeds).to_dict("records"))
+        header += "".join(f"<p>{html.escape(s)}</p>" for s in noise_sentences(seeds))
+    else:
+        (out / "compare_seeds.csv").unlink(missing_ok=True)  # from an earlier comparison with seeds
+    header += (
         "<p>Final accuracy and final geometry (medians over modules at each run's last analysed step):</p>"
     )
     header += _table_html(table.to_dict("records"))
@@ -184,5 +377,8 @@ def write_comparison(
         )
         + "</p>"
     )
-    pngs, page = write_figures(all_figures(views, k), out, "spectra — " + " vs ".join(names), header)
-    return table, [out / "compare.csv", *pngs, page]
+    figures = all_figures(views, k)
+    if seeded:
+        figures = [replace(f, caption=f.caption + SEED_NOTE) for f in figures]
+    pngs, page = write_figures(figures, out, "spectra — " + " vs ".join(v.label for v in views), header)
+    return table, [*written, *pngs, page]

@@ -16,8 +16,10 @@ All functions take batched tensors (b, m, n) and return float64 results on the i
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -53,22 +55,46 @@ def factored_svd(L: Tensor, R: Tensor, k: int | None = None) -> SVDResult:
 
 
 EIGH_STREAMS = 4
+#: How :func:`batched_eigh` diagonalises a batch on CUDA: "auto" (per matrix size, whichever of the two
+#: was faster when first measured in this process), "syevd" (cuSOLVER's syevd, matrix after matrix on
+#: several streams) or "batched" (cuSOLVER's ``cusolverDnXsyevBatched`` through nvmath-python, the
+#: ``gpu`` extra; "syevd" where it is not installed).
+EIGH_SOLVER = os.environ.get("SPECTRA_EIGH_SOLVER", "auto")
+#: The solver "auto" measured fastest, by (device index, n, dtype); filled on first use of each size.
+EIGH_CHOICE: dict[tuple[int, int, torch.dtype], str] = {}
 
 
-def batched_eigh(G: Tensor, streams: int = EIGH_STREAMS) -> tuple[Tensor, Tensor]:
+def batched_eigh(G: Tensor, streams: int = EIGH_STREAMS, solver: str | None = None) -> tuple[Tensor, Tensor]:
     """``torch.linalg.eigh`` of every matrix of a batch G (b, p, p): eigenvalues ascending, eigenvectors.
 
-    On CUDA, cuSOLVER's ``syevd`` leaves most of the GPU idle at the sizes of weight matrices (its
-    tridiagonal reduction is a long chain of small kernels), and PyTorch waits for each call's status on
-    the host, so a batch runs matrix after matrix. Here up to ``streams`` host threads, each with its
-    own CUDA stream, take matrices in turn, so that several reductions run at once. Same results; on
-    the CPU, or with ``streams`` ≤ 1, this is plain ``eigh``.
+    On CUDA, PyTorch's batched ``eigh`` calls cuSOLVER's ``syevd`` matrix after matrix above p = 32, and
+    ``syevd`` leaves most of the GPU idle at the sizes of weight matrices (its tridiagonal reduction is a
+    long chain of small kernels). Two ways around it (``solver``, default :data:`EIGH_SOLVER`): up to
+    ``streams`` host threads, each with its own CUDA stream, take matrices in turn ("syevd"), or one
+    call of cuSOLVER's batched solver for the whole batch ("batched", :func:`xsyev_batched`). "auto"
+    times both once per size on a few of the batch's matrices and keeps the faster (:data:`EIGH_CHOICE`).
+    Same results to rounding; on the CPU, for p ≤ 32 or a single matrix, this is plain ``eigh``.
     """
-    if G.ndim != 3 or G.device.type != "cuda" or streams <= 1 or G.shape[0] == 1 or G.shape[-1] <= 32:
+    if G.ndim != 3 or G.device.type != "cuda" or G.shape[0] == 1 or G.shape[-1] <= 32:
         return torch.linalg.eigh(G)
-    b = G.shape[0]
+    solver = solver or EIGH_SOLVER
+    if solver == "auto":
+        solver = _measured_choice(G, streams)
+    if solver == "batched" and xsyev_batched_available():
+        try:
+            return xsyev_batched(G)
+        except Exception:  # not converged, or the library refused: the proven path, from now on
+            EIGH_CHOICE[_choice_key(G)] = "syevd"
+    return _eigh_on_streams(G, streams)
+
+
+def _eigh_on_streams(G: Tensor, streams: int) -> tuple[Tensor, Tensor]:
+    """``eigh`` of each matrix of a CUDA batch, ``streams`` matrices at a time on their own streams."""
+    if streams <= 1:
+        return torch.linalg.eigh(G)
     from concurrent.futures import ThreadPoolExecutor
 
+    b = G.shape[0]
     L = torch.empty(G.shape[:-1], dtype=G.dtype, device=G.device)
     V = torch.empty_like(G)
     # The first one on this thread: PyTorch loads its CUDA solver lazily, once per process, and two
@@ -97,6 +123,102 @@ def batched_eigh(G: Tensor, streams: int = EIGH_STREAMS) -> tuple[Tensor, Tensor
         for stream in side:
             main.wait_stream(stream)
     return L, V
+
+
+def xsyev_batched_available() -> bool:
+    """Whether nvmath-python's cuSOLVER bindings can be imported (the ``gpu`` extra)."""
+    global _NVMATH_OK
+    if _NVMATH_OK is None:
+        try:
+            import nvmath.bindings.cusolverDn  # noqa: F401
+
+            _NVMATH_OK = True
+        except Exception:  # not installed, or built for another CUDA: the syevd path
+            _NVMATH_OK = False
+    return _NVMATH_OK
+
+
+_NVMATH_OK: bool | None = None
+_HANDLES: dict[int, tuple[int, int]] = {}  # device index → (cuSOLVER handle, params), made once
+
+
+def xsyev_batched(G: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of a CUDA batch of symmetric float32/float64 matrices by
+    cuSOLVER's ``cusolverDnXsyevBatched`` (nvmath-python's binding), on the current stream.
+
+    cuSOLVER reads column-major matrices: a symmetric G reads the same either way, and the eigenvector
+    matrix it writes over its copy A comes back transposed, V = Aᵀ. Batches are cut so that n²·batch
+    stays below 2³¹ (the routine's limit). Raises RuntimeError if any matrix did not converge."""
+    from nvmath import CudaDataType
+    from nvmath.bindings import cublas, cusolver
+    from nvmath.bindings import cusolverDn as dn
+
+    kind = {torch.float64: CudaDataType.CUDA_R_64F, torch.float32: CudaDataType.CUDA_R_32F}[G.dtype]
+    b, n = G.shape[0], G.shape[-1]
+    index = G.device.index if G.device.index is not None else torch.cuda.current_device()
+    if index not in _HANDLES:
+        with torch.cuda.device(index):
+            _HANDLES[index] = (dn.create(), dn.create_params())
+    handle, params = _HANDLES[index]
+    stream = torch.cuda.current_stream(G.device)
+    dn.set_stream(handle, stream.cuda_stream)
+    A = G.contiguous().clone()  # overwritten with the eigenvectors
+    W = torch.empty(b, n, dtype=G.dtype, device=G.device)
+    info = torch.zeros(b, dtype=torch.int32, device=G.device)
+    jobz, uplo = cusolver.EigMode.VECTOR, cublas.FillMode.LOWER
+    per_call = max(1, (2**31 - 1) // (n * n))
+    for s in range(0, b, per_call):
+        k = min(per_call, b - s)
+        a, w = A[s : s + k].data_ptr(), W[s : s + k].data_ptr()
+        device_bytes, host_bytes = dn.xsyev_batched_buffer_size(
+            handle, params, jobz, uplo, n, kind, a, n, kind, w, kind, k
+        )
+        work = torch.empty(max(device_bytes, 1), dtype=torch.uint8, device=G.device)
+        host = np.empty(max(host_bytes, 1), dtype=np.uint8)
+        dn.xsyev_batched(
+            handle, params, jobz, uplo, n, kind, a, n, kind, w, kind,
+            work.data_ptr(), device_bytes, host.ctypes.data, host_bytes, info[s:].data_ptr(), k,
+        )  # fmt: skip
+        if host_bytes:
+            stream.synchronize()  # the host workspace must outlive the call
+    if bool(info.ne(0).any()):
+        bad = info[info.ne(0)][0].item()
+        raise RuntimeError(f"cusolverDnXsyevBatched: info = {bad} for a batch of {n}×{n} matrices")
+    return W, A.mT
+
+
+def _measured_choice(G: Tensor, streams: int, sample: int = 8) -> str:
+    """The faster solver for matrices of G's size (timed once per size on up to ``sample`` of them,
+    each solver run once before it is timed), from :data:`EIGH_CHOICE` after the first time."""
+    key = _choice_key(G)
+    if key not in EIGH_CHOICE:
+        if not xsyev_batched_available():
+            EIGH_CHOICE[key] = "syevd"
+        else:
+            part = G[:sample]
+            EIGH_CHOICE[key] = min(("syevd", "batched"), key=lambda s: _seconds(s, part, streams))
+    return EIGH_CHOICE[key]
+
+
+def _choice_key(G: Tensor) -> tuple[int, int, torch.dtype]:
+    index = G.device.index if G.device.index is not None else torch.cuda.current_device()
+    return index, G.shape[-1], G.dtype
+
+
+def _seconds(solver: str, G: Tensor, streams: int) -> float:
+    """Wall time of ``solver`` on the batch G, after one untimed call; inf if it fails."""
+    import time
+
+    run = xsyev_batched if solver == "batched" else lambda G: _eigh_on_streams(G, streams)
+    try:
+        for _ in range(2):
+            torch.cuda.synchronize(G.device)
+            start = time.perf_counter()
+            run(G)
+            torch.cuda.synchronize(G.device)
+        return time.perf_counter() - start
+    except Exception:
+        return float("inf")
 
 
 def dense_svd(X: Tensor, k: int = 0, tail: float = 1e-3, streams: int = EIGH_STREAMS) -> SVDResult:

@@ -125,3 +125,17 @@ def test_spectra_debug_prints_the_chained_traceback_for_every_command(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 1 and "KeyError" not in done.stderr + done.stdout
     assert "error:" in done.stdout and "broken" in done.stdout
+
+
+def test_a_bad_device_names_the_option(lora_run):
+    r = runner.invoke(app, ["analyze", str(lora_run), "--device", "nonsense"])
+    assert r.exit_code == 1 and "--device nonsense" in r.output and "Traceback" not in r.output
+    assert not (lora_run / "analysis").exists()  # refused before anything was computed or written
+
+
+def test_metrics_prints_the_registry():
+    from spectra.metrics import registry
+
+    r = runner.invoke(app, ["metrics"])
+    assert r.exit_code == 0 and r.output == registry.markdown()
+    assert all(f"`{m.name.replace('{pct}', '90')}`" in r.output for m in registry.METRICS.values())

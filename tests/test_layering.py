@@ -31,8 +31,8 @@ LAYERS = {
     "tensors": ("operators", "svd", "base", "synthetic"),
     "metrics": ("metrics",),
     "engine": ("engine",),
-    "tables": ("tables",),
-    "pipeline": ("pipeline",),
+    "tables": ("tables", "stats"),
+    "pipeline": ("pipeline", "shard"),
     "reports": ("figures", "render", "report"),
 }
 ORDER = list(LAYERS)

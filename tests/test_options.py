@@ -13,7 +13,14 @@ from typing import Literal
 
 import pytest
 import typer
-from spectra.cli.options import ConfigCommand, config_options, option_fields, parameters, to_config
+from spectra.cli.options import (
+    ConfigCommand,
+    OptionValueError,
+    config_options,
+    option_fields,
+    parameters,
+    to_config,
+)
 from spectra.train.config import MAX_COUNT, TrainConfig, TrainConfigError
 from typer.testing import CliRunner
 
@@ -77,7 +84,9 @@ def test_a_dataclass_becomes_options_and_back():
     assert runner.invoke(app, ["run", "t", "--no-loud"]).exit_code == 0
     assert runner.invoke(app, ["run"]).exit_code != 0  # the argument is required
     bad = runner.invoke(app, ["run", "t", "--k", "1,x"], env={"COLUMNS": "200"})
-    assert bad.exit_code == 2 and "--k" in bad.output and "expected comma-separated int values" in bad.output
+    assert isinstance(bad.exception, OptionValueError)  # spectra passes on_error: one line
+    assert str(bad.exception) == "--k 1,x: expected comma-separated integers such as 1,8,16"
+    assert isinstance(runner.invoke(app, ["run", "t", "--k", "1,,8"]).exception, OptionValueError)
 
 
 def test_help_is_grouped_and_lazy_choices_are_computed_only_for_help():

@@ -41,7 +41,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, get_args, get_type_hints
+from urllib.parse import urlsplit
 
 from spectra.errors import SpectraError
 from spectra.names import PROJECTIONS
@@ -77,6 +78,7 @@ STUDY_PRESET: dict[str, Any] = {
     "max_completion_length": 2048,
     "delta_every": 50,
     "eval_every": 0,
+    "monitor_every": 10,
     "gradient_checkpointing": True,
 }
 
@@ -88,6 +90,7 @@ ORGANISM_PRESET: dict[str, Any] = {
     "max_completion_length": 40,  # organism.MAX_COMPLETION_TOKENS: the longest trace and <eos>
     "delta_every": 10,
     "eval_every": 10,
+    "monitor_every": 5,
     "gradient_checkpointing": False,
 }
 
@@ -124,6 +127,8 @@ def preset_text(key: str) -> str:
 
 WHAT, ADAPTER, RL = "What to train", "Adapter", "RL"  # the panels of `spectra train --help`
 RECORD, WHERE = "Recording and evaluation", "Where and how"
+ON_COLLAPSE = ("warn", "stop")
+VLLM_SERVER_URL = "http://localhost:8000"  # what an unset --vllm-server-url means (trl vllm-serve's port)
 
 
 @dataclass
@@ -192,6 +197,28 @@ class TrainConfig:
     base_copy_limit_mb: float = _option(
         512.0, RECORD, "Copy W0 into base/weights.h5 up to this size in MB, else point at the model's files."
     )
+    monitor_every: int | None = _option(
+        None, RECORD, "Live ΔW geometry (geometry/... in the logs) every N steps (0: off). "
+        + preset_text("monitor_every")
+    )
+    monitor_modules: int = _option(
+        32, RECORD, "Live geometry of dense updates (full, dora, miss, quanta, ia3): a fixed sample of at "
+        "most N modules over layers and projections (0: all); factored updates: always all."
+    )
+    on_collapse: str = _option(
+        "warn", RECORD, "When the live geometry and reward meet the collapse rule: {choices} (stop: save "
+        "ΔW and a checkpoint, end the run).", choices=ON_COLLAPSE
+    )
+    collapse_e1: float = _option(
+        0.5, RECORD, "Collapse rule: median E_1 (top direction's share of ‖ΔW‖²) at least this."
+    )
+    collapse_erank: float | None = _option(
+        None, RECORD, "Collapse rule: and median effective rank at most this (unset: not required)."
+    )
+    collapse_reward_drop: float = _option(
+        0.5, RECORD, "Collapse rule: and the smoothed reward fell this share below its peak."
+    )
+    collapse_window: int = _option(5, RECORD, "Collapse rule: logged steps the reward is averaged over.")
 
     # where and how
     out: str = _option("runs", WHERE, "Parent directory of runs.")
@@ -204,7 +231,18 @@ class TrainConfig:
         None, WHERE, "Recompute activations to save memory. " + preset_text("gradient_checkpointing")
     )
     use_vllm: bool = _option(
-        False, WHERE, "Generate rollouts with vLLM (colocate; GPU).", flags=("--use-vllm",)
+        False, WHERE, "Generate rollouts with vLLM (GPU; where: --vllm-mode).", flags=("--use-vllm",)
+    )
+    vllm_mode: Literal["colocate", "server"] = _option(  # TRL's vllm_mode (the server: trl vllm-serve)
+        "colocate", WHERE, "With --use-vllm: colocate (vLLM inside each training process, on its GPU) or "
+        "server (a `trl vllm-serve` of the same --model on other GPUs or nodes, at --vllm-server-url)."
+    )
+    vllm_server_url: str | None = _option(
+        None, WHERE, f"--vllm-mode server: the server's address, http://host:port (unset: {VLLM_SERVER_URL})."
+    )
+    vllm_group_port: int | None = _option(
+        None, WHERE, "--vllm-mode server: port on the server's host for the weight updates (unset: 51216, "
+        "TRL's; the main training process must reach it)."
     )
     deepspeed: str | None = _option(None, WHERE, "zero2, or a DeepSpeed JSON config (GPU).")
     report_to: tuple[str, ...] = _option((), WHERE, "Comma-separated: {choices}.", choices=tuple(REPORTERS))
@@ -295,6 +333,20 @@ class TrainConfig:
         count("max-steps", 1)
         count("max-completion-length", 1)
         count("delta-every", 0, note=" (0: first and last step only)")
+        count("monitor-every", 0, note=" (0: off)")
+        count("monitor-modules", 0, MAX_RANK, note=" (0: all)")
+        need(self.on_collapse in ON_COLLAPSE, "on-collapse", " or ".join(ON_COLLAPSE))
+        need(
+            self.on_collapse != "stop" or bool(self.monitor_every),
+            "on-collapse",
+            "warn with --monitor-every 0 (the alarm reads the live geometry)",
+        )
+        need(0 < self.collapse_e1 <= 1, "collapse-e1", "a share of the update energy in (0, 1]")
+        need(
+            self.collapse_erank is None or self.collapse_erank >= 1, "collapse-erank", "an effective rank ≥ 1"
+        )
+        need(0 < self.collapse_reward_drop < 1, "collapse-reward-drop", "a share in (0, 1)")
+        count("collapse-window", 1)
         count("eval-every", 0, note=" (0: off)")
         count("save-every", 1)
         count("eval-k", 1)
@@ -345,12 +397,35 @@ class TrainConfig:
             "use-vllm",
             "off with --method quanta (vLLM cannot load QuanTA's gate layers)",
         )
+        self._check_vllm(need, count)
         need(
             not (self.deepspeed and self.method in ("lorafa", "loraplus")),
             "deepspeed",
             f"off with --method {self.method} (its PEFT optimizer is not a DeepSpeed optimizer)",
         )
         need(len(self.target_modules) > 0, "target-modules", "at least one module name suffix")
+
+    def _check_vllm(self, need: Any, count: Any) -> None:
+        """--vllm-mode and the server's address: server mode only with --use-vllm, the address only in
+        server mode, and an http(s)://host[:port] URL."""
+        modes = get_args(get_type_hints(TrainConfig)["vllm_mode"])
+        need(self.vllm_mode in modes, "vllm-mode", " or ".join(modes))
+        need(
+            self.use_vllm or self.vllm_mode == "colocate",
+            "vllm-mode",
+            "colocate without --use-vllm (server mode generates with vLLM: add --use-vllm)",
+        )
+        for option in ("vllm-server-url", "vllm-group-port"):
+            unset = getattr(self, option.replace("-", "_")) is None
+            need(unset or self.vllm_mode == "server", option, "unset without --vllm-mode server")
+        if self.vllm_server_url is not None:
+            need(
+                _is_http_url(self.vllm_server_url),
+                "vllm-server-url",
+                "an http(s)://host[:port] address such as http://10.0.0.2:8000",
+            )
+        if self.vllm_group_port is not None:
+            count("vllm-group-port", 1, 65_535)
 
     # ---------------------------------------------------------------------------------- serialisation
 
@@ -389,6 +464,21 @@ def organism_sft_steps(model: str) -> int | None:
             )
         return int(steps)
     return None
+
+
+def _is_http_url(url: str) -> bool:
+    """Whether ``url`` is http(s)://host[:port][/path] with a valid port and nothing else."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number in 0..65535)
+    except ValueError:
+        return False
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.hostname)
+        and not (parts.query or parts.fragment or parts.username or parts.password)
+        and not any(c.isspace() for c in url)
+    )
 
 
 def _installed(package: str) -> bool:

@@ -39,6 +39,7 @@ class EvalConfig:
         "or hub id with problem and answer columns (default for a run: its held-out set, sampled as in "
         "training).",
         flags=("--benchmark", "-b"),
+        multiple=True,
     )
     n: int | None = _option(
         None,

@@ -7,7 +7,8 @@ write also stores ``base/``: W0 of every adapted module read from the base check
 spectra (``base/spectra.h5``). It times itself, so the cost of recording can be compared with training.
 
 :class:`MetricsLogger` appends every log of the trainer (TRL's reward, reward std, completion lengths,
-clip ratios, entropy, KL when β > 0, …) to ``metrics.jsonl`` with its step.
+clip ratios, entropy, KL when β > 0, …) to ``metrics.jsonl`` with its step, and the live geometry of
+:mod:`spectra.train.monitor` (``geometry/...``) where it was measured.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from spectra.train.checkpoint import BaseCheckpoint
 from spectra.train.methods.base import Method
@@ -23,6 +25,9 @@ from transformers import TrainerCallback
 
 from spectra import RunWriter, load_run
 from spectra.h5io import write_json
+
+if TYPE_CHECKING:
+    from spectra.train.monitor import CollapseAlarm, GeometryMonitor
 
 
 class DeltaRecorder(TrainerCallback):
@@ -96,12 +101,19 @@ class MetricsLogger(TrainerCallback):
     """Append each training log (with its step) to ``metrics.jsonl``; non-finite numbers become null.
 
     The trainer's closing summary (runtime, samples per second) goes to ``train_summary.json`` instead,
-    with the time spent recording ΔW beside it.
+    with the time spent recording ΔW beside it, and what the geometry monitor and collapse alarm record.
     """
 
-    def __init__(self, writer: RunWriter, recorder: DeltaRecorder | None = None):
+    def __init__(
+        self,
+        writer: RunWriter,
+        recorder: DeltaRecorder | None = None,
+        monitor: GeometryMonitor | None = None,
+        alarm: CollapseAlarm | None = None,
+    ):
         self.writer = writer
         self.recorder = recorder
+        self.monitor, self.alarm = monitor, alarm
         self.t0 = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -112,10 +124,15 @@ class MetricsLogger(TrainerCallback):
             row[k] = None if isinstance(v, float) and not math.isfinite(v) else v
         if self.recorder is not None:
             row["record_s"] = round(self.recorder.seconds, 4)
+        if self.monitor is not None:
+            row["monitor_s"] = round(self.monitor.seconds, 4)
         if "train_runtime" in logs:
             if self.recorder is not None:
                 row["base_s"] = round(self.recorder.base_seconds, 4)
                 row["recorded_steps"] = list(self.recorder.recorded)
+            for extra in (self.monitor, self.alarm):
+                if extra is not None:
+                    row |= extra.summary()
             write_json(self.writer.path / "train_summary.json", row)
             return
         row["wall_s"] = round(time.perf_counter() - self.t0, 3)
@@ -140,7 +157,11 @@ class ConsoleLog(TrainerCallback):
         if not state.is_world_process_zero or not logs or "reward" not in logs:
             return
         length = logs.get("completions/mean_length", float("nan"))
+        geometry = ""
+        if "geometry/E_1" in logs:  # the live geometry (spectra.train.monitor), where it was measured
+            erank = logs.get("geometry/erank", float("nan"))
+            geometry = f"  E_1 {logs['geometry/E_1']:.2f}  erank {erank:.1f}"
         self.console.print(
             f"step {state.global_step:>5}/{self.max_steps}  reward {logs['reward']:.3f}  "
-            f"len {length:.1f}  {logs.get('step_time', float('nan')):.2f} s/step"
+            f"len {length:.1f}  {logs.get('step_time', float('nan')):.2f} s/step{geometry}"
         )

@@ -8,7 +8,8 @@ The steps of :func:`train`, in order:
 3. attach the method (:mod:`spectra.train.methods`), after which W0 is only ever read back from the
    checkpoint's safetensors files;
 4. build the data, the rewards (math-verify on the final ``\\boxed{}``), TRL's ``GRPOConfig`` for the
-   loss, and the callbacks: ΔW recorder, metrics logger, held-out evaluation, the method's own
+   loss, and the callbacks: ΔW recorder, metrics logger, live geometry monitor and collapse alarm
+   (:mod:`spectra.train.monitor`), held-out evaluation, the method's own
    (AdaLoRA's rank allocation);
 5. train, resuming from the last trainer checkpoint with ``resume=True``: delta files and log rows
    written after that checkpoint belong to the abandoned trajectory and are removed first.
@@ -28,11 +29,12 @@ from typing import Any
 import torch
 from spectra.train.benchmarks import benchmark_name
 from spectra.train.checkpoint import BaseCheckpoint, find_model_dir, load_pretrained, model_dtype
-from spectra.train.config import ORGANISM, TrainConfig, TrainConfigError
+from spectra.train.config import ORGANISM, VLLM_SERVER_URL, TrainConfig, TrainConfigError
 from spectra.train.data import build_dataset, load_rows
 from spectra.train.evaluation import HeldOutEval
 from spectra.train.methods import get_method
 from spectra.train.methods.base import Method
+from spectra.train.monitor import CollapseAlarm, GeometryMonitor, collapse_rule, install
 from spectra.train.recorder import ConsoleLog, DeltaRecorder, MetricsLogger
 
 from spectra import RunWriter, load_run
@@ -55,6 +57,8 @@ class Session:
     recorder: DeltaRecorder
     trainer: Any
     resume_from: Path | None
+    monitor: GeometryMonitor | None = None  # live geometry (--monitor-every); None when off
+    alarm: CollapseAlarm | None = None  # the collapse alarm on the monitor's series
 
     def train(self) -> Path:
         self.trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from else None)
@@ -74,8 +78,11 @@ def prepare(cfg: TrainConfig, resume: bool = False) -> Session:
     hf_logging.disable_progress_bar()  # "Loading weights" bars; the console shows one line per step
     for old in ("gradient_checkpointing", "is_gradient_checkpointing"):  # transformers 5 renames, not ours
         warnings.filterwarnings("ignore", message=rf"`{old}\S*` is deprecated", category=FutureWarning)
-    state = PartialState()
-    plain = state.distributed_type.name in ("NO", "MULTI_GPU") and cfg.deepspeed is None
+    # cpu as GRPOConfig's use_cpu: launched processes on a CPU join one gloo group (MULTI_CPU) from here
+    # on, so that the rollouts of a step are split over them (without it, accelerate's state says one
+    # process until the trainer builds its own, and each process would take the whole batch)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    plain = state.distributed_type.name in ("NO", "MULTI_GPU", "MULTI_CPU") and cfg.deepspeed is None
     unsharded = plain or cfg.deepspeed == "zero2"
     if cfg.method == "adalora" and unsharded:  # a module AdaLoRA pruned to rank 0 saves (0, n) factors,
         # which PEFT's save takes for ungathered ZeRO-3/FSDP shards; parameters are never sharded here
@@ -132,11 +139,16 @@ def prepare(cfg: TrainConfig, resume: bool = False) -> Session:
         f"lr {cfg.lr:g} → {run_dir}"
         + (f" (resumed at step {_checkpoint_step(resume_from)})" if resume_from else "")
     )
+    monitor = alarm = None
+    if cfg.monitor_every:  # the alarm reads the monitor's geometry from the logs, after they are written
+        monitor = GeometryMonitor(method, model, base, run_dir, cfg.monitor_every, cfg.monitor_modules)
+        alarm = CollapseAlarm(writer, collapse_rule(cfg), cfg.on_collapse, resume=resume_from is not None)
     # the banner first, then step 0's held-out evaluation
     callbacks: list[Any] = [
         ConsoleLog(cfg.max_steps, banner),
         recorder,
-        MetricsLogger(writer, recorder),
+        MetricsLogger(writer, recorder, monitor, alarm),
+        *([alarm] if alarm else []),
         *method.callbacks(model, cfg),
     ]
     if eval_rows is not None:
@@ -154,6 +166,8 @@ def prepare(cfg: TrainConfig, resume: bool = False) -> Session:
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # raw log dicts; ConsoleLog prints one short line per step
+    if monitor is not None:
+        install(trainer, monitor)  # first of all callbacks: its geometry joins the logs reporters read
 
     # Everything is in place: only now does the run directory change.
     if state.is_main_process:
@@ -166,7 +180,9 @@ def prepare(cfg: TrainConfig, resume: bool = False) -> Session:
                 {**cfg.to_dict(), **targets, "model_path": str(model_dir), "versions": versions()}
             )
     state.wait_for_everyone()
-    return Session(cfg, run_dir, model, tokenizer, method, base, recorder, trainer, resume_from)
+    return Session(
+        cfg, run_dir, model, tokenizer, method, base, recorder, trainer, resume_from, monitor, alarm
+    )
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -222,12 +238,23 @@ def grpo_config(cfg: TrainConfig, output_dir: Path):
         bf16=bf16,
         use_cpu=not torch.cuda.is_available(),
         use_vllm=cfg.use_vllm,
-        vllm_mode="colocate",
+        vllm_mode=cfg.vllm_mode,
+        **_vllm_server(cfg),
         deepspeed=str(DEEPSPEED_CONFIGS.get(cfg.deepspeed, cfg.deepspeed)) if cfg.deepspeed else None,
         disable_tqdm=True,
         gradient_checkpointing=cfg.gradient_checkpointing,
         dataloader_num_workers=0,
     )
+
+
+def _vllm_server(cfg: TrainConfig) -> dict[str, Any]:
+    """GRPOConfig's address of the ``trl vllm-serve`` server (``--vllm-mode server``); TRL's defaults else."""
+    if not (cfg.use_vllm and cfg.vllm_mode == "server"):
+        return {}
+    out: dict[str, Any] = {"vllm_server_base_url": (cfg.vllm_server_url or VLLM_SERVER_URL).rstrip("/")}
+    if cfg.vllm_group_port is not None:
+        out["vllm_group_port"] = cfg.vllm_group_port
+    return out
 
 
 def build_trainer(cfg, model, tokenizer, train_set, callbacks, optimizer, run_dir: Path):

@@ -9,12 +9,18 @@ A method is a small object with four duties:
   beside, its defaults (LoRA+/LoRA-FA optimizers, AdaLoRA's rank allocation);
 - :meth:`Method.merged_weights` is the method's *own* merge (e.g. PEFT's ``merge_and_unload`` on a copy),
   used by the tests to check :meth:`record` against it: merged − W0 must equal the recorded ΔW.
+
+:meth:`Method.live_delta` runs the same :meth:`record` rule for the live geometry monitor
+(:mod:`spectra.train.monitor`) without copies: inside it, :func:`cpu` returns the detached parameter on its
+device, :func:`meta_like` the base layer's weight itself (the W0 in memory), and :func:`find_layers` and
+:func:`wanted` skip the modules the monitor did not ask for. The ΔW rules stay declared once, in ``record``.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +33,16 @@ from spectra.operators import Record
 
 ADAPTER = "default"  # PEFT's adapter name
 _PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class _Live:
+    """Inside :meth:`Method.live_delta`: no copies; only ``modules`` (None: every module)."""
+
+    modules: frozenset[str] | None
+
+
+_LIVE: ContextVar[_Live | None] = ContextVar("spectra_live_delta", default=None)
 
 
 @dataclass
@@ -45,18 +61,31 @@ def base_name(name: str) -> str:
 def find_layers(model: nn.Module, cls: type | tuple[type, ...]) -> Iterator[tuple[str, nn.Module]]:
     """``(base module name, layer)`` for every submodule of type ``cls``, in model order."""
     for name, module in model.named_modules():
-        if isinstance(module, cls):
+        if isinstance(module, cls) and wanted(base_name(name)):
             yield base_name(name), module
 
 
+def wanted(name: str) -> bool:
+    """Whether a record forms module ``name``: always, except in a :meth:`Method.live_delta` restricted
+    to some modules (records that do not iterate :func:`find_layers` filter their names with it)."""
+    live = _LIVE.get()
+    return live is None or live.modules is None or name in live.modules
+
+
 def cpu(t: Tensor) -> Tensor:
-    """A detached CPU copy of a parameter (the record must not alias live training state)."""
+    """A detached CPU copy of a parameter (the record must not alias live training state); inside
+    :meth:`Method.live_delta`, the detached tensor itself, on its device (no copy)."""
+    if _LIVE.get() is not None:
+        return t.detach()
     return t.detach().to("cpu", copy=True)
 
 
 def meta_like(weight: Tensor) -> Tensor:
     """A shape-only stand-in for W0 in records that are defined through it (DoRA, IA3): the record is
-    written without W0, and the analysis reads the real W0 from ``base/``."""
+    written without W0, and the analysis reads the real W0 from ``base/``. Inside
+    :meth:`Method.live_delta`, the base layer's weight itself (detached): W0, in memory."""
+    if _LIVE.get() is not None:
+        return weight.detach()
     return torch.empty(weight.shape, device="meta")
 
 
@@ -93,6 +122,23 @@ class Method:
     def record(self, model: nn.Module, base: BaseCheckpoint) -> Delta:
         """Every adapted module's exact update; ``base`` gives W0 where the rule needs it."""
         raise NotImplementedError
+
+    def live_delta(
+        self, model: nn.Module, base: BaseCheckpoint, modules: Collection[str] | None = None
+    ) -> Delta:
+        """:meth:`record`'s rule on the weights in memory, without copies (module docstring): operators
+        whose tensors are the live parameters, detached, on the training device, valid until the next
+        optimizer step and never to be modified. ``modules``: form only these (None: all). ``base`` may be
+        any object with BaseCheckpoint's ``get`` (the monitor passes W0 it holds on the device)."""
+        token = _LIVE.set(_Live(None if modules is None else frozenset(modules)))
+        try:
+            with torch.no_grad():
+                delta = self.record(model, base)
+        finally:
+            _LIVE.reset(token)
+        if modules is not None:
+            delta.modules = {k: v for k, v in delta.modules.items() if k in modules}
+        return delta
 
     def optimizer(self, model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer | None:
         return None

@@ -11,7 +11,7 @@ import torch
 from spectra.train.checkpoint import BaseCheckpoint
 from spectra.train.config import TrainConfig, TrainConfigError
 from spectra.train.methods import register
-from spectra.train.methods.base import Delta, Method, cpu
+from spectra.train.methods.base import Delta, Method, cpu, wanted
 from torch import Tensor, nn
 
 from spectra.operators import Dense
@@ -47,9 +47,9 @@ class Full(Method):
     def record(self, model: nn.Module, base: BaseCheckpoint) -> Delta:
         layers = dict(model.named_modules())
         out = {}
-        for name in self.modules(model):
+        for name in filter(wanted, self.modules(model)):
             w = layers[name].weight
-            out[name] = Dense((w.float() - base.get(name).to(w.device).float()).cpu())
+            out[name] = Dense(cpu(w.float() - base.get(name).to(w.device).float()))
         return Delta(out)
 
     def merged_weights(self, model: nn.Module) -> dict[str, Tensor]:

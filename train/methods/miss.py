@@ -11,7 +11,7 @@ import torch
 from spectra.train.checkpoint import BaseCheckpoint
 from spectra.train.config import TrainConfig
 from spectra.train.methods import register
-from spectra.train.methods.base import ADAPTER, Delta, PeftMethod, find_layers
+from spectra.train.methods.base import ADAPTER, Delta, PeftMethod, cpu, find_layers
 from torch import nn
 
 from spectra.operators import Dense
@@ -42,5 +42,5 @@ class MiSS(PeftMethod):
                 delta = layer.get_delta_weight(ADAPTER, w0)
             else:
                 delta = layer.get_delta_weight_miss(ADAPTER, w0.clone()) - w0
-            out[name] = Dense(delta.detach().float().cpu())
+            out[name] = Dense(cpu(delta.float()))
         return Delta(out)

@@ -13,7 +13,7 @@ import torch
 from spectra.train.checkpoint import BaseCheckpoint
 from spectra.train.config import TrainConfig, TrainConfigError
 from spectra.train.methods import register
-from spectra.train.methods.base import Delta, Method, cpu
+from spectra.train.methods.base import Delta, Method, cpu, wanted
 from spectra.train.methods.quanta import (
     QuantaConfig,
     QuantaLinear,
@@ -46,7 +46,11 @@ class QuanTA(Method):
     @torch.no_grad()
     def record(self, model: nn.Module, base: BaseCheckpoint) -> Delta:
         return Delta(
-            {name: Dense(cpu(layer.delta_weight())) for name, layer in quanta_modules(model).items()}
+            {
+                name: Dense(cpu(layer.delta_weight()))
+                for name, layer in quanta_modules(model).items()
+                if wanted(name)
+            }
         )
 
     def merged_weights(self, model: nn.Module) -> dict[str, Tensor]:

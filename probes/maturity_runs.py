@@ -1,0 +1,197 @@
+"""Training outcomes of runs, joined to the maturity of their base models (``probe maturity --runs``).
+
+A run directory holds ``run.json`` (its base model is ``model``, loaded from ``model_path``); a sweep
+folder holds run directories. For each run: its method, rank, and accuracy: the held-out ``avg@n`` of
+``eval.jsonl`` at the last evaluated step (mean over the benchmarks evaluated there), else the mean
+training reward of the last :data:`REWARD_TAIL` logged steps of ``metrics.jsonl``; and whether its
+analysis (``analysis/summary.json``, when ``spectra analyze`` has run) flags rank collapse.
+
+Per base model: the best accuracy of a low-rank LoRA run (:data:`LOW_RANK`), the best of a structured
+adapter (:data:`STRUCTURED`), their difference, and the collapse rank threshold: the smallest LoRA rank
+whose run was flagged. Each outcome is correlated across models with each maturity statistic
+(Pearson r and Spearman ρ; undefined below :data:`MIN_MODELS` models).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from spectra.errors import first_line
+from spectra.store import read_jsonl
+
+LOW_RANK = ("lora", "rslora", "loraplus", "lorafa", "pissa", "milora")  # a low-rank B·A update
+STRUCTURED = ("dora", "quanta", "miss")  # structured adapters that are not a low-rank B·A
+REWARD_TAIL = 5
+MIN_MODELS = 3
+OUTCOMES = {
+    "best_lora": "best low-rank LoRA accuracy",
+    "best_structured": "best structured adapter (DoRA/QuanTA/MiSS) accuracy",
+    "structured_minus_lora": "structured − LoRA accuracy",
+    "collapse_rank": "smallest LoRA rank flagged for collapse",
+}
+
+
+def run_dirs(path: Path) -> list[Path]:
+    """``path`` itself when it is a run directory (has run.json), else its subfolders that are."""
+    if (path / "run.json").is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if (p / "run.json").is_file())
+    return []
+
+
+def is_runs_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a run directory or a sweep folder (a folder of run directories)."""
+    return bool(run_dirs(Path(path)))
+
+
+def run_accuracy(run: Path) -> tuple[float | None, str]:
+    """The run's final accuracy and where it comes from (see the module docstring)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a torn last line is skipped; the rest is used
+        evals = read_jsonl(run / "eval.jsonl")
+    if {"step", "benchmark"} <= set(evals.columns):
+        avg = [c for c in evals.columns if str(c).startswith("avg@")]
+        if avg:
+            evals = evals.assign(acc=evals[avg].bfill(axis=1).iloc[:, 0]).dropna(subset=["acc", "step"])
+        if avg and len(evals):
+            last = evals[evals["step"] == evals["step"].max()]
+            last = last.groupby("benchmark").tail(1)  # the last row of each benchmark at that step
+            benches = ", ".join(sorted(map(str, last["benchmark"])))
+            return float(
+                last["acc"].mean()
+            ), f"held-out avg@n at step {int(last['step'].iloc[0])} ({benches})"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logs = read_jsonl(run / "metrics.jsonl")
+    if {"step", "reward"} <= set(logs.columns):
+        r = logs[["step", "reward"]].dropna().sort_values("step")
+        if len(r):
+            tail = r.tail(REWARD_TAIL)
+            return float(tail["reward"].mean()), f"training reward, mean of the last {len(tail)} logged steps"
+    return None, "no eval.jsonl or metrics.jsonl rows"
+
+
+def run_collapsed(run: Path) -> bool | None:
+    """Whether the run's analysis flags rank collapse at some step (None: not analysed)."""
+    path = run / "analysis" / "summary.json"
+    try:
+        return bool(json.loads(path.read_text()).get("collapsed_steps"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def collect_runs(paths: Sequence[str | Path], problems: list[str]) -> pd.DataFrame:
+    """One row per run found under ``paths``: run, model, model_path, method, family, rank, accuracy,
+    accuracy_source, collapsed. A path with no run, or a run whose run.json is unreadable, is a line of
+    ``problems``."""
+    rows = []
+    for p in paths:
+        found = run_dirs(Path(p))
+        if not found:
+            problems.append(f"--runs {p}: neither a run directory (run.json) nor a folder of run directories")
+        for run in found:
+            try:
+                cfg = json.loads((run / "run.json").read_text())
+                model, method = str(cfg["model"]), str(cfg["method"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                problems.append(f"{run}/run.json: unreadable or without model/method ({first_line(e)})")
+                continue
+            acc, source = run_accuracy(run)
+            family = "lora" if method in LOW_RANK else "structured" if method in STRUCTURED else "other"
+            rows.append(
+                {
+                    "run": str(run),
+                    "model": model,
+                    "model_path": cfg.get("model_path"),
+                    "method": method,
+                    "family": family,
+                    "rank": cfg.get("rank"),
+                    "accuracy": acc,
+                    "accuracy_source": source,
+                    "collapsed": run_collapsed(run),
+                }
+            )
+    columns = ["run", "model", "model_path", "method", "family", "rank", "accuracy", "accuracy_source"]
+    return pd.DataFrame(rows, columns=[*columns, "collapsed"])
+
+
+def _same_dir(a: Any, b: Path) -> bool:
+    try:
+        return a is not None and Path(str(a)).resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def model_outcomes(runs: pd.DataFrame) -> dict[str, Any]:
+    """The outcomes of one model's runs (see the module docstring); None where no run says."""
+
+    def best(family: str) -> tuple[float | None, str | None]:
+        g = runs[(runs["family"] == family) & runs["accuracy"].notna()]
+        if not len(g):
+            return None, None
+        top = g.loc[g["accuracy"].idxmax()]
+        return float(top["accuracy"]), f"{top['method']} r={top['rank']} ({top['run']})"
+
+    lora, lora_run = best("lora")
+    structured, structured_run = best("structured")
+    flagged = runs[(runs["family"] == "lora") & (runs["collapsed"] == True)]  # noqa: E712 (None: not analysed)
+    ranks = pd.to_numeric(flagged["rank"], errors="coerce").dropna()
+    return {
+        "runs": len(runs),
+        "best_lora": lora,
+        "best_lora_run": lora_run,
+        "best_structured": structured,
+        "best_structured_run": structured_run,
+        "structured_minus_lora": None if lora is None or structured is None else structured - lora,
+        "collapse_rank": int(ranks.min()) if len(ranks) else None,
+        "lora_runs_analysed": int(((runs["family"] == "lora") & runs["collapsed"].notna()).sum()),
+    }
+
+
+def correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
+    """Pearson r and Spearman ρ of the pairs where both are defined, and n, the number of models they
+    rest on; r and ρ are None below :data:`MIN_MODELS` pairs or when either side is constant."""
+    pairs = [(a, b) for a, b in zip(x, y, strict=True) if _num(a) and _num(b)]
+    out: dict[str, Any] = {"n": len(pairs), "pearson": None, "spearman": None}
+    if len(pairs) >= MIN_MODELS:
+        s = pd.DataFrame(pairs, columns=["x", "y"])
+        if s["x"].nunique() > 1 and s["y"].nunique() > 1:
+            out["pearson"] = float(s["x"].corr(s["y"]))
+            out["spearman"] = float(s["x"].rank().corr(s["y"].rank()))
+    return out
+
+
+def _num(v: Any) -> bool:
+    return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def join_outcomes(
+    runs: pd.DataFrame, models: dict[str, dict[str, Any]], paths: Sequence[Path], stats: Sequence[str] = ()
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """One row per probed model: its median maturity statistics and its runs' outcomes; and the
+    correlations {statistic: {outcome: {n, pearson, spearman}}} across models. A run belongs to a model
+    when its ``model_path`` is the model's directory or its ``model`` is the model's label."""
+    from spectra.probes.maturity import KEY_STATS
+
+    stats = tuple(stats) or KEY_STATS
+    rows = []
+    for (label, summary), path in zip(models.items(), paths, strict=True):
+        mine = runs[
+            [
+                _same_dir(mp, path) or m == label
+                for m, mp in zip(runs["model"], runs["model_path"], strict=True)
+            ]
+        ]
+        row = {"model": label, **{s: summary["median"].get(s) for s in stats}}
+        rows.append(row | model_outcomes(mine))
+    table = pd.DataFrame(rows)
+    corr = {s: {o: correlation(list(table[s]), list(table[o])) for o in OUTCOMES} for s in stats}
+    return table, {"models": table.to_dict("records"), "correlations": corr, "min_models": MIN_MODELS}

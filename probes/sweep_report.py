@@ -1,0 +1,313 @@
+"""``OUT/sweep.csv`` and ``OUT/report.html`` of a sweep, from what is on disk (``spectra sweep``, and
+``spectra sweep --report-only``).
+
+Each cell's run is analysed (``spectra analyze``'s pipeline; an earlier analysis is reused) and gives one
+row of ``sweep.csv``: the cell's values, its state (and error), the steps it ran, its final reward and
+held-out scores and its geometry medians at the last recorded step (the columns of ``compare.csv``,
+:func:`spectra.report.final_row`), whether and where it collapsed (the analysis' rule at recorded steps,
+or the live alarm of ``--monitor-every``, whichever flagged first) and its wall time. Where cells differ
+only by seed, ``sweep_seeds.csv`` holds each configuration's mean and bootstrap 95 % interval
+(:func:`spectra.report.seed_table`).
+
+The report, built from the core's figure specs: the cliff (final accuracy over two axes, default
+rank × batch size, one panel per value of the other varying options; crosses where a seed collapsed),
+E_1 and effective rank at the last step against the rank, and every configuration's reward, accuracy
+and geometry on one step axis (the mean over seeds with a band where there are several).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+import spectra
+from spectra.figures import PALETTE, FigureSpec, HeatPanel, Line, Panel, overview
+from spectra.h5io import atomic_path
+from spectra.pipeline import Analysis, analyze_run
+from spectra.report import (
+    SEED_NOTE,
+    _table_html,
+    main_score,
+    run_view,
+    seed_display,
+    seed_table,
+    seed_view,
+    write_figures,
+)
+from spectra.stats import bootstrap_ci
+from spectra.store import read_jsonl
+
+DEFAULT_AXES = ("rank", "batch_size")
+COLLAPSE_COLUMNS = ("collapsed", "collapse step", "collapse reason", "collapse flagged by")
+
+
+def cell_row(cell: dict[str, Any], out: Path, varying: Sequence[str], analysis: Analysis | None) -> dict:
+    """One row of sweep.csv (see the module docstring) from a cell of sweep.json and its analysis."""
+    from spectra.report import final_row
+
+    run_dir = out / cell["name"]
+    summary_path = run_dir / "train_summary.json"
+    done = summary_path.exists()
+    status = "finished" if done else cell.get("status") or ("interrupted" if (run_dir / "run.json").exists()
+                                                           else "not started")  # fmt: skip
+    if status == "finished" and not done:
+        status = "interrupted"
+    row: dict[str, Any] = {"cell": cell["name"], **{k: cell["values"].get(k) for k in varying}}
+    row |= {"status": status, "error": None if done else cell.get("error")}
+    trained = json.loads(summary_path.read_text()) if done else {}
+    logs = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else pd.DataFrame()
+    steps = trained.get("step")
+    if steps is None and "step" in logs.columns and "reward" in logs.columns:
+        steps = logs.loc[logs["reward"].notna(), "step"].max()
+    row["steps"] = None if steps is None or pd.isna(steps) else int(steps)
+    if analysis is not None:
+        final = final_row(run_view(analysis, cell["name"]), analysis.summary)
+        row |= {k: v for k, v in final.items() if k not in ("run", "collapse flagged at") and k not in row}
+    row |= _collapse(trained, logs, analysis)
+    row["wall s"] = cell.get("wall_s")
+    return row
+
+
+def _collapse(trained: dict, logs: pd.DataFrame, analysis: Analysis | None) -> dict[str, Any]:
+    """Whether, where and why the run collapsed: the earliest of the live alarm and the analysis' rule."""
+    found = []  # (step, reason, by)
+    if trained.get("collapse_step") is not None:
+        found.append((int(trained["collapse_step"]), str(trained.get("collapse_reason") or ""), "monitor"))
+    elif "event" in logs.columns:
+        events = logs[logs["event"] == "collapse"]
+        if len(events):
+            first = events.iloc[0]
+            found.append((int(first["step"]), str(first.get("reason") or ""), "monitor"))
+    if analysis is not None and analysis.summary["collapsed_steps"]:
+        step = analysis.summary["collapsed_steps"][0]
+        entry = next(e for e in analysis.summary["steps"] if e["step"] == step)
+        found.append((int(step), entry["collapse_reason"], "analysis"))
+    if not found:
+        return dict(zip(COLLAPSE_COLUMNS, ("no", None, None, None), strict=True))
+    step, reason, _ = min(found, key=lambda f: f[0])
+    by = ", ".join(sorted({f[2] for f in found}))
+    return dict(zip(COLLAPSE_COLUMNS, ("yes", step, reason, by), strict=True))
+
+
+def sweep_table(
+    plan: dict[str, Any], out: Path, device: str | None = None, log: Callable[[str], None] = print
+) -> tuple[pd.DataFrame, dict[str, Analysis]]:
+    """sweep.csv's rows for the cells of ``plan`` (sweep.json), analysing each cell that recorded ΔW."""
+    rows, analyses = [], {}
+    for cell in plan["cells"]:
+        run_dir = out / cell["name"]
+        analysis = None
+        if (run_dir / "deltas").is_dir() and any((run_dir / "deltas").glob("step_*.h5")):
+            try:
+                analysis = analyze_run(run_dir, spectra.EngineConfig(device=device))
+                analyses[cell["name"]] = analysis
+            except spectra.SpectraError as e:
+                log(f"{cell['name']}: not analysed: {e}")
+        rows.append(cell_row(cell, out, plan["varying"], analysis))
+    table = pd.DataFrame(rows)
+    table["collapse step"] = table["collapse step"].astype("Int64")
+    return table, analyses
+
+
+# --------------------------------------------------------------------------------------------- figures
+
+
+def axes_of(varying: Sequence[str], asked: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The heatmap's (x, y) options: those asked, else rank × batch size where both vary, else the first
+    varying options other than the seed and the method."""
+    if asked:
+        unknown = [a for a in asked if a not in varying]
+        if unknown:
+            raise spectra.SpectraError(
+                f"--axes {','.join(asked)}: {', '.join(unknown)} does not vary in this sweep; choose among "
+                + ", ".join(v for v in varying if v != "seed")
+            )
+        return tuple(asked)
+    if all(a in varying for a in DEFAULT_AXES):
+        return DEFAULT_AXES
+    candidates = [v for v in varying if v not in ("seed", "method")] or [v for v in varying if v != "seed"]
+    return tuple(candidates[:2])
+
+
+def _sorted_values(values: pd.Series) -> list[Any]:
+    uniq = list(dict.fromkeys(values.dropna().tolist()))
+    try:
+        return sorted(uniq)
+    except TypeError:
+        return uniq
+
+
+def cliff(table: pd.DataFrame, axes: Sequence[str], varying: Sequence[str]) -> FigureSpec | None:
+    """Final accuracy over two axes (mean over seeds), one panel per value of the other varying options;
+    crosses on cells where a seed collapsed."""
+    score = main_score(table)
+    if score is None or not axes:
+        return None
+    x = axes[0]
+    y = axes[1] if len(axes) > 1 else None
+    others = [v for v in varying if v not in (x, y, "seed")]
+    panels: list[Panel | HeatPanel] = []
+    groups = table.groupby(others, sort=False, dropna=False) if others else [((), table)]
+    for key, part in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        xs = _sorted_values(part[x])
+        ys = _sorted_values(part[y]) if y else ["all"]
+        z, marks = [], []
+        for yv in ys:
+            line = []
+            for xv in xs:
+                cells = part[(part[x] == xv) & ((part[y] == yv) if y else True)]
+                vals = pd.to_numeric(cells[score], errors="coerce")
+                line.append(float(vals.mean()) if vals.notna().any() else None)
+                if (cells["collapsed"] == "yes").any():
+                    marks.append((str(xv), str(yv)))
+            z.append(line)
+        title = ", ".join(f"{k} {v}" for k, v in zip(others, key, strict=True)) or f"{score}"
+        panels.append(HeatPanel(title, z, [str(v) for v in xs], [str(v) for v in ys], score, xlabel=x,
+                                ylabel=y or "", marks=marks, marks_name="collapsed (any seed)"))  # fmt: skip
+    return FigureSpec(
+        "cliff",
+        f"Final accuracy over {x}" + (f" × {y}" if y else ""),
+        f"Each cell: {score} at the end of training (mean over seeds); a cross where a seed's run was "
+        "flagged by the collapse rule. A rank-collapse cliff is a sharp fall along the rank axis.",
+        panels,
+        columns=min(len(panels), 2),
+        sharex=False,
+    )
+
+
+def geometry_vs_rank(table: pd.DataFrame, varying: Sequence[str]) -> FigureSpec | None:
+    """E_1 and effective rank at the last step against the rank: one line per value of the other
+    varying options (mean over seeds, band: bootstrap 95 %)."""
+    if "rank" not in varying or not {"E_1", "erank"} <= set(table.columns):
+        return None
+    others = [v for v in varying if v not in ("rank", "seed")]
+    panels = []
+    titles = {"E_1": "E_1 = σ₁²/‖ΔW‖² at the last step", "erank": "Effective rank at the last step"}
+    for metric, title in titles.items():
+        lines = []
+        groups = table.groupby(others, sort=False, dropna=False) if others else [((), table)]
+        for i, (key, part) in enumerate(groups):
+            key = key if isinstance(key, tuple) else (key,)
+            ranks = _sorted_values(part["rank"])
+            cis = [bootstrap_ci(pd.to_numeric(part.loc[part["rank"] == r, metric], errors="coerce"))
+                   for r in ranks]  # fmt: skip
+            keep = [j for j, c in enumerate(cis) if c.n]
+            if not keep:
+                continue
+            mean = [cis[j].mean for j in keep]
+            low = [cis[j].low if cis[j].low is not None else cis[j].mean for j in keep]
+            high = [cis[j].high if cis[j].high is not None else cis[j].mean for j in keep]
+            name = ", ".join(f"{k} {v}" for k, v in zip(others, key, strict=True)) or "median over modules"
+            lines.append(Line([ranks[j] for j in keep], mean, name, PALETTE[i % len(PALETTE)],
+                              band=(low, high), group=name))  # fmt: skip
+        if lines:
+            panels.append(Panel(title, metric, lines, xlabel="rank", logx=True))
+    if not panels:
+        return None
+    return FigureSpec(
+        "geometry_vs_rank",
+        "Spectral concentration and effective rank against the rank",
+        "Medians over modules at each run's last recorded step, mean over seeds (band: bootstrap 95 % "
+        "interval where there are several seeds). A collapsing adapter concentrates its update: E_1 "
+        "rises and the effective rank falls while the rank grows.",
+        panels,
+        sharex=False,
+    )
+
+
+def curves(cells: Sequence[dict[str, Any]], analyses: dict[str, Analysis]) -> FigureSpec | None:
+    """Every configuration's reward, held-out accuracy and geometry on one step axis (the overview
+    figure), seeds averaged."""
+    groups: dict[str, list[str]] = {}
+    for cell in cells:
+        if cell["name"] in analyses:
+            groups.setdefault(cell.get("group", cell["name"]), []).append(cell["name"])
+    if not groups:
+        return None
+    views = []
+    for i, (group, names) in enumerate(groups.items()):
+        color = PALETTE[i % len(PALETTE)]
+        members = [run_view(analyses[n], n, color) for n in names]
+        label = group if len(names) == 1 else f"{group} ({len(names)} seeds)"
+        views.append(seed_view(members, label, color))
+    spec = overview(views)
+    if any(len(n) > 1 for n in groups.values()):
+        spec.caption += SEED_NOTE
+    spec.name, spec.title = "curves", "Every configuration on one step axis"
+    return spec
+
+
+def write_sweep_report(
+    out: str | Path,
+    axes: Sequence[str] | None = None,
+    device: str | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[pd.DataFrame, list[Path]]:
+    """sweep.csv (and sweep_seeds.csv where seeds vary), plots/*.png and report.html under ``out``, from
+    sweep.json and the cells' run directories. Returns the table and the files written."""
+    from spectra.probes.sweep import load_sweep
+
+    out = Path(out)
+    plan = load_sweep(out)
+    chosen = axes_of(plan["varying"], axes)
+    table, analyses = sweep_table(plan, out, device, log)
+    with atomic_path(out / "sweep.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    files = [out / "sweep.csv"]
+    header = _plan_html(plan, table)
+    if "seed" in plan["varying"]:
+        groups: dict[str, list[int]] = {}
+        for i, cell in enumerate(plan["cells"]):
+            groups.setdefault(cell.get("group", cell["name"]), []).append(i)
+        identity = [v for v in plan["varying"] if v != "seed"]
+        seeds = seed_table(table, list(groups.values()), list(groups), label_col="cell", keep=identity,
+                           skip=("seed", "steps", "last step", "collapse step"))  # fmt: skip
+        seeds.insert(3 + len(identity), "collapsed", [
+            f"{(table.iloc[g]['collapsed'] == 'yes').sum()} of {len(g)}" for g in groups.values()
+        ])  # fmt: skip
+        with atomic_path(out / "sweep_seeds.csv") as tmp:
+            seeds.to_csv(tmp, index=False)
+        files.append(out / "sweep_seeds.csv")
+        header += "<p>Each configuration over its seeds: mean [bootstrap 95 % interval].</p>"
+        header += _table_html(seed_display(seeds).to_dict("records"))
+    header += "<p>Every cell (sweep.csv):</p>" + _table_html(_shown(table).to_dict("records"))
+    figures = [f for f in (cliff(table, chosen, plan["varying"]), geometry_vs_rank(table, plan["varying"]),
+                           curves(plan["cells"], analyses)) if f is not None and f.panels]  # fmt: skip
+    pngs, page = write_figures(figures, out, f"spectra sweep — {out.name}", header)
+    return table, [*files, *pngs, page]
+
+
+def _shown(table: pd.DataFrame) -> pd.DataFrame:
+    """sweep.csv for the report's table: the columns a reader scans first."""
+    keep = [c for c in table.columns if not c.startswith(("off_principal", "rho_")) and c != "last step"]
+    return table[keep]
+
+
+def _plan_html(plan: dict[str, Any], table: pd.DataFrame) -> str:
+    counts = table["status"].value_counts().to_dict()
+    parts = [
+        "<p>"
+        + html.escape(", ".join(f"{n} {s}" for s, n in counts.items()))
+        + f" of {len(table)} cells. "
+        + "Varying: "
+        + html.escape(", ".join(plan["varying"]) or "nothing")
+        + "; every cell: "
+        + html.escape(", ".join(f"{k} {v}" for k, v in plan["base"].items()) or "the defaults")
+        + ".</p>"
+    ]
+    failed = table[table["error"].notna()].to_dict("records")
+    if failed:
+        items = "".join(f"<li>{html.escape(str(r['cell']))}: {html.escape(str(r['error']))}</li>"
+                        for r in failed)  # fmt: skip
+        parts.append(f'<p class="warn">{len(failed)} cell(s) failed:</p><ul>{items}</ul>')
+    collapsed = table[table["collapsed"] == "yes"].to_dict("records")
+    if collapsed:
+        which = ", ".join(f"{r['cell']} (step {r['collapse step']})" for r in collapsed)
+        parts.append(f'<p class="warn">Collapsed: {html.escape(which)}.</p>')
+    return "\n".join(parts)

@@ -1,0 +1,232 @@
+"""The live geometry monitor and the collapse alarm (spectra.train.monitor).
+
+The monitor's numbers must be those of ``spectra analyze`` at the same step (one implementation: the
+core's engine), reach every place the trainer's logs go (metrics.jsonl, the console line, TensorBoard),
+and the alarm must stop a run that collapses — an organism trained at a learning rate far too high —
+while leaving one that does not alone.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+pytest.importorskip("trl")
+
+from spectra.train import TrainConfig, TrainConfigError
+from spectra.train.monitor import METRICS, CollapseAlarm, sample_modules
+from spectra.train.trainer import prepare, train
+from transformers import TrainerControl, TrainerState
+
+import spectra
+from spectra.engine import EngineConfig
+from spectra.metrics.collapse import CollapseRule
+from spectra.names import PROJECTIONS
+from spectra.writer import RunWriter
+
+COLUMNS = EngineConfig(metrics=METRICS, wt="none", bf16=False).columns()  # relative_size, E_1, … rho_32
+
+
+@pytest.fixture
+def varied_reward(monkeypatch):
+    """Reward = completion length mod 3 (varies within a group): non-zero advantages at every step."""
+    def reward(completions, **kw):
+        return [float(len(str(c)) % 3) for c in completions]
+
+    monkeypatch.setattr("spectra.train.rewards.accuracy_reward", reward)
+
+
+@pytest.fixture
+def trace_reward(monkeypatch):
+    """Reward = share of the completion's characters that belong to the organism's traces (digits, '+',
+    '=', ','): about 0.5 for the 20-step warm-started organism, and it falls when the policy is wrecked."""
+
+    def reward(completions, **kw):
+        return [sum(ch in "0123456789+=," for ch in str(c)) / max(len(str(c)), 1) for c in completions]
+
+    monkeypatch.setattr("spectra.train.rewards.accuracy_reward", reward)
+
+
+def tiny(organism_dir, tmp_path, method: str = "lora", **kw) -> TrainConfig:
+    values = dict(
+        model=str(organism_dir), method=method, rank=4, alpha=8, dropout=0.0, num_generations=4,
+        batch_size=2, max_steps=2, max_completion_length=12, lr=1e-2, delta_every=2, eval_every=0,
+        out=str(tmp_path), name=method,
+    )  # fmt: skip
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def _close(live: float, offline: float) -> bool:
+    return abs(live - offline) <= 1e-6 * max(1.0, abs(offline))
+
+
+# ------------------------------------------------------------------------------------- live = analyze
+
+
+@pytest.mark.parametrize(("method", "sample"), [("lora", 0), ("dora", 0), ("full", 5)])
+def test_live_geometry_equals_the_analysis_of_the_recorded_step(
+    method, sample, organism_dir, tmp_path, varied_reward
+):
+    """At a step that is both measured and recorded, the logged medians equal the medians of
+    ``spectra analyze``'s metrics.csv over the same modules (all of them; a sample for a dense method)."""
+    session = prepare(tiny(organism_dir, tmp_path, method, monitor_every=2, monitor_modules=sample))
+    run_dir = session.train()
+    measured = session.monitor.modules
+    assert len(measured) == (sample or 14)
+    run = spectra.load_run(run_dir)
+    rows = run.metrics
+    logged = rows[(rows["step"] == 2) & rows["geometry/E_1"].notna()].iloc[0]
+    table = run.analyze(steps=[2])  # spectra analyze's engine options (all metrics, wt="full", bf16)
+    ok = table[(table["status"] == "ok") & table["module"].isin(measured)]
+    assert len(ok) == len(measured) == logged["geometry/modules"]
+    medians = ok[COLUMNS].median()
+    for col in COLUMNS:
+        assert _close(logged[f"geometry/{col}"], medians[col]), (col, logged[f"geometry/{col}"], medians[col])
+    for proj, group in ok.groupby("proj"):
+        for col, value in group[COLUMNS].median().items():
+            assert _close(logged[f"geometry/{proj}/{col}"], value), (proj, col)
+    if not sample:  # every module measured: the very medians summary.json reports
+        analysis = spectra.pipeline.analyze_run(run, steps=[2], save=False)
+        step = next(s for s in analysis.summary["steps"] if s["step"] == 2)
+        for col in COLUMNS:
+            assert _close(logged[f"geometry/{col}"], step["median"][col]), col
+    assert logged["geometry/E_1"] > 0 and logged["geometry/relative_size"] > 0  # an update was measured
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["monitored_steps"] == [2] and summary["monitor_s"] > 0
+
+
+def test_sample_modules_spreads_over_projections_and_layers():
+    names = [f"model.layers.{i}.mlp.{p}" for i in range(24) for p in PROJECTIONS]
+    picked = sample_modules(names, 32)
+    assert len(picked) == 32 and picked == [n for n in names if n in picked]  # model order
+    per_kind = pd.Series([n.rsplit(".", 1)[-1] for n in picked]).value_counts()
+    assert set(per_kind.index) == set(PROJECTIONS) and set(per_kind) <= {4, 5}
+    for kind in PROJECTIONS:
+        layers = [int(n.split(".")[2]) for n in picked if n.endswith(kind)]
+        assert layers[0] == 0 and layers[-1] == 23  # first to last layer
+    assert sample_modules(names, 0) == names and sample_modules(names[:10], 32) == names[:10]
+    assert sample_modules(names, 32) == picked  # fixed
+
+
+# ---------------------------------------------------------------------------------- through the logs
+
+
+def test_geometry_reaches_the_console_metrics_and_tensorboard(organism_dir, tmp_path, varied_reward, capsys):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # logging every 5 steps: the monitor asks for a log at its own step (1) all the same
+    cfg = tiny(
+        organism_dir, tmp_path, report_to=("tensorboard",), max_steps=1, monitor_every=1, logging_steps=5
+    )
+    run_dir = train(cfg)
+    row = spectra.load_run(run_dir).metrics.iloc[0]
+    assert {f"geometry/{c}" for c in COLUMNS} | {"geometry/q_proj/E_1", "monitor_s"} <= set(row.index)
+    assert f"E_1 {row['geometry/E_1']:.2f}" in capsys.readouterr().out  # the console line
+    events = list(run_dir.rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file was written"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "train/geometry/E_1" in tags and "train/geometry/down_proj/rho_8" in tags
+    (logged,) = acc.Scalars("train/geometry/erank")
+    assert logged.step == 1 and logged.value == pytest.approx(row["geometry/erank"], rel=1e-6)
+
+
+# -------------------------------------------------------------------------------------------- collapse
+
+
+def test_a_run_that_collapses_stops_from_the_command_line(organism_dir, tmp_path, trace_reward):
+    """LoRA at lr 3 (300× the tiny runs' 1e-2): ΔW outgrows W0 a thousandfold within two steps, folds into
+    one direction (median E_1 ≈ 0.86) and the trace reward falls from ≈ 0.5 to ≈ 0.1."""
+    from spectra.cli.main import app
+    from typer.testing import CliRunner
+
+    args = ["train", "--model", str(organism_dir), "--rank", "4", "--alpha", "8", "--dropout", "0",
+            "--lr", "3", "--max-steps", "8", "--batch-size", "2", "--num-generations", "4",
+            "--max-completion-length", "12", "--delta-every", "100", "--eval-every", "0",
+            "--monitor-every", "1", "--collapse-window", "2", "--on-collapse", "stop",
+            "--out", str(tmp_path), "--name", "hot"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "rank collapse" in line]
+    assert len(lines) == 1 and "stopping (--on-collapse stop)" in lines[0], result.output
+    run_dir = tmp_path / "hot"
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    step = summary["collapse_step"]
+    assert summary["stopped_on_collapse"] and 1 < step < 8, summary
+    assert "median E_1" in summary["collapse_reason"] and "fell from its peak" in summary["collapse_reason"]
+    assert f"rank collapse at step {step}" in lines[0]
+    run = spectra.load_run(run_dir)
+    assert run.steps == [0, step]  # the final ΔW is recorded where training stopped
+    assert (run_dir / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").exists()
+    rows = run.metrics
+    event = rows[rows.get("event") == "collapse"]
+    assert len(event) == 1 and int(event["step"].iloc[0]) == step and event["action"].iloc[0] == "stop"
+    assert event["e1_median"].iloc[0] >= 0.5 and rows["step"].max() == step  # nothing after the stop
+
+
+def test_a_run_that_does_not_collapse_runs_to_the_end(organism_dir, tmp_path, trace_reward):
+    cfg = tiny(organism_dir, tmp_path, lr=1e-4, max_steps=3, monitor_every=1, collapse_window=2)
+    run_dir = train(TrainConfig(**{**cfg.to_dict(), "on_collapse": "stop"}))
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["collapse_step"] is None and not summary["stopped_on_collapse"]
+    rows = spectra.load_run(run_dir).metrics
+    assert list(rows["step"]) == [1, 2, 3] and "event" not in rows
+    assert rows["geometry/E_1"].notna().all() and summary["monitored_steps"] == [1, 2, 3]
+
+
+def test_the_alarm_warns_once_and_stop_sets_the_trainer_flags(tmp_path, capsys):
+    """The rule online, fed logs by hand: a reward that halves under concentrated geometry fires once."""
+    logs = [
+        {"reward": 0.8, "geometry/E_1": 0.9, "geometry/erank": 1.2},
+        {"reward": 0.7, "geometry/E_1": 0.9, "geometry/erank": 1.2},
+        {"reward": 0.1, "geometry/E_1": 0.4, "geometry/erank": 3.0},  # reward fell, geometry spread
+        {"reward": 0.1, "geometry/E_1": 0.9, "geometry/erank": 1.2},  # both: collapse
+        {"reward": 0.1, "geometry/E_1": 0.95, "geometry/erank": 1.1},  # again: no second event
+    ]
+    for action in ("warn", "stop"):
+        writer = RunWriter(tmp_path / action)
+        alarm = CollapseAlarm(writer, CollapseRule(reward_window=1), action)
+        state, fired = TrainerState(), []
+        for step, log in enumerate(logs, 1):
+            control = TrainerControl()
+            state.global_step = step
+            alarm.on_log(None, state, control, logs=dict(log))
+            fired.append((control.should_training_stop, control.should_save))
+        stops = action == "stop"
+        assert fired == [(False, False)] * 3 + [(stops, stops)] + [(False, False)]
+        rows = spectra.store.read_jsonl(writer.path / "metrics.jsonl")
+        assert rows.to_dict("records")[0] | {"reason": ""} == {
+            "step": 4, "event": "collapse", "action": action, "reason": "", "e1_median": 0.9,
+            "erank_median": 1.2, "reward_smoothed": 0.1, "reward_peak": 0.8,
+        } and len(rows) == 1  # fmt: skip
+        assert alarm.summary()["collapse_step"] == 4 and alarm.summary()["stopped_on_collapse"] == stops
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and "training goes on (--on-collapse warn)" in out[0] and "stopping" in out[1]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"on_collapse": "halt"}, "--on-collapse: got 'halt'; expected warn or stop"),
+        ({"on_collapse": "stop", "monitor_every": 0}, "--on-collapse: got 'stop'; expected warn with"),
+        ({"collapse_e1": 1.5}, "--collapse-e1: got 1.5; expected a share"),
+        ({"collapse_reward_drop": 0.0}, "--collapse-reward-drop: got 0.0; expected a share in (0, 1)"),
+        ({"collapse_window": 0}, "--collapse-window: got 0; expected an integer ≥ 1"),
+        ({"monitor_every": -1}, "--monitor-every: got -1; expected an integer ≥ 0"),
+    ],
+)
+def test_bad_monitor_options_are_one_line_errors(options, message):
+    with pytest.raises(TrainConfigError) as err:
+        TrainConfig(**options).resolve()
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_monitor_defaults_follow_the_presets():
+    assert TrainConfig().resolve().monitor_every == 5  # the organism
+    assert TrainConfig(model="Qwen/Qwen2.5-0.5B").resolve().monitor_every == 10
+    assert TrainConfig(monitor_every=0).resolve().monitor_every == 0

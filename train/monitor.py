@@ -1,0 +1,354 @@
+"""Live ΔW geometry during training, and the rank-collapse alarm (``--monitor-every``, ``--on-collapse``).
+
+:class:`GeometryMonitor` (a Trainer callback) measures, every ``--monitor-every`` optimizer steps, the
+geometry of the current update of every adapted module from the weights in memory: no file is read or
+written per step, nothing is copied off the training device. It asks the method for its operators with
+:meth:`~spectra.train.methods.base.Method.live_delta` (the ΔW rule of ``record``, declared once, without
+copies) and hands them to the analysis core's engine (:func:`spectra.engine.analyze_checkpoint`, batched
+by shape, on the training device) with the metrics of :data:`METRICS`: relative size, E_1, E_k,
+effective rank, stable rank and ρ_k against W0's top singular vectors, for the engine's k (1, 8, 32). W0's
+σ and top vectors come from ``base/spectra.h5`` (:meth:`spectra.pipeline.Run.base_spectrum`, written by
+the ΔW recorder when training begins), loaded onto the device once, at the first measured step. The
+numbers are those ``spectra analyze`` gives for the same step (tests/test_monitor.py).
+
+Which modules:
+
+- factored updates (LoRA family, PiSSA/MiLoRA, AdaLoRA, VeRA: ``LowRank``): every module, always. Their
+  σ(ΔW) comes from QR of the thin factors and an r×r SVD; a step costs a few ms on the organism;
+- dense updates (full, DoRA, MiSS, QuanTA, IA3): a fixed sample of at most ``--monitor-modules`` modules
+  (:func:`sample_modules`: an equal share per projection kind, layers spread evenly from first to last;
+  all modules when there are no more). Each sampled module's metrics are exact (the core's float64
+  Gram/eigh SVD of the dense ΔW); the medians are over the sample, so on a model with more modules than
+  the sample they estimate the medians over all modules (per projection kind: over the sampled layers).
+  Full fine-tuning needs W0 to form W_t − W0: the monitor reads W0 of the sampled modules from the
+  checkpoint once and keeps it on the device (:class:`HeldBase`); MiSS does the same; DoRA and IA3 use
+  the base layers' own weights (W0, in memory); QuanTA needs no W0;
+- vector updates (LayerNorm tuning) have no matrix geometry: nothing is measured.
+
+The medians over modules (``geometry/<metric>``) and per projection kind (``geometry/<proj>/<metric>``),
+with ``geometry/modules`` (how many were measured), join the trainer's log of that step (the monitor asks
+for a log there): they reach ``metrics.jsonl``, the console line and every ``--report-to`` integration.
+The monitor is inserted first in the trainer's callback list (:func:`install`), so that it adds its keys
+to the ``logs`` dict before the reporting callbacks (TensorBoard, W&B, …) and spectra's own read it.
+
+:class:`CollapseAlarm` evaluates the collapse rule (:func:`spectra.metrics.collapse.detect_collapse`,
+thresholds from ``--collapse-*``) online, on the series of median E_1 and effective rank at each
+measured step and the logged reward, once a full window of rewards has been logged
+(``--collapse-window``; offline, ``spectra analyze`` also judges the first steps from the rewards it has).
+The first time it fires it writes a ``{"event": "collapse", ...}`` row to ``metrics.jsonl`` and prints
+one line; with ``--on-collapse stop`` it also ends training there: the trainer saves a checkpoint at that
+step, the ΔW recorder records the final step, and ``train_summary.json`` holds ``collapse_step`` and
+``collapse_reason``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from spectra.train.checkpoint import BaseCheckpoint
+from spectra.train.methods.base import Method
+from torch import Tensor, nn
+from transformers import TrainerCallback
+
+from spectra import RunWriter, load_run
+from spectra.base import BaseSpectrum
+from spectra.engine import EngineConfig, Item, analyze_checkpoint
+from spectra.metrics.collapse import CollapseRule, detect_collapse
+from spectra.names import parse_module_name
+from spectra.operators import DeltaOperator, LowRank
+from spectra.store import read_jsonl
+
+#: The registry metrics the monitor computes: those of σ(ΔW) and of ΔW's alignment with W0's top vectors.
+METRICS = ("relative_size", "E_1", "E_{k}", "erank", "stable_rank", "rho_{k}")
+PREFIX = "geometry/"
+
+
+def sample_modules(names: list[str], limit: int) -> list[str]:
+    """A fixed sample of at most ``limit`` of ``names`` (0: all), in their order: every projection kind
+    gets an equal share (±1, more where a kind has fewer modules than its share), its layers spread
+    evenly from the first to the last."""
+    if limit <= 0 or len(names) <= limit:
+        return list(names)
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(parse_module_name(name)[1], []).append(name)
+    quota = dict.fromkeys(groups, 0)
+    left = limit
+    while left:
+        for kind, group in groups.items():
+            if left and quota[kind] < len(group):
+                quota[kind] += 1
+                left -= 1
+    chosen = {
+        group[i]
+        for kind, group in groups.items()
+        for i in np.linspace(0, len(group) - 1, quota[kind]).round().astype(int)
+    }
+    return [n for n in names if n in chosen]
+
+
+class HeldBase:
+    """W0 for the records whose rule reads it (full fine-tuning, MiSS): read from the checkpoint the
+    first time a module asks, then held on the training device (BaseCheckpoint's ``get``, in memory)."""
+
+    def __init__(self, base: BaseCheckpoint, device: torch.device):
+        self.base, self.device = base, device
+        self.held: dict[tuple[str, str], Tensor] = {}
+
+    def get(self, module: str, param: str = "weight") -> Tensor:
+        key = (module, param)
+        if key not in self.held:
+            self.held[key] = self.base.get(module, param).to(self.device)
+        return self.held[key]
+
+    def keep_only(self, modules: Collection[str]) -> None:
+        self.held = {k: v for k, v in self.held.items() if k[0] in modules}
+
+
+class GeometryMonitor(TrainerCallback):
+    """Every ``every`` optimizer steps, the medians of :data:`METRICS` over the adapted modules' current
+    ΔW, added to the trainer's log of that step (module docstring)."""
+
+    def __init__(
+        self,
+        method: Method,
+        model: nn.Module,
+        base: BaseCheckpoint,
+        run_dir: Path,
+        every: int,
+        dense_modules: int = 32,
+    ):
+        self.method, self.model, self.base, self.run_dir = method, model, base, Path(run_dir)
+        self.every, self.dense_modules = every, dense_modules
+        self.modules: list[str] | None = None  # measured modules (set up at the first measured step)
+        self.factored = False
+        self.spectra: dict[str, BaseSpectrum] = {}
+        self.held: HeldBase | None = None
+        self.config: EngineConfig | None = None
+        self.pending: dict[str, float] | None = None  # measured, not yet logged
+        self.measured: list[int] = []
+        self.seconds = 0.0  # time spent measuring (ΔW operators + engine), set-up excluded
+        self.setup_seconds = 0.0  # the first step's set-up: W0's spectra (and held W0) onto the device
+
+    # -- set-up, once
+    def setup(self) -> None:
+        """Choose the modules, load W0's spectra (σ and top vectors) onto the training device."""
+        t0 = time.perf_counter()
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        device = (trained or list(self.model.parameters()))[0].device
+        self.held = HeldBase(self.base, device)
+        self.config = EngineConfig(
+            metrics=METRICS, wt="none", bf16=False, base_keep=max(EngineConfig().ks), device=str(device)
+        )
+        names = self.method.modules(self.model)
+        probe = self.method.live_delta(self.model, self.held, names[:1]).modules if names else {}
+        form = next(iter(probe.values()), None)
+        if not isinstance(form, DeltaOperator):  # vector updates (LayerNorm tuning): no geometry
+            self.modules = []
+        else:
+            self.factored = isinstance(form, LowRank)
+            self.modules = names if self.factored else sample_modules(names, self.dense_modules)
+        self.held.keep_only(self.modules)
+        keep = self.config.keep
+        with load_run(self.run_dir) as run:
+            for name in self.modules:
+                s = run.base_spectrum(name, keep)  # σ(W0) and the top vectors: all that METRICS read
+                top = BaseSpectrum(s.sigma, s.U, s.V, s.U_minor[..., :0], s.V_minor[..., :0])
+                self.spectra[name] = top.to(device)
+        self.setup_seconds += time.perf_counter() - t0
+
+    # -- one measurement
+    def measure(self) -> dict[str, float]:
+        """The ``geometry/...`` medians of the current ΔW (over modules, and per projection kind)."""
+        if self.modules is None:
+            self.setup()
+        assert self.config is not None and self.modules is not None
+        if not self.modules:
+            return {}
+        t0 = time.perf_counter()
+        with _threads(1 if self.config.torch_device().type == "cpu" else None):
+            delta = self.method.live_delta(self.model, self.held, None if self.factored else self.modules)
+            items = [
+                Item(name, op, torch.empty(op.shape, device="meta"), self.spectra[name])
+                for name, op in delta.modules.items()
+                if isinstance(op, DeltaOperator) and name in self.spectra
+            ]
+            rows = analyze_checkpoint(items, self.config)
+        ok = [(it.module, row) for it, row in zip(items, rows, strict=True) if row["status"] == "ok"]
+        columns = self.config.columns()
+        values = np.array([[row.get(c, np.nan) for c in columns] for _, row in ok], dtype=float)
+        out: dict[str, float] = {f"{PREFIX}modules": float(len(ok))}
+        out |= _medians(values, columns, PREFIX)
+        kinds = np.array([parse_module_name(module)[1] for module, _ in ok])
+        for proj in dict.fromkeys(kinds.tolist()):
+            out |= _medians(values[kinds == proj], columns, f"{PREFIX}{proj}/")
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    # -- callback
+    def on_step_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or not self.every or state.global_step % self.every:
+            return
+        self.pending = self.measure()
+        self.measured.append(state.global_step)
+        control.should_log = True  # the geometry joins this step's log, whatever --logging-steps says
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.pending and logs is not None and "train_runtime" not in logs:
+            logs.update(self.pending)
+            self.pending = None
+
+    def summary(self) -> dict[str, Any]:
+        """What ``train_summary.json`` records of the monitor."""
+        return {
+            "monitor_s": round(self.seconds, 4),
+            "monitor_setup_s": round(self.setup_seconds, 4),
+            "monitored_steps": list(self.measured),
+            "monitored_modules": len(self.modules or []),
+        }
+
+
+def _medians(values: np.ndarray, columns: list[str], prefix: str) -> dict[str, float]:
+    """``prefix + column`` → median over the rows of ``values`` (NaN skipped, as pandas' median does
+    for metrics.csv; a column without a value is left out)."""
+    out = {}
+    for j, col in enumerate(columns):
+        present = values[:, j][~np.isnan(values[:, j])] if len(values) else values[:0, 0]
+        if len(present):
+            out[prefix + col] = float(np.median(present))
+    return out
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """torch's CPU threads set to ``n`` inside the block (None: unchanged). The monitor's batched
+    factorisations of small matrices gain nothing from threads, and on a loaded CPU the threads' waits
+    cost far more than the work (a (4, 256, 32) QR: 85 ms with 2 threads, 0.5 ms with 1)."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class CollapseAlarm(TrainerCallback):
+    """The collapse rule, evaluated at every measured step on the monitor's medians and the reward
+    logged so far, from the first full reward window on (module docstring). ``action``: "warn" or
+    "stop"."""
+
+    def __init__(self, writer: RunWriter, rule: CollapseRule, action: str = "warn", resume: bool = False):
+        from rich.console import Console
+
+        self.writer, self.rule, self.action, self.resume = writer, rule, action, resume
+        self.console = Console(soft_wrap=True, highlight=False)
+        self.rewards: list[tuple[int, float]] = []
+        self.collapse: dict[str, Any] | None = None  # the first collapse: step, reason, …
+        self.stopped = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not (self.resume and state.is_world_process_zero):
+            return
+        logged = read_jsonl(self.writer.path / "metrics.jsonl")  # kept rows of the resumed run
+        for row in logged.to_dict("records"):
+            if row.get("event") == "collapse" and self.collapse is None:
+                self.collapse = {k: v for k, v in row.items() if isinstance(v, (str, int, float))}
+            elif _finite(row.get("reward")):
+                self.rewards.append((int(row["step"]), float(row["reward"])))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "train_runtime" in logs:
+            return
+        fired = self.observe(state.global_step, logs) if state.is_world_process_zero else None
+        if _from_main(fired) and self.action == "stop":  # every process stops at the same step
+            self.stopped = True
+            control.should_save = True  # a checkpoint at this step; the recorder records the final ΔW
+            control.should_training_stop = True
+
+    def observe(self, step: int, logs: dict[str, Any]) -> dict[str, Any] | None:
+        """Take one log; the collapse event when the rule fires for the first time at this step."""
+        if _finite(logs.get("reward")):
+            self.rewards.append((step, float(logs["reward"])))
+        e1, erank = logs.get(f"{PREFIX}E_1"), logs.get(f"{PREFIX}erank", math.nan)
+        if self.collapse is not None or not _finite(e1) or len(self.rewards) < self.rule.reward_window:
+            return None  # fired already; not a measured step; the reward's first window is not complete
+        geometry = pd.DataFrame([{"step": step, "e1_median": e1, "erank_median": erank}])
+        if self.rule.erank_max is not None and not _finite(erank):
+            return None
+        rewards = pd.DataFrame(self.rewards, columns=["step", "reward"]) if self.rewards else None
+        flag = detect_collapse(geometry, rewards, self.rule).iloc[-1]
+        if not flag["collapsed"]:
+            return None
+        self.collapse = {
+            "step": step, "event": "collapse", "action": self.action, "reason": str(flag["reason"]),
+            "e1_median": float(e1), "erank_median": _or_none(erank),
+            "reward_smoothed": _or_none(flag["reward_smoothed"]),
+            "reward_peak": _or_none(flag["reward_peak"]),
+        }  # fmt: skip
+        self.writer.append_metrics(self.collapse)
+        then = (
+            f"stopping (--on-collapse stop): a checkpoint and ΔW are saved at step {step}"
+            if self.action == "stop"
+            else "training goes on (--on-collapse warn)"
+        )
+        line = f"spectra train: rank collapse at step {step} ({flag['reason']}); {then}"
+        self.console.print(line, markup=False)
+        return self.collapse
+
+    def summary(self) -> dict[str, Any]:
+        """What ``train_summary.json`` records of the alarm."""
+        c = self.collapse or {}
+        return {
+            "collapse_step": c.get("step"),
+            "collapse_reason": c.get("reason"),
+            "stopped_on_collapse": self.stopped,
+            "collapse_rule": {**asdict(self.rule), "action": self.action},
+        }
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _or_none(v: Any) -> float | None:
+    return float(v) if _finite(v) else None
+
+
+def _from_main(value: Any) -> Any:
+    """``value`` as the main process has it, on every process (the decision to stop must be shared)."""
+    from accelerate import PartialState
+
+    if PartialState().num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def collapse_rule(cfg: Any) -> CollapseRule:
+    """The rule of a :class:`~spectra.train.config.TrainConfig`'s ``--collapse-*`` options."""
+    return CollapseRule(
+        e1_min=cfg.collapse_e1,
+        erank_max=cfg.collapse_erank,
+        reward_drop=cfg.collapse_reward_drop,
+        reward_window=cfg.collapse_window,
+    )
+
+
+def install(trainer: Any, monitor: GeometryMonitor) -> None:
+    """Put the monitor first among the trainer's callbacks: transformers calls the reporting callbacks
+    (TensorBoard, W&B, trackio, MLflow) before those given to the trainer, and every ``on_log`` receives
+    the same ``logs`` dict, so the geometry must be added to it before any of them reads it."""
+    trainer.callback_handler.callbacks.insert(0, monitor)

@@ -3,7 +3,8 @@ model first.
 
 Writes a Qwen2-class checkpoint (``qwen2_shapes`` divided by ``--scale``, bf16, an embedding of ``--vocab``
 rows, split over ``--shards`` safetensors files with an index, as hub models are) and measures, each in a
-fresh process (peak resident memory, ``ru_maxrss``, minus the process's resident memory after its imports):
+fresh process (Linux: the peak resident memory VmHWM, reset after the imports, minus the resident memory
+then):
 
 - **streamed**: ``probe_maturity`` (file by file, tensor by tensor, batches of same-shape matrices within
   ``--budget-mb`` of float64 work), then the same σ and fits;
@@ -13,7 +14,7 @@ fresh process (peak resident memory, ``ru_maxrss``, minus the process's resident
 Prints both peaks, the size of the checkpoint and of the largest batch, seconds and matrices per second,
 and checks that both give the same α.
 
-    python benchmarks/bench_maturity.py                 # 1/4 of Qwen2-1.5B shapes, 28 layers
+    python benchmarks/bench_maturity.py                 # 1/2 of Qwen2-1.5B shapes, 8 layers
     python benchmarks/bench_maturity.py --scale 2 --budget-mb 512 --device cuda
 """
 
@@ -32,7 +33,7 @@ import torch
 from spectra.synthetic import qwen2_shapes
 
 WORKER = r"""
-import json, resource, sys, time
+import json, re, resource, sys, time
 from pathlib import Path
 import torch
 from safetensors.torch import load_file
@@ -41,8 +42,11 @@ from spectra.probes import maturity as mat
 from spectra.svd import dense_svd
 
 mode, model, out, budget, device = sys.argv[1:6]
-start = resource.getrusage(resource.RUSAGE_SELF)
-base, cpu0 = start.ru_maxrss, start.ru_utime + start.ru_stime  # KiB and s, after the imports
+def status(key):  # KiB
+    return int(re.search(key + r":\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current resident memory
+base, cpu0 = status("VmRSS"), sum(resource.getrusage(resource.RUSAGE_SELF)[:2])  # after the imports
 t0 = time.perf_counter()
 if mode == "streamed":
     res = mat.probe_maturity([model], out, budget_mb=int(budget), device=device, force=True, report=False)
@@ -68,9 +72,8 @@ else:
             alpha.update({n.removesuffix(".weight"): a for n, a in zip(chunk, stats["alpha"].tolist())})
             del X
 seconds = time.perf_counter() - t0
-use = resource.getrusage(resource.RUSAGE_SELF)
-cpu = use.ru_utime + use.ru_stime - cpu0
-print(json.dumps({"peak_mb": (use.ru_maxrss - base) / 1024, "seconds": seconds, "cpu_s": cpu,
+cpu = sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - cpu0
+print(json.dumps({"peak_mb": (status("VmHWM") - base) / 1024, "seconds": seconds, "cpu_s": cpu,
                   "batch_mb": batch / 2**20, "alpha": {k: None if v != v else v for k, v in alpha.items()}}))
 """
 
@@ -111,8 +114,8 @@ def measure(mode: str, model: Path, out: Path, budget_mb: int, device: str) -> d
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scale", type=int, default=4, help="divide Qwen2-1.5B's dimensions by this")
-    ap.add_argument("--layers", type=int, default=28)
+    ap.add_argument("--scale", type=int, default=2, help="divide Qwen2-1.5B's dimensions by this")
+    ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--budget-mb", type=int, default=128, help="the streamed probe's float64 work per batch")

@@ -5,7 +5,7 @@ held-out evaluation is off in all of them so that only recording and monitoring 
 
 1. ``bare``: neither the ΔW recorder nor the geometry monitor;
 2. ``recorder``: the recorder only (the monitor's callbacks removed);
-3. ``monitor``: the recorder and the monitor (``--monitor-every``, default: the preset's interval) —
+3. ``monitor``: the recorder and the monitor (``--monitor-every``, default: spectra train's, 10) —
    what ``spectra train`` runs by default.
 
 Reported:
@@ -105,25 +105,39 @@ def one_run(out: Path, name: str, args: argparse.Namespace, record: bool, monito
     }
 
 
+def _cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def import_torch_for(device: str) -> Any:
+    """torch, imported after hiding the GPUs for ``--device cpu``; ``--device cuda`` without one exits."""
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch looks for a GPU
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    return torch
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", default="lora")
     p.add_argument("--model", default="organism", help="organism, qwen2-0.5b-random, or a model path")
     p.add_argument("--max-steps", type=int, default=60)
     p.add_argument("--delta-every", type=int, default=10)
-    p.add_argument("--monitor-every", type=int, default=None, help="default: the preset's interval")
+    p.add_argument("--monitor-every", type=int, default=10, help="the default of spectra train")
     p.add_argument("--monitor-modules", type=int, default=32)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-bare", action="store_true", help="leave out run 1 (no recorder, no monitor)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args()
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch looks for a GPU
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible")
+    torch = import_torch_for(args.device)
     runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.model == "qwen2-0.5b-random":
@@ -138,7 +152,7 @@ def main() -> None:
     monitor_diff = (full["train_runtime_s"] - rec["train_runtime_s"]) / rec["train_runtime_s"]
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name(),
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "config": vars(args) | {"out": str(args.out) if args.out else None},

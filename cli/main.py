@@ -8,14 +8,13 @@ from contextlib import contextmanager
 import typer
 from rich.console import Console
 from rich.markup import escape
-from spectra.cli.options import ConfigCommand, config_options
+from spectra.cli.options import ConfigCommand, config_options, field_option
 from spectra.cli.probe import probe_app
 from spectra.cli.sweep import sweep as sweep_command
 from spectra.train.config import (  # light: no trainer stack imported
     DEMO_METHODS,
     WHERE,
     TrainConfig,
-    preset_text,
 )
 from spectra.train.eval_config import EvalConfig  # light too
 
@@ -276,15 +275,15 @@ def _print_comparison(table, report) -> None:
 
         grouped = pd.read_csv(seeds)
         shown = seed_display(grouped)
-        view = Table(title="runs that differ only by seed: mean [bootstrap 95 % interval]")
+        view = Table(title=escape("runs that differ only by seed: mean [bootstrap 95 % interval]"))
         view.add_column("")
         for name in shown["configuration"]:
-            view.add_column(str(name), justify="right")
+            view.add_column(escape(str(name)), justify="right")
         for col in shown.columns.drop(["configuration", "runs"]):
-            view.add_row(col, *("—" if pd.isna(v) else str(v) for v in shown[col]))
+            view.add_row(escape(col), *("—" if pd.isna(v) else escape(str(v)) for v in shown[col]))
         console.print(view)
         for sentence in noise_sentences(grouped):
-            console.print(sentence)
+            console.print(sentence, markup=False)
     console.print(f"comparison: [bold]{report}[/bold]")
 
 
@@ -292,9 +291,9 @@ def _print_comparison(table, report) -> None:
 def demo(
     out: str = typer.Option("runs/demo", help="Parent directory of the demo's runs and comparison."),
     methods: str = typer.Option(",".join(DEMO_METHODS), help="Comma-separated methods to train."),
-    max_steps: int | None = typer.Option(None, help="Optimizer steps per run. " + preset_text("max_steps")),
-    model: str = typer.Option("organism", help="The model (default: the embedded organism)."),
-    seed: int = typer.Option(0, help="Random seed."),
+    max_steps: int | None = field_option(TrainConfig, "max_steps"),
+    model: str = field_option(TrainConfig, "model"),
+    seed: int = field_option(TrainConfig, "seed"),
     device: str | None = _DEVICE,
 ) -> None:
     """Train several methods on the organism, analyse each and compare them (2-core CPU: ~10 min).
@@ -302,6 +301,7 @@ def demo(
     from pathlib import Path
 
     from spectra.probes.sweep import demo_sweep, run_sweep
+    from spectra.probes.sweep_report import demo_reading
 
     from spectra.report import write_comparison
 
@@ -317,6 +317,8 @@ def demo(
     _print_comparison(table, files[-1])
     for a in analyses:
         console.print(f"  {a.run_dir.name}: {a.folder / 'report.html'}")
+    for sentence in demo_reading(table):  # the first study's findings, read off the table
+        console.print(sentence, markup=False)
     if len(done) < len(plan.cells):
         raise typer.Exit(1)
 

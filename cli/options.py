@@ -329,6 +329,13 @@ def help_text(f: dataclasses.Field, hint: Any = None, resolve: bool = True) -> s
     return text.replace("{choices}", ", ".join(values) if values is not None else "…")
 
 
+def field_option(config: type, name: str) -> Any:
+    """A typer option with the default and help of one field of ``config``: for a command that takes a
+    few of a config's options without restating them (``spectra demo``)."""
+    f = next(f for f in option_fields(config) if f.name == name)
+    return typer.Option(_default(f), help=help_text(f))
+
+
 def _default(f: dataclasses.Field) -> Any:
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 

@@ -87,7 +87,8 @@ def sweep(
             _report(out, chosen_axes, device)
         return
     with _one_line_errors():
-        from spectra.probes.sweep import PRESETS, SweepError, check_cells, plan_sweep, visible_gpus
+        from spectra.probes.sweep import PRESETS, SweepError, check_cells, plan_sweep
+        from spectra.probes.sweep_processes import visible_gpus
 
         if preset is not None and preset not in PRESETS:
             raise SweepError(f"--preset {preset}: expected one of {', '.join(PRESETS)}")
@@ -185,7 +186,7 @@ def _report(out: str, axes: list[str] | None, device: str | None):
     cols = ["cell", "status", *([score] if score else []), "E_1", "erank", "collapsed", "wall s"]
     view = Table(title=f"spectra sweep: {out}")
     for c in cols:
-        view.add_column(c, justify="left" if c in ("cell", "status") else "right")
+        view.add_column(c, justify="left" if c in ("cell", "status") else "right", no_wrap=c == "cell")
     for row in table.to_dict("records"):
         view.add_row(*(_cell(row.get(c)) for c in cols))
     console.print(view)

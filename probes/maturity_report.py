@@ -183,7 +183,7 @@ def alpha_heatmaps(table: pd.DataFrame, models: Sequence[str]) -> FigureSpec:
         grid = part.pivot_table(
             index=part["layer"].astype(int), columns="proj", values="alpha", aggfunc="median"
         )
-        grid = grid.reindex(columns=[p for p in _projs(part) if p in grid.columns])
+        grid = grid.reindex(columns=_projs(part))  # kinds without any fit stay, blank
         z = [[None if np.isnan(v) else float(v) for v in row] for row in grid.to_numpy()]
         panels.append(HeatPanel(f"α: {m}", z, list(grid.columns), [str(i) for i in grid.index], "α"))  # type: ignore[arg-type]
     return FigureSpec(

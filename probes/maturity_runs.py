@@ -6,10 +6,11 @@ folder holds run directories. For each run: its method, rank, and accuracy: the 
 training reward of the last :data:`REWARD_TAIL` logged steps of ``metrics.jsonl``; and whether its
 analysis (``analysis/summary.json``, when ``spectra analyze`` has run) flags rank collapse.
 
-Per base model: the best accuracy of a low-rank LoRA run (:data:`LOW_RANK`), the best of a structured
-adapter (:data:`STRUCTURED`), their difference, and the collapse rank threshold: the smallest LoRA rank
-whose run was flagged. Each outcome is correlated across models with each maturity statistic
-(Pearson r and Spearman ρ; undefined below :data:`MIN_MODELS` models).
+Per base model: the best accuracy of a low-rank LoRA configuration (:data:`LOW_RANK`), the best of a
+structured adapter (:data:`STRUCTURED`) — runs that differ only by seed are one configuration, scored by
+the mean over its seeds (:func:`spectra.stats.configuration_key`) —, their difference, and the collapse
+rank threshold: the smallest LoRA rank whose run was flagged. Each outcome is correlated across models
+with each maturity statistic (Pearson r and Spearman ρ; undefined below :data:`MIN_MODELS` models).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import pandas as pd
 
 from spectra.errors import first_line
+from spectra.stats import configuration_key
 from spectra.store import read_jsonl
 
 LOW_RANK = ("lora", "rslora", "loraplus", "lorafa", "pissa", "milora")  # a low-rank B·A update
@@ -114,12 +116,14 @@ def collect_runs(paths: Sequence[str | Path], problems: list[str]) -> pd.DataFra
                     "method": method,
                     "family": family,
                     "rank": cfg.get("rank"),
+                    "configuration": configuration_key(cfg) if "seed" in cfg else str(run),
                     "accuracy": acc,
                     "accuracy_source": source,
                     "collapsed": run_collapsed(run),
                 }
             )
-    columns = ["run", "model", "model_path", "method", "family", "rank", "accuracy", "accuracy_source"]
+    columns = ["run", "model", "model_path", "method", "family", "rank", "configuration", "accuracy",
+               "accuracy_source"]  # fmt: skip
     return pd.DataFrame(rows, columns=[*columns, "collapsed"])
 
 
@@ -137,8 +141,13 @@ def model_outcomes(runs: pd.DataFrame) -> dict[str, Any]:
         g = runs[(runs["family"] == family) & runs["accuracy"].notna()]
         if not len(g):
             return None, None
-        top = g.loc[g["accuracy"].idxmax()]
-        return float(top["accuracy"]), f"{top['method']} r={top['rank']} ({top['run']})"
+        means = g.groupby("configuration", sort=False)["accuracy"].agg(["mean", "size"])  # over seeds
+        key = means["mean"].idxmax()
+        top = g[g["configuration"] == key].iloc[0]
+        rank = "" if top["method"] == "quanta" else f" r={top['rank']}"  # QuanTA's size is --quanta-d
+        seeds = int(means.at[key, "size"])
+        where = f"mean of {seeds} seeds, e.g. {top['run']}" if seeds > 1 else str(top["run"])
+        return float(means.at[key, "mean"]), f"{top['method']}{rank} ({where})"
 
     lora, lora_run = best("lora")
     structured, structured_run = best("structured")

@@ -15,10 +15,8 @@ trained. A cell that fails is recorded with its error and the sweep goes on; Ctr
 finished cell intact (the next run of the same command resumes). ``OUT/sweep.json`` holds the plan and
 each cell's state (:func:`cell_states`).
 
-Where GPUs are given (or visible) each cell runs as its own process (``spectra train`` with
-``CUDA_VISIBLE_DEVICES`` set to its GPUs; through ``accelerate launch`` for ``--processes-per-cell`` > 1),
-one cell per GPU (group) at a time, its console in ``OUT/logs/<cell>.log``. On the CPU, cells run one
-after another in this process.
+Where GPUs are given (or visible) each cell runs as its own process, one cell per GPU (group) at a time
+(:mod:`spectra.probes.sweep_processes`). On the CPU, cells run one after another in this process.
 """
 
 from __future__ import annotations
@@ -27,9 +25,6 @@ import itertools
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -50,9 +45,6 @@ ABBREVIATIONS = {
 }  # fmt: skip
 STATE_FILE = "sweep.json"
 LOGS = "logs"
-#: First port of the processes of multi-process cells (one port per GPU group, so that cells side by
-#: side do not collide).
-BASE_PORT = 29500
 Log = Callable[[str], None]
 
 
@@ -66,13 +58,21 @@ class Preset:
     axes: tuple[str, ...] = ("rank", "batch_size")
 
 
-#: The prepared sweeps. ``organism``: see README ("spectra sweep") for what it shows and why this setting.
+#: The prepared sweeps. ``organism``: LoRA over ranks 1–128 with α = 2r (a constant scale α/r = 2: the
+#: update per step grows with the rank) at batch sizes 4 and 8, DoRA r16 and QuanTA d3 for contrast, 20
+#: steps at the organism's lr 1e-3: 14 cells, about 250 CPU-seconds (5 min alone on 2 cores). It shows
+#: a cliff between ranks 16 and 64; with α fixed at 64 the organism has none (README, "Sweeps").
 PRESETS = {
     "organism": Preset(
-        grid={"method": ("lora",), "rank": (1, 4, 16, 64, 128), "batch_size": (4, 8), "max_steps": (30,)},
-        also=({"method": ("dora", "quanta"), "rank": (16,), "batch_size": (4, 8), "max_steps": (30,)},),
+        grid={
+            "method": ("lora",), "rank": (1, 4, 16, 64, 128), "alpha": (2.0, 8.0, 32.0, 128.0, 256.0),
+            "batch_size": (4, 8), "max_steps": (20,), "eval_every": (20,),
+        },
+        also=({"method": ("dora",), "rank": (16,), "alpha": (32.0,), "batch_size": (4, 8)},
+              {"method": ("quanta",), "rank": (16,), "alpha": (32.0,), "batch_size": (4, 8)}),
+        zipped=(("rank", "alpha"),),
     ),
-}
+}  # fmt: skip
 
 
 class SweepError(SpectraError):
@@ -310,41 +310,6 @@ def _previous_states(out: Path) -> dict[str, dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------- run
 
 
-def visible_gpus() -> list[str]:
-    """The GPUs this process sees: ``CUDA_VISIBLE_DEVICES``'s entries, else 0 … n − 1 (none without CUDA)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return []
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env:
-        return [g.strip() for g in env.split(",") if g.strip()]
-    return [str(i) for i in range(torch.cuda.device_count())]
-
-
-def gpu_slots(gpus: Sequence[str], processes_per_cell: int) -> list[list[str]]:
-    """The GPUs split into groups of ``processes_per_cell``: one cell runs on each group at a time."""
-    if len(gpus) < processes_per_cell:
-        raise SweepError(
-            f"--processes-per-cell {processes_per_cell}: only {len(gpus)} GPU(s) given ({','.join(gpus)})"
-        )
-    n = len(gpus) // processes_per_cell
-    return [list(gpus[i * processes_per_cell : (i + 1) * processes_per_cell]) for i in range(n)]
-
-
-def cell_command(cell: Cell, resume: bool, processes_per_cell: int = 1, port: int = BASE_PORT) -> list[str]:
-    """The command that trains ``cell`` in its own process: ``spectra train …`` (``accelerate launch``
-    with ``processes_per_cell`` processes when more than one)."""
-    from spectra.cli.options import to_args
-
-    train = ["train", *to_args(cell.config), *(["--resume"] if resume else [])]
-    if processes_per_cell > 1:
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes",
-                  str(processes_per_cell), "--main_process_port", str(port)]  # fmt: skip
-        return [*launch, "-m", "spectra.cli.main", *train]
-    return [sys.executable, "-m", "spectra.cli.main", *train]
-
-
 def run_sweep(sweep: Sweep, gpus: Sequence[str] | None = None, log: Log = print) -> dict[str, dict[str, Any]]:
     """Train every cell that is not finished (see the module docstring); returns each cell's state
     (``status``: finished, failed, interrupted; ``error``; ``wall_s``), also saved in ``OUT/sweep.json``.
@@ -352,7 +317,8 @@ def run_sweep(sweep: Sweep, gpus: Sequence[str] | None = None, log: Log = print)
     ``gpus``: run each cell as its own process on these GPUs (groups of ``processes_per_cell``); None:
     one after another in this process. A KeyboardInterrupt is re-raised once the state is saved."""
     on_disk = check_cells(sweep)
-    sweep.states = {c.name: _previous_states(sweep.out).get(c.name, {}) for c in sweep.cells}
+    before = _previous_states(sweep.out)
+    sweep.states = {c.name: before.get(c.name, {}) for c in sweep.cells}
     todo = []
     for cell in sweep.cells:
         if on_disk[cell.name] == "finished":
@@ -365,8 +331,10 @@ def run_sweep(sweep: Sweep, gpus: Sequence[str] | None = None, log: Log = print)
         for i, cell in enumerate(todo):
             _run_here(sweep, cell, on_disk[cell.name] == "interrupted", f"[{i + 1}/{len(todo)}]", log)
     else:
+        from spectra.probes.sweep_processes import gpu_slots, run_processes
+
         slots = gpu_slots(list(gpus or []), sweep.processes_per_cell) if gpus else [[]]
-        _run_processes(sweep, todo, {c.name: on_disk[c.name] == "interrupted" for c in todo}, slots, log)
+        run_processes(sweep, todo, {c.name: on_disk[c.name] == "interrupted" for c in todo}, slots, log)
     return sweep.states
 
 
@@ -391,76 +359,3 @@ def _run_here(sweep: Sweep, cell: Cell, resume: bool, counter: str, log: Log) ->
     finally:
         state["wall_s"] = round(state.get("wall_s", 0.0) + time.perf_counter() - t0, 1)
         sweep.save()
-
-
-def _run_processes(
-    sweep: Sweep, todo: list[Cell], resume: dict[str, bool], slots: list[list[str]], log: Log
-) -> None:
-    """One process per cell, one cell per slot at a time; the parent records each cell's end."""
-    logs = sweep.out / LOGS
-    logs.mkdir(parents=True, exist_ok=True)
-    queue = list(todo)
-    running: dict[int, tuple[Cell, subprocess.Popen, float, Any]] = {}  # slot → cell, process, start, log
-    try:
-        while queue or running:
-            for slot in [s for s in range(len(slots)) if s not in running]:
-                if not queue:
-                    break
-                cell = queue.pop(0)
-                cmd = cell_command(cell, resume[cell.name], sweep.processes_per_cell, BASE_PORT + slot)
-                env = dict(os.environ)
-                if slots[slot]:
-                    env["CUDA_VISIBLE_DEVICES"] = ",".join(slots[slot])
-                handle = open(logs / f"{cell.name}.log", "a")  # closed when the cell ends
-                handle.write(f"$ {' '.join(cmd)}\n")
-                handle.flush()
-                proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env)
-                where = f"GPU {','.join(slots[slot])}" if slots[slot] else "its own process"
-                log(f"{cell.name}: training on {where} (log: {logs / (cell.name + '.log')})")
-                running[slot] = (cell, proc, time.perf_counter(), handle)
-            time.sleep(0.5)
-            for slot, (cell, proc, t0, handle) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                handle.close()
-                del running[slot]
-                _record_process(sweep, cell, proc.returncode, time.perf_counter() - t0, log)
-    except KeyboardInterrupt:
-        for _, proc, _, _ in running.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        for cell, proc, t0, handle in running.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            handle.close()
-            state = sweep.states[cell.name]
-            state |= {"status": "finished" if finished(cell.run_dir) else "interrupted", "error": None}
-            state["wall_s"] = round(state.get("wall_s", 0.0) + time.perf_counter() - t0, 1)
-        sweep.save()
-        raise
-
-
-def _record_process(sweep: Sweep, cell: Cell, returncode: int, seconds: float, log: Log) -> None:
-    state = sweep.states[cell.name]
-    state["wall_s"] = round(state.get("wall_s", 0.0) + seconds, 1)
-    if returncode == 0 and finished(cell.run_dir):
-        state |= {"status": "finished", "error": None}
-        log(f"{cell.name}: finished in {seconds:.0f} s")
-    else:
-        error = _last_error(sweep.out / LOGS / f"{cell.name}.log") or f"exit status {returncode}"
-        state |= {"status": "failed", "error": error}
-        log(f"{cell.name}: failed: {error}; the sweep goes on")
-    sweep.save()
-
-
-def _last_error(log_file: Path) -> str | None:
-    """The last ``error:`` line of a cell's log (``spectra train`` prints its one-line error so), else
-    the last line."""
-    try:
-        lines = [ln.strip() for ln in log_file.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return None
-    errors = [ln for ln in lines if ln.startswith("error:") or "Error" in ln.split(":")[0]]
-    return (errors or lines or [None])[-1]

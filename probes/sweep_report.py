@@ -4,8 +4,9 @@
 Each cell's run is analysed (``spectra analyze``'s pipeline; an earlier analysis is reused) and gives one
 row of ``sweep.csv``: the cell's values, its state (and error), the steps it ran, its final reward and
 held-out scores and its geometry medians at the last recorded step (the columns of ``compare.csv``,
-:func:`spectra.report.final_row`), whether and where it collapsed (the analysis' rule at recorded steps,
-or the live alarm of ``--monitor-every``, whichever flagged first) and its wall time. Where cells differ
+:func:`spectra.report.final_row`), whether and where it collapsed (the collapse rule of the run's own
+``--collapse-*`` options applied to the analysis at recorded steps, or the live alarm of
+``--monitor-every``, whichever flagged first) and its wall time. Where cells differ
 only by seed, ``sweep_seeds.csv`` holds each configuration's mean and bootstrap 95 % interval
 (:func:`spectra.report.seed_table`).
 
@@ -13,6 +14,9 @@ The report, built from the core's figure specs: the cliff (final accuracy over t
 rank × batch size, one panel per value of the other varying options; crosses where a seed collapsed),
 E_1 and effective rank at the last step against the rank, and every configuration's reward, accuracy
 and geometry on one step axis (the mean over seeds with a band where there are several).
+
+``spectra demo``'s reading of its comparison (:func:`demo_reading`) is here too: the demo is a sweep.
+(Just over 400 lines: the table, the figures and that reading share the cell rows.)
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from typing import Any
 import pandas as pd
 
 import spectra
-from spectra.figures import PALETTE, FigureSpec, HeatPanel, Line, Panel, overview
+from spectra.figures import PALETTE, FigureSpec, HeatPanel, Line, Marks, Panel, series_band
 from spectra.h5io import atomic_path
+from spectra.metrics.collapse import CollapseRule
 from spectra.pipeline import Analysis, analyze_run
 from spectra.report import (
     SEED_NOTE,
@@ -94,6 +99,18 @@ def _collapse(trained: dict, logs: pd.DataFrame, analysis: Analysis | None) -> d
     return dict(zip(COLLAPSE_COLUMNS, ("yes", step, reason, by), strict=True))
 
 
+def run_rule(run_dir: Path) -> CollapseRule:
+    """The collapse rule a run was trained with (its ``--collapse-*`` options in run.json; the default
+    rule for runs without them), so that the analysis flags what the live alarm would."""
+    try:
+        config = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return CollapseRule()
+    keys = {"e1_min": "collapse_e1", "erank_max": "collapse_erank", "reward_drop": "collapse_reward_drop",
+            "reward_window": "collapse_window"}  # fmt: skip
+    return CollapseRule(**{field: config[key] for field, key in keys.items() if key in config})
+
+
 def sweep_table(
     plan: dict[str, Any], out: Path, device: str | None = None, log: Callable[[str], None] = print
 ) -> tuple[pd.DataFrame, dict[str, Analysis]]:
@@ -104,7 +121,8 @@ def sweep_table(
         analysis = None
         if (run_dir / "deltas").is_dir() and any((run_dir / "deltas").glob("step_*.h5")):
             try:
-                analysis = analyze_run(run_dir, spectra.EngineConfig(device=device))
+                rule = run_rule(run_dir)
+                analysis = analyze_run(run_dir, spectra.EngineConfig(device=device), rule)
                 analyses[cell["name"]] = analysis
             except spectra.SpectraError as e:
                 log(f"{cell['name']}: not analysed: {e}")
@@ -142,15 +160,25 @@ def _sorted_values(values: pd.Series) -> list[Any]:
         return uniq
 
 
-def cliff(table: pd.DataFrame, axes: Sequence[str], varying: Sequence[str]) -> FigureSpec | None:
-    """Final accuracy over two axes (mean over seeds), one panel per value of the other varying options;
-    crosses on cells where a seed collapsed."""
+def _with(axis: str | None, zipped: Sequence[Sequence[str]]) -> set[str]:
+    """An axis and the options zipped with it (they vary along it)."""
+    return {axis} | {k for g in zipped if axis in g for k in g} if axis else set()
+
+
+def cliff(
+    table: pd.DataFrame, axes: Sequence[str], varying: Sequence[str], zipped: Sequence[Sequence[str]] = ()
+) -> FigureSpec | None:
+    """Final accuracy over two axes (mean over seeds), one panel per value of the other varying options
+    (options zipped with an axis vary along it); crosses on cells where a seed collapsed. Accuracies in
+    [0, 1] share that colour scale."""
     score = main_score(table)
     if score is None or not axes:
         return None
     x = axes[0]
     y = axes[1] if len(axes) > 1 else None
-    others = [v for v in varying if v not in (x, y, "seed")]
+    others = [v for v in varying if v not in _with(x, zipped) | _with(y, zipped) | {"seed"}]
+    values = pd.to_numeric(table[score], errors="coerce")
+    zrange = (0.0, 1.0) if values.between(0, 1).all() else None
     panels: list[Panel | HeatPanel] = []
     groups = table.groupby(others, sort=False, dropna=False) if others else [((), table)]
     for key, part in groups:
@@ -169,7 +197,8 @@ def cliff(table: pd.DataFrame, axes: Sequence[str], varying: Sequence[str]) -> F
             z.append(line)
         title = ", ".join(f"{k} {v}" for k, v in zip(others, key, strict=True)) or f"{score}"
         panels.append(HeatPanel(title, z, [str(v) for v in xs], [str(v) for v in ys], score, xlabel=x,
-                                ylabel=y or "", marks=marks, marks_name="collapsed (any seed)"))  # fmt: skip
+                                ylabel=y or "", marks=marks, marks_name="collapsed (any seed)", zrange=zrange,
+                                annotate=True))  # fmt: skip
     return FigureSpec(
         "cliff",
         f"Final accuracy over {x}" + (f" × {y}" if y else ""),
@@ -181,12 +210,14 @@ def cliff(table: pd.DataFrame, axes: Sequence[str], varying: Sequence[str]) -> F
     )
 
 
-def geometry_vs_rank(table: pd.DataFrame, varying: Sequence[str]) -> FigureSpec | None:
+def geometry_vs_rank(
+    table: pd.DataFrame, varying: Sequence[str], zipped: Sequence[Sequence[str]] = ()
+) -> FigureSpec | None:
     """E_1 and effective rank at the last step against the rank: one line per value of the other
     varying options (mean over seeds, band: bootstrap 95 %)."""
     if "rank" not in varying or not {"E_1", "erank"} <= set(table.columns):
         return None
-    others = [v for v in varying if v not in ("rank", "seed")]
+    others = [v for v in varying if v not in _with("rank", zipped) | {"seed"}]
     panels = []
     titles = {"E_1": "E_1 = σ₁²/‖ΔW‖² at the last step", "erank": "Effective rank at the last step"}
     for metric, title in titles.items():
@@ -221,26 +252,55 @@ def geometry_vs_rank(table: pd.DataFrame, varying: Sequence[str]) -> FigureSpec 
     )
 
 
+#: Steps the reward curves are averaged over (the collapse rule's default reward window).
+REWARD_WINDOW = 5
+_DASHES = ("solid", "dash", "dot", "dashdot")
+
+
 def curves(cells: Sequence[dict[str, Any]], analyses: dict[str, Analysis]) -> FigureSpec | None:
-    """Every configuration's reward, held-out accuracy and geometry on one step axis (the overview
-    figure), seeds averaged."""
+    """Every configuration's reward (rolling mean over :data:`REWARD_WINDOW` steps) and median E_1 at
+    its recorded steps on one step axis; the mean over seeds with a bootstrap band where there are several
+    (:func:`spectra.report.seed_view`), crosses where a seed was flagged."""
     groups: dict[str, list[str]] = {}
     for cell in cells:
         if cell["name"] in analyses:
             groups.setdefault(cell.get("group", cell["name"]), []).append(cell["name"])
     if not groups:
         return None
-    views = []
+    reward, e1, marks = [], [], []
     for i, (group, names) in enumerate(groups.items()):
-        color = PALETTE[i % len(PALETTE)]
-        members = [run_view(analyses[n], n, color) for n in names]
+        color, dash = PALETTE[i % len(PALETTE)], _DASHES[(i // len(PALETTE)) % len(_DASHES)]
         label = group if len(names) == 1 else f"{group} ({len(names)} seeds)"
-        views.append(seed_view(members, label, color))
-    spec = overview(views)
-    if any(len(n) > 1 for n in groups.values()):
-        spec.caption += SEED_NOTE
-    spec.name, spec.title = "curves", "Every configuration on one step axis"
-    return spec
+        view = seed_view([run_view(analyses[n], n, color) for n in names], label, color)
+        if {"step", "reward"} <= set(view.logs.columns):
+            r = view.logs.dropna(subset=["reward"]).sort_values("step")
+            cols = [c for c in ("reward", "reward_lo", "reward_hi") if c in r]
+            smooth = r[cols].rolling(REWARD_WINDOW, min_periods=1).mean()
+            band = series_band(smooth, "reward") if "reward_lo" in smooth else None
+            reward.append(Line(r["step"], smooth["reward"], label, color, dash, band, markers=False,
+                               group=label))  # fmt: skip
+        steps = view.steps
+        if "E_1" in steps.columns and steps["E_1"].notna().any():
+            band = series_band(steps, "E_1") if "E_1_lo" in steps else None
+            e1.append(Line(steps["step"], steps["E_1"], label, color, dash, band, group=label, legend=False))
+            if "collapsed" in steps and steps["collapsed"].any():
+                flagged = steps[steps["collapsed"]]
+                marks.append(Marks(flagged["step"], flagged["E_1"], "collapse flagged"))
+    e1_min = next(iter(analyses.values())).rule.e1_min
+    panels = [
+        Panel(f"Reward (rolling mean over {REWARD_WINDOW} steps)", "reward", reward),
+        Panel("Spectral concentration: median E_1 over modules", "E_1", e1, marks=marks,
+              hlines=[(e1_min, "collapse threshold")]),
+    ]  # fmt: skip
+    seeds = any(len(n) > 1 for n in groups.values())
+    return FigureSpec(
+        "curves",
+        "Reward and E_1 of every configuration on one step axis",
+        f"Top: the training reward, averaged over the last {REWARD_WINDOW} logged steps. Bottom: the "
+        "median over modules of E_1 = σ₁²/‖ΔW‖² at each recorded step; the dashed line is the collapse "
+        "rule's threshold, crosses mark flagged checkpoints." + (SEED_NOTE if seeds else ""),
+        [p for p in panels if p.lines],
+    )
 
 
 def write_sweep_report(
@@ -277,8 +337,11 @@ def write_sweep_report(
         header += "<p>Each configuration over its seeds: mean [bootstrap 95 % interval].</p>"
         header += _table_html(seed_display(seeds).to_dict("records"))
     header += "<p>Every cell (sweep.csv):</p>" + _table_html(_shown(table).to_dict("records"))
-    figures = [f for f in (cliff(table, chosen, plan["varying"]), geometry_vs_rank(table, plan["varying"]),
-                           curves(plan["cells"], analyses)) if f is not None and f.panels]  # fmt: skip
+    zipped = plan.get("zipped", [])
+    varying = plan["varying"]
+    figures = [cliff(table, chosen, varying, zipped), geometry_vs_rank(table, varying, zipped),
+               curves(plan["cells"], analyses)]  # fmt: skip
+    figures = [f for f in figures if f is not None and f.panels]
     pngs, page = write_figures(figures, out, f"spectra sweep — {out.name}", header)
     return table, [*files, *pngs, page]
 
@@ -311,3 +374,42 @@ def _plan_html(plan: dict[str, Any], table: pd.DataFrame) -> str:
         which = ", ".join(f"{r['cell']} (step {r['collapse step']})" for r in collapsed)
         parts.append(f'<p class="warn">Collapsed: {html.escape(which)}.</p>')
     return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------------ the demo
+
+
+def demo_reading(table: pd.DataFrame) -> list[str]:
+    """What ``spectra demo``'s comparison says about the first study's findings (PEFT under RLVR: PiSSA's
+    update stays in W0's principal directions and PiSSA lags far behind LoRA; DoRA is ahead of LoRA,
+    46.6 % vs 42.5 % at 1.5B), from ``compare.csv``'s table: one sentence per pair of methods present,
+    with the numbers, and whether the organism shows it. One run per method: a gap of a few hundredths
+    in accuracy is within the organism's seed noise (benchmarks/RESULTS.md, findings)."""
+    score = main_score(table)
+    if score is None or "method" not in table.columns:
+        return []
+    by = table.drop_duplicates("method").set_index("method")
+    rho = next((c for c in by.columns if c.startswith("rho_")), None)
+
+    def value(method: str, col: str | None) -> float:
+        present = col in by.columns and pd.notna(by.at[method, col])
+        return float(by.at[method, col]) if present else float("nan")
+
+    out = []
+    if {"pissa", "lora"} <= set(by.index):
+        rp, rl, sp, sl = value("pissa", rho), value("lora", rho), value("pissa", score), value("lora", score)
+        checks = (("not more principal-aligned", rp > rl), ("not lagging", sp < sl))
+        missing = [what for what, ok in checks if not ok]
+        verdict = f"it does not show ({', '.join(missing)})" if missing else "the mechanism shows"
+        out.append(
+            f"PiSSA vs LoRA (study: PiSSA's update stays principal and PiSSA lags): {rho} {rp:.3g} vs "
+            f"{rl:.3g}, {score} {sp:.3g} vs {sl:.3g}: {verdict} on this model."
+        )
+    if {"dora", "lora"} <= set(by.index):
+        sd, sl = value("dora", score), value("lora", score)
+        out.append(
+            f"DoRA vs LoRA (study: DoRA ahead, 46.6 % vs 42.5 %): {score} {sd:.3g} vs {sl:.3g}, one seed "
+            "each; on the organism their order changes with the seed (benchmarks/RESULTS.md): no finding "
+            "without seeds (spectra sweep --method lora,dora --seed 0,1,2)."
+        )
+    return out

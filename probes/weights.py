@@ -147,18 +147,19 @@ def stream_batches(
     """File by file, batches of same-shape matrices as float64 tensors (b, N, M) on ``device``, each
     batch within ``budget_bytes`` of work (:func:`work_bytes`; a single matrix larger than the budget is
     a batch of one). Tensors are read one at a time and copied into the batch, so at most one tensor
-    read from disk is alive beside the batch being filled."""
+    read from disk is alive beside the batch being filled; the file is opened (memory-mapped) for one
+    batch at a time, so that the pages read are unmapped with it, not held until the file's end."""
     by_file: dict[Path, dict[tuple[int, int], list[Entry]]] = {}
     for e in entries:
         by_file.setdefault(e.file, {}).setdefault(e.shape, []).append(e)
     for f, groups in by_file.items():
-        with safe_open(f, "pt") as h:
-            for shape, group in groups.items():
-                per = max(1, budget_bytes // work_bytes(shape))
-                for start in range(0, len(group), per):
-                    chunk = group[start : start + per]
-                    X = torch.empty((len(chunk), *shape), dtype=torch.float64, device=device)
+        for shape, group in groups.items():
+            per = max(1, budget_bytes // work_bytes(shape))
+            for start in range(0, len(group), per):
+                chunk = group[start : start + per]
+                X = torch.empty((len(chunk), *shape), dtype=torch.float64, device=device)
+                with safe_open(f, "pt") as h:  # opened per batch: the file's mapped pages go with it
                     for i, e in enumerate(chunk):
                         X[i] = h.get_tensor(e.name)  # the tensor read is freed once copied
-                    yield chunk, X
-                    del X  # before the next batch is allocated
+                yield chunk, X
+                del X  # before the next batch is allocated

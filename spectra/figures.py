@@ -81,6 +81,8 @@ class HeatPanel:
     ylabel: str = "layer"
     marks: list[tuple[str, str]] = field(default_factory=list)  # (x, y) cells drawn with a cross
     marks_name: str = ""  # the legend of the crosses
+    zrange: tuple[float, float] | None = None  # the colour scale's ends (default: the data's)
+    annotate: bool = False  # write each cell's value in it
 
 
 @dataclass
@@ -118,11 +120,11 @@ def _median_line(
     s = v.steps
     if metric not in s.columns or s[metric].isna().all():
         return None
-    return Line(s["step"], s[metric], name, v.color, dash, _band(s, metric) if band else None,
+    return Line(s["step"], s[metric], name, v.color, dash, series_band(s, metric) if band else None,
                 group=v.label, legend=legend)  # fmt: skip
 
 
-def _band(frame: pd.DataFrame, col: str) -> tuple[pd.Series, pd.Series] | None:
+def series_band(frame: pd.DataFrame, col: str) -> tuple[pd.Series, pd.Series] | None:
     """The shaded band of a column: the seeds' bootstrap interval (``_lo``/``_hi``, zero width where one
     seed has a value) when the view averages seeds, else the quartiles over modules, else none."""
     if f"{col}_lo" in frame.columns:
@@ -214,7 +216,7 @@ def accuracy_lines(v: RunView, views: Sequence[RunView]) -> list[Line]:
     lines: list[Line] = []
     if {"step", "reward"} <= set(v.logs.columns):
         r = v.logs.dropna(subset=["step", "reward"])
-        band = _band(r, "reward") if "reward_lo" in r else None
+        band = series_band(r, "reward") if "reward_lo" in r else None
         lines.append(Line(r["step"], r["reward"], _name(v, "reward", views), v.color, "dot", markers=False,
                           width=1.2, group=v.label, band=band))  # fmt: skip
     for i, (bench, e, avg, passes) in enumerate(eval_series(v.evals)):
@@ -222,7 +224,7 @@ def accuracy_lines(v: RunView, views: Sequence[RunView]) -> list[Line]:
             if col is not None:
                 name = _name(v, f"{bench} {col.replace('avg', 'Avg').replace('pass', 'Pass')}", views)
                 lines.append(Line(e["step"], e[col], name, v.color, dash, group=v.label,
-                                  band=_band(e, col) if f"{col}_lo" in e else None))  # fmt: skip
+                                  band=series_band(e, col) if f"{col}_lo" in e else None))  # fmt: skip
     return lines
 
 

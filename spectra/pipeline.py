@@ -15,6 +15,16 @@ from ``metrics.csv`` (or whose file changed or could not be read last time) are 
 no longer in ``deltas/`` (after a resume truncated the run) are dropped. A change of engine options, of
 the spectra version or of W0 recomputes all. Anything that goes wrong with one file or module becomes a
 row with ``status`` and ``error`` naming it; the rest is analysed.
+
+The steps to analyse are planned as units (a chunk of same-shape modules within the engine's memory
+budget, or a step's vector parameters). The next unit is read on another thread while the engine
+analyses this one (``prefetch``; into pinned memory for a GPU), so that at most two units' tensors are
+in host memory whatever the number of modules. Over several processes (:mod:`spectra.shard`: torchrun,
+``accelerate launch`` or ``devices=[...]``), rank 0 plans, each rank analyses a consecutive share of
+the units (whole steps, or chunks of one step), every rank gets all rows, and rank 0 alone writes.
+
+(Over 400 lines: the cache, the streaming and the sharding share the row format and the one entry
+point; apart they would be three modules importing each other's internals.)
 """
 
 from __future__ import annotations
@@ -217,6 +227,7 @@ def analyze_run(
     process per device (:mod:`spectra.shard`; workers are started here, this process keeps the first
     device). A process started by ``torchrun``/``accelerate launch`` analyses its share on its own device
     (``config.device``, else ``cuda:LOCAL_RANK``) and gets every row; rank 0 alone writes ``analysis/``.
+    (So under such a launcher every rank must call it: the ranks exchange the plan and the rows.)
     ``prefetch``: read the next chunk from disk while the engine analyses this one.
     """
     config = config or EngineConfig()

@@ -70,7 +70,13 @@ def _mpl_panel(ax: Any, p: Panel, show_xlabel: bool) -> None:
 
 def _mpl_heat(fig: Figure, ax: Any, p: HeatPanel) -> None:
     z = [[math.nan if v is None else v for v in row] for row in p.z]
-    im = ax.imshow(z, aspect="auto", cmap="viridis", origin="lower")
+    lo, hi = p.zrange or (None, None)
+    im = ax.imshow(z, aspect="auto", cmap="viridis", origin="lower", vmin=lo, vmax=hi)
+    if p.annotate:
+        for i, row in enumerate(z):
+            for j, v in enumerate(row):
+                if v == v:
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white")
     ax.set_xticks(range(len(p.x)), p.x, rotation=30, fontsize=8)
     ax.set_yticks(range(len(p.y)), p.y, fontsize=8)
     ax.set_title(p.title, fontsize=10)
@@ -117,6 +123,9 @@ def to_plotly(spec: FigureSpec) -> Any:
             fig.add_trace(
                 go.Heatmap(
                     z=panel.z, x=panel.x, y=panel.y, colorscale="Viridis",
+                    zmin=panel.zrange[0] if panel.zrange else None,
+                    zmax=panel.zrange[1] if panel.zrange else None,
+                    texttemplate="%{z:.2f}" if panel.annotate else None,
                     colorbar={"title": {"text": panel.colorbar}, "x": dom_x[1] + 0.01, "y": sum(dom_y) / 2,
                               "len": dom_y[1] - dom_y[0], "thickness": 12},
                     hovertemplate=f"{panel.ylabel} %{{y}}, {panel.xlabel} %{{x}}: %{{z:.4g}}<extra></extra>",

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -169,6 +170,11 @@ def spawned(devices: list[str], worker: Callable[..., None], args: tuple[Any, ..
     try:
         if torch.device(devices[0]).type == "cpu":
             torch.set_num_threads(threads)
+        deadline = time.monotonic() + START_TIMEOUT.total_seconds()
+        while not all(os.path.exists(os.path.join(folder, f"worker{r}.ready")) for r in range(1, world)):
+            alive(wait=0.1)  # a worker that dies before joining is named, not waited for
+            if time.monotonic() > deadline:
+                raise ShardError(f"--devices {','.join(devices)}: workers not started after {START_TIMEOUT}")
         dist.init_process_group(
             "gloo", init_method=f"file://{store}", rank=0, world_size=world, timeout=START_TIMEOUT
         )
@@ -201,6 +207,8 @@ def join_spawned(rank: int, store: str, world: int, devices: list[str], threads:
     try:
         if torch.device(devices[rank]).type == "cpu":
             torch.set_num_threads(threads)
+        with open(os.path.join(os.path.dirname(store), f"worker{rank}.ready"), "w"):
+            pass  # rank 0 joins once every worker has got this far
         dist.init_process_group(
             "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=START_TIMEOUT
         )

@@ -72,11 +72,18 @@ def seed_groups(
     configs: Sequence[Mapping[str, Any]], ignore: Sequence[str] = NOT_CONFIGURATION
 ) -> list[list[int]]:
     """Indices of ``configs`` grouped by :func:`configuration_key`, groups and members in the order of
-    their first appearance: ``[[0, 2], [1]]`` when runs 0 and 2 differ only by seed."""
+    their first appearance: ``[[0, 2], [1]]`` when runs 0 and 2 differ only by seed. Runs are grouped
+    only when each records a ``seed`` and no two share one: runs of equal configuration and seed (or
+    without a recorded seed) are not replicates, each stays a group of its own."""
     groups: dict[str, list[int]] = {}
     for i, config in enumerate(configs):
         groups.setdefault(configuration_key(config, ignore), []).append(i)
-    return list(groups.values())
+    out: list[list[int]] = []
+    for members in groups.values():
+        seeds = [json.dumps(configs[i].get("seed"), default=str) for i in members]
+        distinct = all("seed" in configs[i] for i in members) and len(set(seeds)) == len(seeds)
+        out += [members] if distinct else [[i] for i in members]
+    return sorted(out, key=lambda g: g[0])
 
 
 def distinguishing_keys(

@@ -20,6 +20,9 @@ Reading trusts nothing: a path that is not a regular file is never opened (a FIF
 file's ``step`` must match its name, a dataset's ``dtype`` attribute must match what HDF5 stores, and
 every record is checked against its codec; each problem is a :class:`DeltaFileError` naming the file
 and module.
+
+(Longer than most modules, on purpose: every read of a run's files and every check on them is here, so
+that no other module opens them.)
 """
 
 from __future__ import annotations

@@ -75,9 +75,11 @@ def batched_eigh(G: Tensor, streams: int = EIGH_STREAMS, solver: str | None = No
     times both once per size on a few of the batch's matrices and keeps the faster (:data:`EIGH_CHOICE`).
     Same results to rounding; on the CPU, for p ≤ 32 or a single matrix, this is plain ``eigh``.
     """
+    solver = solver or EIGH_SOLVER
+    if solver not in ("auto", "syevd", "batched"):
+        raise ValueError(f"eigensolver {solver!r} (SPECTRA_EIGH_SOLVER): expected auto, syevd or batched")
     if G.ndim != 3 or G.device.type != "cuda" or G.shape[0] == 1 or G.shape[-1] <= 32:
         return torch.linalg.eigh(G)
-    solver = solver or EIGH_SOLVER
     if solver == "auto":
         solver = _measured_choice(G, streams)
     if solver == "batched" and xsyev_batched_available():

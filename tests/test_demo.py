@@ -46,3 +46,21 @@ def test_demo_trains_analyses_compares_and_reuses(organism_dir, tmp_path):
 def test_demo_refuses_an_unknown_method(tmp_path):
     r = runner.invoke(app, ["demo", "--out", str(tmp_path), "--methods", "lora,nope"])
     assert r.exit_code == 1 and "nope" in r.output and "dora" in r.output
+
+
+def test_the_demo_reads_the_first_studys_findings_off_its_table():
+    from spectra.probes.sweep_report import demo_reading
+
+    table = pd.DataFrame({
+        "run": ["lora", "dora", "pissa"], "method": ["lora", "dora", "pissa"],
+        "reward (last 5 steps)": [0.9, 0.8, 0.6], "organism avg@4": [0.83, 0.9, 0.62],
+        "rho_8": [0.016, 0.019, 0.166],
+    })  # fmt: skip
+    pissa, dora = demo_reading(table)
+    assert "rho_8 0.166 vs 0.016" in pissa and "avg@4 0.62 vs 0.83" in pissa and "mechanism shows" in pissa
+    assert "avg@4 0.9 vs 0.83" in dora and "seed" in dora
+    table.loc[2, "organism avg@4"] = 0.95  # PiSSA ahead: the mechanism does not show, and we say why
+    assert "does not show (not lagging)" in demo_reading(table)[0]
+    table.loc[2, "rho_8"] = 0.01
+    assert "(not more principal-aligned, not lagging)" in demo_reading(table)[0]
+    assert demo_reading(table[table["method"] != "lora"]) == []  # no LoRA: nothing to compare with

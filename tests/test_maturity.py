@@ -185,22 +185,25 @@ def test_batches_hold_one_shape_within_the_budget(tiny, per):
     assert sorted(seen) == sorted(e.name for e in entries) and len(seen) == 14
 
 
-def test_cache_is_reused_and_a_changed_file_recomputes_that_model(tmp_path, monkeypatch):
-    a, b = save_tiny(tmp_path / "a", seed=1), save_tiny(tmp_path / "b", seed=2)
-    first = mat.probe_maturity([str(a), str(b)], tmp_path / "out", report=False)
-    assert [t.reused for t in first.models] == [False, False]
+def test_cache_is_reused_and_a_changed_file_recomputes_that_model(
+    tiny, tiny_probe, shared_out, tmp_path, monkeypatch
+):
+    b = save_tiny(tmp_path / "b", seed=2)
+    first = mat.probe_maturity([str(tiny), str(b)], shared_out, report=False)
+    assert [t.reused for t in first.models] == [True, False]  # tiny: analysed by the fixture
+    pd.testing.assert_frame_equal(first.models[0].table, tiny_probe.table)
     spy = Spy()
     monkeypatch.setattr(weights, "safe_open", spy)
-    second = mat.probe_maturity([str(a), str(b)], tmp_path / "out", report=False)
+    second = mat.probe_maturity([str(tiny), str(b)], shared_out, report=False)
     assert [t.reused for t in second.models] == [True, True] and spy.reads == []
     pd.testing.assert_frame_equal(first.table, second.table)
     st = (b / "model.safetensors").stat()
     os.utime(b / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    third = mat.probe_maturity([str(a), str(b)], tmp_path / "out", report=False)
+    third = mat.probe_maturity([str(tiny), str(b)], shared_out, report=False)
     assert [t.reused for t in third.models] == [True, False]
     assert len(spy.reads) == 14 and all(spy.reads)
-    forced = mat.probe_maturity([str(a)], tmp_path / "out", report=False, force=True)
-    assert not forced.models[0].reused
+    forced = mat.probe_maturity([str(b)], shared_out, report=False, force=True)
+    assert not forced.models[0].reused and len(spy.reads) == 28
 
 
 def test_unreadable_model_is_reported_and_the_others_analysed(tiny, tiny_probe, shared_out, tmp_path):
@@ -271,9 +274,9 @@ def write_run(folder: Path, model: str, method: str, rank: int, evals=(), reward
 
 
 @pytest.fixture
-def sweeps(tmp_path) -> tuple[list[Path], list[Path]]:
-    """Three models; sweep a on models 0 and 1, sweep b on model 2 (a run dir given directly too)."""
-    models = [save_tiny(tmp_path / f"m{i}", seed=10 + i) for i in range(3)]
+def sweeps(tiny, tmp_path) -> tuple[list[Path], list[Path]]:
+    """Three models (the first: the shared tiny one); sweep a on models 0 and 1, sweep b on model 2."""
+    models = [tiny, *(save_tiny(tmp_path / f"m{i}", seed=10 + i) for i in (1, 2))]
     a, b = tmp_path / "sweep-a", tmp_path / "sweep-b"
     m0, m1, m2 = (str(m) for m in models)
     write_run(a / "lora-r4", m0, "lora", 4, evals=[(10, 0.3), (20, 0.5)], collapsed=False)
@@ -302,6 +305,25 @@ def test_runs_are_read_from_run_dirs_and_sweeps(sweeps):
     )
 
 
+def test_seeds_of_one_configuration_count_by_their_mean(tmp_path):
+    from spectra.probes.maturity_runs import model_outcomes
+
+    def run(name, method, rank, seed, acc):
+        folder = write_run(tmp_path / name, "m", method, rank, evals=[(20, acc)])
+        config = json.loads((folder / "run.json").read_text()) | {"seed": seed, "name": name}
+        (folder / "run.json").write_text(json.dumps(config))
+
+    run("lora-r8-s0", "lora", 8, 0, 0.5)
+    run("lora-r8-s1", "lora", 8, 1, 0.7)  # the best single run, of a configuration whose mean is 0.6
+    run("lora-r4-s0", "lora", 4, 0, 0.65)
+    run("dora-r8-s0", "dora", 8, 0, 0.2)
+    run("dora-r8-s1", "dora", 8, 1, 0.4)
+    out = model_outcomes(collect_runs([tmp_path], []))
+    assert out["best_lora"] == pytest.approx(0.65) and "lora r=4" in out["best_lora_run"]
+    assert out["best_structured"] == pytest.approx(0.3) and "mean of 2 seeds" in out["best_structured_run"]
+    assert out["structured_minus_lora"] == pytest.approx(-0.35)
+
+
 def test_correlation_needs_three_models_and_variation():
     assert correlation([1.0, 2.0], [3.0, 1.0])["pearson"] is None
     assert correlation([1.0, 2.0, 3.0], [5.0, 5.0, 5.0])["pearson"] is None
@@ -310,12 +332,12 @@ def test_correlation_needs_three_models_and_variation():
     assert correlation([1, 2, 3], [1, 2, 4])["spearman"] == pytest.approx(1.0)
 
 
-def test_cli_probe_joins_runs_and_writes_the_report(sweeps, tmp_path):
+def test_cli_probe_joins_runs_and_writes_the_report(sweeps, tiny_probe, shared_out, tmp_path):
     from spectra.cli.main import app
 
     models, (a, b) = sweeps
     m0, m1, m2 = (str(m) for m in models)
-    out = tmp_path / "probe"
+    out = shared_out  # the tiny model m0 is cached there
     # `--runs a b`: b arrives as a positional and is recognised as a sweep folder; m1 and m2 are probed
     # because runs use them
     args = ["probe", "maturity", m0, str(tmp_path / "nothing"), "--out", str(out), "--runs", str(a), str(b)]

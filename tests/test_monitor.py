@@ -8,15 +8,20 @@ while leaving one that does not alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import warnings
 
 import pandas as pd
 import pytest
+import torch
 
 pytest.importorskip("trl")
 
 from spectra.train import TrainConfig, TrainConfigError
-from spectra.train.monitor import METRICS, CollapseAlarm, sample_modules
+from spectra.train.checkpoint import BaseCheckpoint, load_pretrained
+from spectra.train.methods import get_method, method_names
+from spectra.train.monitor import METRICS, CollapseAlarm, GeometryMonitor, sample_modules
 from spectra.train.trainer import prepare, train
 from transformers import TrainerControl, TrainerState
 
@@ -24,6 +29,8 @@ import spectra
 from spectra.engine import EngineConfig
 from spectra.metrics.collapse import CollapseRule
 from spectra.names import PROJECTIONS
+from spectra.operators import VectorDelta
+from spectra.pipeline import analyze_run
 from spectra.writer import RunWriter
 
 COLUMNS = EngineConfig(metrics=METRICS, wt="none", bf16=False).columns()  # relative_size, E_1, … rho_32
@@ -79,7 +86,8 @@ def test_live_geometry_equals_the_analysis_of_the_recorded_step(
     run = spectra.load_run(run_dir)
     rows = run.metrics
     logged = rows[(rows["step"] == 2) & rows["geometry/E_1"].notna()].iloc[0]
-    table = run.analyze(steps=[2])  # spectra analyze's engine options (all metrics, wt="full", bf16)
+    analysis = analyze_run(run, steps=[2], save=False)  # spectra analyze's options: all metrics, W_t, bf16
+    table = analysis.table
     ok = table[(table["status"] == "ok") & table["module"].isin(measured)]
     assert len(ok) == len(measured) == logged["geometry/modules"]
     medians = ok[COLUMNS].median()
@@ -89,13 +97,45 @@ def test_live_geometry_equals_the_analysis_of_the_recorded_step(
         for col, value in group[COLUMNS].median().items():
             assert _close(logged[f"geometry/{proj}/{col}"], value), (proj, col)
     if not sample:  # every module measured: the very medians summary.json reports
-        analysis = spectra.pipeline.analyze_run(run, steps=[2], save=False)
         step = next(s for s in analysis.summary["steps"] if s["step"] == 2)
         for col in COLUMNS:
             assert _close(logged[f"geometry/{col}"], step["median"][col]), col
     assert logged["geometry/E_1"] > 0 and logged["geometry/relative_size"] > 0  # an update was measured
     summary = json.loads((run_dir / "train_summary.json").read_text())
     assert summary["monitored_steps"] == [2] and summary["monitor_s"] > 0
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_live_delta_is_the_recorded_delta_without_copies(method, organism_dir, tmp_path):
+    """``Method.live_delta`` runs ``record``'s rule on the live tensors: the same ΔW, sharing the
+    parameters' memory, restricted to the modules asked for."""
+    cfg = tiny(organism_dir, tmp_path, method).resolve()
+    _, model = load_pretrained(organism_dir, torch.float32, "--model")
+    impl = get_method(method)
+    torch.manual_seed(0)
+    model = impl.apply(model, cfg)
+    with torch.no_grad():  # an update of every trained tensor
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    base = BaseCheckpoint(organism_dir, dtype=torch.float32)
+    recorded, live = impl.record(model, base), impl.live_delta(model, base)
+    assert set(live.modules) == set(recorded.modules)
+    for name, rec in recorded.modules.items():
+        got = live.modules[name]
+        if isinstance(rec, VectorDelta):
+            torch.testing.assert_close(got.delta, rec.delta)
+            continue
+        if rec.needs_w0:  # DoRA, IA3: the record is written without W0; live, W0 is the base layer's
+            rec = dataclasses.replace(rec, w0=base.get(name))
+        torch.testing.assert_close(got.to_dense(), rec.to_dense(), rtol=1e-12, atol=1e-12)
+    params = {p.data_ptr() for p in model.parameters()}
+    shared = [t for op in live.modules.values() for t in vars(op).values() if isinstance(t, torch.Tensor)]
+    if method not in ("full", "miss", "quanta", "lntuning"):  # ΔW formed from the factors: no copy of them
+        assert any(t.data_ptr() in params for t in shared)
+    first = impl.modules(model)[0]
+    asked = [k for k in recorded.modules if k == first or k.startswith(first + ".")]
+    assert asked and list(impl.live_delta(model, base, [first]).modules) == asked
 
 
 def test_sample_modules_spreads_over_projections_and_layers():
@@ -209,6 +249,26 @@ def test_the_alarm_warns_once_and_stop_sets_the_trainer_flags(tmp_path, capsys):
     assert len(out) == 2 and "training goes on (--on-collapse warn)" in out[0] and "stopping" in out[1]
 
 
+def test_a_failed_measurement_warns_and_training_goes_on(tmp_path, monkeypatch):
+    monitor = GeometryMonitor(get_method("lora"), torch.nn.Linear(2, 2), None, tmp_path, every=1)
+    assert monitor.measure() == {} and monitor.modules == []  # no adapted module: nothing to measure
+
+    def out_of_memory():
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(monitor, "measure", out_of_memory)
+    state, control = TrainerState(), TrainerControl()
+    state.global_step = 1
+    with pytest.warns(UserWarning, match=r"live geometry failed at step 1 and is off .*RuntimeError: CUDA"):
+        monitor.on_step_end(None, state, control)
+    assert monitor.failed and monitor.measured == [] and monitor.pending is None
+    state.global_step, control = 2, TrainerControl()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        monitor.on_step_end(None, state, control)
+    assert monitor.measured == [] and control.should_log  # every process keeps the log schedule (DDP)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -226,7 +286,7 @@ def test_bad_monitor_options_are_one_line_errors(options, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_monitor_defaults_follow_the_presets():
-    assert TrainConfig().resolve().monitor_every == 5  # the organism
+def test_the_monitor_is_on_by_default():
+    assert TrainConfig().resolve().monitor_every == 10  # the organism
     assert TrainConfig(model="Qwen/Qwen2.5-0.5B").resolve().monitor_every == 10
     assert TrainConfig(monitor_every=0).resolve().monitor_every == 0

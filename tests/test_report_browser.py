@@ -8,8 +8,8 @@ from browser import render
 
 from spectra.pipeline import analyze_run
 from spectra.report import write_comparison, write_run_report
-from spectra.writer import RunWriter
 from spectra.synthetic import write_synthetic_run
+from spectra.writer import RunWriter
 
 
 def _run_with_logs(path, shapes, rank):

@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from spectra.engine import EngineConfig
 from spectra.pipeline import Unit, _share, analyze_run
 from spectra.shard import ShardError
 from spectra.synthetic import qwen2_shapes, write_synthetic_run
 
-SHAPES = qwen2_shapes(48, 96, 16, 2)
+SHAPES = qwen2_shapes(48, 96, 16, 1)
+FAST = EngineConfig(device="cpu", ks=(1, 4), wt="none", bf16=False)
 
 
 def _run(path: Path, steps=(0, 5, 10), rank=None) -> Path:
@@ -76,6 +78,16 @@ def test_bad_devices_are_one_line_errors(tmp_path):
         analyze_run(run, devices=" , ")
 
 
+def test_the_devices_option_reaches_the_analysis(tmp_path):
+    from spectra.cli.main import app
+    from typer.testing import CliRunner
+
+    run = _run(tmp_path / "r", steps=(0,))
+    for command in (["analyze", str(run)], ["compare", str(run), "--out", str(tmp_path / "cmp")]):
+        r = CliRunner().invoke(app, [*command, "--devices", "cpu,cuda:7"])
+        assert r.exit_code == 1 and "--devices cpu,cuda:7:" in r.output and "Traceback" not in r.output
+
+
 def _workers() -> list:
     psutil = pytest.importorskip("psutil")
     kids = psutil.Process().children(recursive=True)
@@ -84,7 +96,7 @@ def _workers() -> list:
 
 def test_a_killed_worker_or_ctrl_c_leaves_the_cache_as_it_was(tmp_path):
     run = _run(tmp_path / "r", steps=(0, 5))
-    analyze_run(run)
+    analyze_run(run, FAST)
     _run(run, steps=(10, 15))  # two new steps: one for each process
     before = _files(run)
 
@@ -93,16 +105,16 @@ def test_a_killed_worker_or_ctrl_c_leaves_the_cache_as_it_was(tmp_path):
             p.send_signal(signal.SIGKILL)
 
     with pytest.raises(ShardError, match=r"analysis worker 1 \(cpu\) was killed by signal 9"):
-        analyze_run(run, devices="cpu,cpu", progress=kill_the_worker)
+        analyze_run(run, FAST, devices="cpu,cpu", progress=kill_the_worker)
     assert _files(run) == before and not _workers()
 
     def interrupt(*_):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        analyze_run(run, devices="cpu,cpu", progress=interrupt)
+        analyze_run(run, FAST, devices="cpu,cpu", progress=interrupt)
     assert _files(run) == before and not _workers()
-    assert analyze_run(run).new_steps == [10, 15]
+    assert analyze_run(run, FAST).new_steps == [10, 15]
 
 
 def _free_port() -> int:

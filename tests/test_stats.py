@@ -90,6 +90,9 @@ def test_seed_groups_ignore_the_seed_and_bookkeeping_keys():
         {"method": "lora", "rank": 8, "seed": 1, "name": "c", "versions": {"torch": "2"}},
     ]
     assert seed_groups(configs) == [[0, 2], [1]]
+    # the same configuration and seed, or no seed recorded: not replicates
+    assert seed_groups([configs[0], dict(configs[0], name="again")]) == [[0], [1]]
+    assert seed_groups([{"method": "full", "name": "a"}, {"method": "full", "name": "b"}]) == [[0], [1]]
     assert distinguishing_keys([configs[0], configs[1]]) == ["rank"]
 
 

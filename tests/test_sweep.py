@@ -16,15 +16,8 @@ from typer.testing import CliRunner
 
 pytest.importorskip("trl")
 
-from spectra.probes.sweep import (
-    PRESETS,
-    SweepError,
-    cell_command,
-    check_cells,
-    gpu_slots,
-    plan_sweep,
-    run_sweep,
-)
+from spectra.probes.sweep import PRESETS, SweepError, check_cells, plan_sweep, run_sweep
+from spectra.probes.sweep_processes import cell_command, gpu_slots
 from spectra.probes.sweep_report import cliff, write_sweep_report
 from spectra.train.config import TrainConfig, TrainConfigError
 

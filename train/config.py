@@ -34,6 +34,9 @@ Rewards are scaled by the group's std except for dr_grpo.
 
 GSPO's recipe also splits each generation batch into 4 optimizer steps; spectra keeps one step per batch
 for every loss (a recorded step is one update of the policy that sampled it).
+
+(Over 400 lines: TrainConfig is the one declaration of every `spectra train` option — type, default,
+bounds, help and panel — and its validation; splitting it would spread an option over files.)
 """
 
 from __future__ import annotations
@@ -78,7 +81,6 @@ STUDY_PRESET: dict[str, Any] = {
     "max_completion_length": 2048,
     "delta_every": 50,
     "eval_every": 0,
-    "monitor_every": 10,
     "gradient_checkpointing": True,
 }
 
@@ -90,7 +92,6 @@ ORGANISM_PRESET: dict[str, Any] = {
     "max_completion_length": 40,  # organism.MAX_COMPLETION_TOKENS: the longest trace and <eos>
     "delta_every": 10,
     "eval_every": 10,
-    "monitor_every": 5,
     "gradient_checkpointing": False,
 }
 
@@ -197,9 +198,8 @@ class TrainConfig:
     base_copy_limit_mb: float = _option(
         512.0, RECORD, "Copy W0 into base/weights.h5 up to this size in MB, else point at the model's files."
     )
-    monitor_every: int | None = _option(
-        None, RECORD, "Live ΔW geometry (geometry/... in the logs) every N steps (0: off). "
-        + preset_text("monitor_every")
+    monitor_every: int = _option(
+        10, RECORD, "Live ΔW geometry (geometry/... in the logs) every N steps (0: off)."
     )
     monitor_modules: int = _option(
         32, RECORD, "Live geometry of dense updates (full, dora, miss, quanta, ia3): a fixed sample of at "

@@ -43,8 +43,10 @@ step, the ΔW recorder records the final step, and ``train_summary.json`` holds 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+import warnings
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -62,6 +64,7 @@ from transformers import TrainerCallback
 from spectra import RunWriter, load_run
 from spectra.base import BaseSpectrum
 from spectra.engine import EngineConfig, Item, analyze_checkpoint
+from spectra.errors import first_line
 from spectra.metrics.collapse import CollapseRule, detect_collapse
 from spectra.names import parse_module_name
 from spectra.operators import DeltaOperator, LowRank
@@ -135,6 +138,7 @@ class GeometryMonitor(TrainerCallback):
         self.held: HeldBase | None = None
         self.config: EngineConfig | None = None
         self.pending: dict[str, float] | None = None  # measured, not yet logged
+        self.failed = False  # a measurement raised: measure no more (the log schedule stays)
         self.measured: list[int] = []
         self.seconds = 0.0  # time spent measuring (ΔW operators + engine), set-up excluded
         self.setup_seconds = 0.0  # the first step's set-up: W0's spectra (and held W0) onto the device
@@ -159,6 +163,8 @@ class GeometryMonitor(TrainerCallback):
             self.modules = names if self.factored else sample_modules(names, self.dense_modules)
         self.held.keep_only(self.modules)
         keep = self.config.keep
+        if not self.modules:
+            return
         with load_run(self.run_dir) as run:
             for name in self.modules:
                 s = run.base_spectrum(name, keep)  # σ(W0) and the top vectors: all that METRICS read
@@ -177,8 +183,8 @@ class GeometryMonitor(TrainerCallback):
         t0 = time.perf_counter()
         with _threads(1 if self.config.torch_device().type == "cpu" else None):
             delta = self.method.live_delta(self.model, self.held, None if self.factored else self.modules)
-            items = [
-                Item(name, op, torch.empty(op.shape, device="meta"), self.spectra[name])
+            items = [  # W0 itself is not read: with wt="none" and no bf16 the engine needs W0's spectrum only
+                Item(name, op, _shape_only(op.shape), self.spectra[name])
                 for name, op in delta.modules.items()
                 if isinstance(op, DeltaOperator) and name in self.spectra
             ]
@@ -186,6 +192,7 @@ class GeometryMonitor(TrainerCallback):
         ok = [(it.module, row) for it, row in zip(items, rows, strict=True) if row["status"] == "ok"]
         columns = self.config.columns()
         values = np.array([[row.get(c, np.nan) for c in columns] for _, row in ok], dtype=float)
+        values = values.reshape(len(ok), len(columns))
         out: dict[str, float] = {f"{PREFIX}modules": float(len(ok))}
         out |= _medians(values, columns, PREFIX)
         kinds = np.array([parse_module_name(module)[1] for module, _ in ok])
@@ -196,11 +203,24 @@ class GeometryMonitor(TrainerCallback):
 
     # -- callback
     def on_step_end(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero or not self.every or state.global_step % self.every:
+        if not self.every or state.global_step % self.every:
             return
-        self.pending = self.measure()
+        # every process logs at the monitor's steps: the trainer's logging gathers the loss over processes
+        # (a collective), so asking for a log on the main process only would hang or mismatch under DDP
+        control.should_log = True
+        if not state.is_world_process_zero or self.failed:
+            return
+        try:
+            self.pending = self.measure()
+        except Exception as e:  # a measurement must not end a run: say so once and measure no more
+            self.failed = True
+            warnings.warn(
+                f"spectra train: the live geometry failed at step {state.global_step} and is off for the "
+                f"rest of the run ({type(e).__name__}: {first_line(e)}); ΔW is still recorded",
+                stacklevel=1,
+            )
+            return
         self.measured.append(state.global_step)
-        control.should_log = True  # the geometry joins this step's log, whatever --logging-steps says
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.pending and logs is not None and "train_runtime" not in logs:
@@ -217,12 +237,17 @@ class GeometryMonitor(TrainerCallback):
         }
 
 
+@functools.cache
+def _shape_only(shape: tuple[int, ...]) -> Tensor:
+    return torch.empty(shape, device="meta")
+
+
 def _medians(values: np.ndarray, columns: list[str], prefix: str) -> dict[str, float]:
     """``prefix + column`` → median over the rows of ``values`` (NaN skipped, as pandas' median does
     for metrics.csv; a column without a value is left out)."""
     out = {}
     for j, col in enumerate(columns):
-        present = values[:, j][~np.isnan(values[:, j])] if len(values) else values[:0, 0]
+        present = values[:, j][~np.isnan(values[:, j])]
         if len(present):
             out[prefix + col] = float(np.median(present))
     return out
@@ -247,10 +272,18 @@ class CollapseAlarm(TrainerCallback):
     logged so far, from the first full reward window on (module docstring). ``action``: "warn" or
     "stop"."""
 
-    def __init__(self, writer: RunWriter, rule: CollapseRule, action: str = "warn", resume: bool = False):
+    def __init__(
+        self,
+        writer: RunWriter,
+        rule: CollapseRule,
+        action: str = "warn",
+        resume: bool = False,
+        every: int = 1,
+    ):
         from rich.console import Console
 
         self.writer, self.rule, self.action, self.resume = writer, rule, action, resume
+        self.every = every  # the monitor's interval: only its steps can fire
         self.console = Console(soft_wrap=True, highlight=False)
         self.rewards: list[tuple[int, float]] = []
         self.collapse: dict[str, Any] | None = None  # the first collapse: step, reason, …
@@ -270,6 +303,8 @@ class CollapseAlarm(TrainerCallback):
         if not logs or "train_runtime" in logs:
             return
         fired = self.observe(state.global_step, logs) if state.is_world_process_zero else None
+        if state.global_step % self.every:
+            return
         if _from_main(fired) and self.action == "stop":  # every process stops at the same step
             self.stopped = True
             control.should_save = True  # a checkpoint at this step; the recorder records the final ΔW

@@ -13,6 +13,9 @@ The steps of :func:`train`, in order:
    (AdaLoRA's rank allocation);
 5. train, resuming from the last trainer checkpoint with ``resume=True``: delta files and log rows
    written after that checkpoint belong to the abandoned trajectory and are removed first.
+
+(Over 400 lines: preparing a run — model, method, data, callbacks, resume, distributed checks — is
+one sequence; its parts are named functions below, each used once.)
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ def prepare(cfg: TrainConfig, resume: bool = False) -> Session:
     # on, so that the rollouts of a step are split over them (without it, accelerate's state says one
     # process until the trainer builds its own, and each process would take the whole batch)
     state = PartialState(cpu=not torch.cuda.is_available())
+    _check_launch(state.num_processes)
     plain = state.distributed_type.name in ("NO", "MULTI_GPU", "MULTI_CPU") and cfg.deepspeed is None
     unsharded = plain or cfg.deepspeed == "zero2"
     if cfg.method == "adalora" and unsharded:  # a module AdaLoRA pruned to rank 0 saves (0, n) factors,
@@ -142,7 +146,9 @@ def prepare(cfg: TrainConfig, resume: bool = False) -> Session:
     monitor = alarm = None
     if cfg.monitor_every:  # the alarm reads the monitor's geometry from the logs, after they are written
         monitor = GeometryMonitor(method, model, base, run_dir, cfg.monitor_every, cfg.monitor_modules)
-        alarm = CollapseAlarm(writer, collapse_rule(cfg), cfg.on_collapse, resume=resume_from is not None)
+        alarm = CollapseAlarm(
+            writer, collapse_rule(cfg), cfg.on_collapse, resume_from is not None, cfg.monitor_every
+        )
     # the banner first, then step 0's held-out evaluation
     callbacks: list[Any] = [
         ConsoleLog(cfg.max_steps, banner),
@@ -395,6 +401,22 @@ def _clean(row: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ misc
+
+
+def _check_launch(num_processes: int) -> None:
+    """Warn when ``accelerate launch --cpu --num_processes N`` (N > 1) started one process: its multi-CPU
+    launcher is mpirun, and without it accelerate starts the command once (it sets MASTER_ADDR only when
+    asked for several processes)."""
+    import os
+
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if cpu and "MASTER_ADDR" in os.environ and num_processes == 1:
+        warnings.warn(
+            "spectra train: `accelerate launch --cpu` started one process (its multi-CPU launcher is "
+            "mpirun); for N processes on the CPU run `torchrun --nproc_per_node N -m spectra.cli.main "
+            "train ...` or `accelerate launch --multi_gpu --num_processes N ...`",
+            stacklevel=3,
+        )
 
 
 def _check_accelerators(cfg: TrainConfig) -> None:

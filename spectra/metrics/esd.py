@@ -21,6 +21,9 @@ agree with ``weightwatcher==0.7.7`` (tested in tests/test_esd.py):
 All functions take σ of shape (b, p) (one row per matrix, any order, float64 work on σ's device) and
 return (b,) tensors; the x_min scan is vectorised: α for every candidate from reversed cumulative sums
 of ln λ, D for every candidate in blocks of one tensor operation each.
+
+(Over 400 lines: the power-law fit, the kernel density and the Marchenko–Pastur fit follow
+WeightWatcher 0.7.7 step by step, batched; kept together so that they can be checked against it.)
 """
 
 from __future__ import annotations

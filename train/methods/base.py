@@ -128,16 +128,19 @@ class Method:
     ) -> Delta:
         """:meth:`record`'s rule on the weights in memory, without copies (module docstring): operators
         whose tensors are the live parameters, detached, on the training device, valid until the next
-        optimizer step and never to be modified. ``modules``: form only these (None: all). ``base`` may be
-        any object with BaseCheckpoint's ``get`` (the monitor passes W0 it holds on the device)."""
+        optimizer step and never to be modified. ``modules``: form only the records of these modules (names
+        as :meth:`modules` gives them; None: all). ``base`` may be any object with BaseCheckpoint's ``get``
+        (the monitor passes W0 it holds on the device)."""
         token = _LIVE.set(_Live(None if modules is None else frozenset(modules)))
         try:
             with torch.no_grad():
                 delta = self.record(model, base)
         finally:
             _LIVE.reset(token)
-        if modules is not None:
-            delta.modules = {k: v for k, v in delta.modules.items() if k in modules}
+        if modules is not None:  # records are named by their module (``<module>.<param>`` for vectors)
+            delta.modules = {
+                k: v for k, v in delta.modules.items() if k in modules or k.rsplit(".", 1)[0] in modules
+            }
         return delta
 
     def optimizer(self, model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer | None:

@@ -63,6 +63,9 @@ Choices made here
 * Saving. A model with QuanTA layers saves with ``model.save_pretrained`` (the gates and their frozen initial
   copies are ordinary parameters and buffers), but ``from_pretrained`` cannot rebuild them; to move just the
   adapter, use :func:`quanta_state_dict` / :func:`load_quanta_state_dict` with ``safetensors``.
+
+(Over 400 lines: the QuanTA layer, its PEFT-style config and its exact ΔW rule stay together, since
+PEFT has no QuanTA to lean on; the method's registration is in quanta_method.py.)
 """
 
 from __future__ import annotations

@@ -139,7 +139,7 @@ def parse_also(text: str) -> dict[str, tuple]:
 
 
 def _gpus(text: str | None, visible) -> list[str]:
-    """--gpus as a list: given ids (checked against CUDA), none, or every visible GPU."""
+    """--gpus as a list: given ids (each one of the visible GPUs), none, or every visible GPU."""
     from spectra.probes.sweep import SweepError
 
     if text is None:
@@ -147,15 +147,13 @@ def _gpus(text: str | None, visible) -> list[str]:
     if text.strip().lower() in ("", "none", "cpu"):
         return []
     ids = [g.strip() for g in text.split(",") if g.strip()]
-    if not visible() and not _cuda():
+    seen = visible()
+    if not seen:
         raise SweepError(f"--gpus {text}: no CUDA device is visible; leave --gpus out to run on the CPU")
+    unknown = [g for g in ids if g not in seen]
+    if unknown:
+        raise SweepError(f"--gpus {text}: {', '.join(unknown)} not among the visible GPUs ({','.join(seen)})")
     return ids
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _train(plan: Any, slots: list[str]) -> dict:

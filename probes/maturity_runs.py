@@ -3,8 +3,11 @@
 A run directory holds ``run.json`` (its base model is ``model``, loaded from ``model_path``); a sweep
 folder holds run directories. For each run: its method, rank, and accuracy: the held-out ``avg@n`` of
 ``eval.jsonl`` at the last evaluated step (mean over the benchmarks evaluated there), else the mean
-training reward of the last :data:`REWARD_TAIL` logged steps of ``metrics.jsonl``; and whether its
-analysis (``analysis/summary.json``, when ``spectra analyze`` has run) flags rank collapse.
+training reward of the last :data:`REWARD_TAIL` logged steps of ``metrics.jsonl`` (a model's runs are
+compared on held-out scores alone when any of them has one: like with like); and whether it collapsed,
+as sweep.csv counts it: its analysis flags a step, or the live alarm fired (:func:`run_collapsed`).
+(With several benchmarks evaluated, the accuracy here is their mean, where sweep.csv and ``spectra
+compare`` rank by the first benchmark's avg@n.)
 
 Per base model: the best accuracy of a low-rank LoRA configuration (:data:`LOW_RANK`), the best of a
 structured adapter (:data:`STRUCTURED`) — runs that differ only by seed are one configuration, scored by
@@ -82,12 +85,29 @@ def run_accuracy(run: Path) -> tuple[float | None, str]:
 
 
 def run_collapsed(run: Path) -> bool | None:
-    """Whether the run's analysis flags rank collapse at some step (None: not analysed)."""
-    path = run / "analysis" / "summary.json"
-    try:
-        return bool(json.loads(path.read_text()).get("collapsed_steps"))
-    except (OSError, ValueError, AttributeError):
-        return None
+    """Whether the run collapsed: its analysis flags a step (``analysis/summary.json``) or the live alarm
+    fired (``collapse_step`` in train_summary.json, or a ``{"event": "collapse"}`` row of metrics.jsonl),
+    as sweep.csv's ``collapsed`` column counts it. False when one of them looked and found none; None when
+    neither did (not analysed, no live geometry)."""
+    looked = []
+    sources = ((run / "analysis" / "summary.json", "collapsed_steps"), (run / "train_summary.json", None))
+    for path, key in sources:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        if key is not None:
+            looked.append(bool(data.get(key)))
+        elif data.get("monitored_steps"):  # the live alarm watched this run
+            looked.append(data.get("collapse_step") is not None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logs = read_jsonl(run / "metrics.jsonl")
+    if "event" in logs.columns and (logs["event"] == "collapse").any():
+        looked.append(True)
+    return any(looked) if looked else None
 
 
 def collect_runs(paths: Sequence[str | Path], problems: list[str]) -> pd.DataFrame:
@@ -137,8 +157,11 @@ def _same_dir(a: Any, b: Path) -> bool:
 def model_outcomes(runs: pd.DataFrame) -> dict[str, Any]:
     """The outcomes of one model's runs (see the module docstring); None where no run says."""
 
+    held_out = runs["accuracy_source"].astype(str).str.startswith("held-out")
+    scored = runs[held_out] if held_out.any() else runs  # like with like: held-out scores where any has one
+
     def best(family: str) -> tuple[float | None, str | None]:
-        g = runs[(runs["family"] == family) & runs["accuracy"].notna()]
+        g = scored[(scored["family"] == family) & scored["accuracy"].notna()]
         if not len(g):
             return None, None
         means = g.groupby("configuration", sort=False)["accuracy"].agg(["mean", "size"])  # over seeds

@@ -60,8 +60,8 @@ class Preset:
 
 #: The prepared sweeps. ``organism``: LoRA over ranks 1–128 with α = 2r (a constant scale α/r = 2: the
 #: update per step grows with the rank) at batch sizes 4 and 8, DoRA r16 and QuanTA d3 for contrast, 20
-#: steps at the organism's lr 1e-3: 14 cells, about 250 CPU-seconds (5 min alone on 2 cores). It shows
-#: a cliff between ranks 16 and 64; with α fixed at 64 the organism has none (README, "Sweeps").
+#: steps at the organism's lr 1e-3: 14 cells, 170 s on 2 cores. It shows a cliff between ranks 16 and
+#: 64; with α fixed at 64 the organism has none (README, "Sweeps"; benchmarks/RESULTS.md, findings).
 PRESETS = {
     "organism": Preset(
         grid={
@@ -137,11 +137,14 @@ def plan_sweep(
     """The cells of a sweep, each configuration resolved and checked (:class:`TrainConfigError` names the
     option and value a cell cannot take). ``grid``: field → values (one value: every cell); ``also``:
     further grids over the same single values; ``zipped``: groups of options that vary together (their
-    i-th values in one cell, ``rank`` 1, 16 with ``alpha`` 2, 32) wherever a grid gives them all."""
+    i-th values in one cell, ``rank`` 1, 16 with ``alpha`` 2, 32) wherever a grid gives them all. An
+    ``also`` grid that gives no seeds takes the main grid's (``--seed 0,1,2`` replicates every cell)."""
     out = Path(out)
     base = {k: v[0] for k, v in grid.items() if len(v) == 1}
-    products = [{k: tuple(v) for k, v in grid.items() if len(v) > 1}, *({k: tuple(v) for k, v in a.items()}
-                                                                        for a in also)]  # fmt: skip
+    main = {k: tuple(v) for k, v in grid.items() if len(v) > 1}
+    # seeds are replicates, not a configuration: an --also grid without its own takes the main grid's
+    seeds = {"seed": main["seed"]} if "seed" in main else {}
+    products = [main, *({**seeds, **{k: tuple(v) for k, v in a.items()}} for a in also)]
     for group in zipped:
         missing = [k for k in group if k not in grid and not any(k in a for a in also)]
         if missing:

@@ -51,7 +51,9 @@ def cell_command(cell: Cell, resume: bool, processes_per_cell: int = 1, port: in
 
     train = ["train", *to_args(cell.config), *(["--resume"] if resume else [])]
     if processes_per_cell > 1:
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes",
+        # --multi_gpu: accelerate's torchrun launcher, N processes with or without GPUs (gloo on a CPU);
+        # without it accelerate starts one process unless it sees several GPUs or a config says so
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                   str(processes_per_cell), "--main_process_port", str(port)]  # fmt: skip
         return [*launch, "-m", "spectra.cli.main", *train]
     return [sys.executable, "-m", "spectra.cli.main", *train]
@@ -78,7 +80,11 @@ def run_processes(
                 handle = open(logs / f"{cell.name}.log", "a")  # closed when the cell ends
                 handle.write(f"$ {' '.join(cmd)}\n")
                 handle.flush()
-                proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env)
+                # its own session: a terminal's Ctrl-C reaches the parent only, which then sends each cell one
+                # SIGINT (a second one would make torchrun/accelerate kill their workers mid-checkpoint)
+                proc = subprocess.Popen(
+                    cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
                 where = f"GPU {','.join(slots[slot])}" if slots[slot] else "its own process"
                 log(f"{cell.name}: training on {where} (log: {logs / (cell.name + '.log')})")
                 running[slot] = (cell, proc, time.perf_counter(), handle)

@@ -32,7 +32,6 @@ import pandas as pd
 import spectra
 from spectra.figures import PALETTE, FigureSpec, HeatPanel, Line, Marks, Panel, series_band
 from spectra.h5io import atomic_path
-from spectra.metrics.collapse import CollapseRule
 from spectra.pipeline import Analysis, analyze_run
 from spectra.report import (
     SEED_NOTE,
@@ -99,18 +98,6 @@ def _collapse(trained: dict, logs: pd.DataFrame, analysis: Analysis | None) -> d
     return dict(zip(COLLAPSE_COLUMNS, ("yes", step, reason, by), strict=True))
 
 
-def run_rule(run_dir: Path) -> CollapseRule:
-    """The collapse rule a run was trained with (its ``--collapse-*`` options in run.json; the default
-    rule for runs without them), so that the analysis flags what the live alarm would."""
-    try:
-        config = json.loads((run_dir / "run.json").read_text())
-    except (OSError, ValueError):
-        return CollapseRule()
-    keys = {"e1_min": "collapse_e1", "erank_max": "collapse_erank", "reward_drop": "collapse_reward_drop",
-            "reward_window": "collapse_window"}  # fmt: skip
-    return CollapseRule(**{field: config[key] for field, key in keys.items() if key in config})
-
-
 def sweep_table(
     plan: dict[str, Any], out: Path, device: str | None = None, log: Callable[[str], None] = print
 ) -> tuple[pd.DataFrame, dict[str, Analysis]]:
@@ -121,8 +108,8 @@ def sweep_table(
         analysis = None
         if (run_dir / "deltas").is_dir() and any((run_dir / "deltas").glob("step_*.h5")):
             try:
-                rule = run_rule(run_dir)
-                analysis = analyze_run(run_dir, spectra.EngineConfig(device=device), rule)
+                # with the run's own --collapse-* options, as the live alarm applied them
+                analysis = analyze_run(run_dir, spectra.EngineConfig(device=device))
                 analyses[cell["name"]] = analysis
             except spectra.SpectraError as e:
                 log(f"{cell['name']}: not analysed: {e}")
@@ -210,13 +197,19 @@ def cliff(
     )
 
 
+#: Methods whose adapter size is not ``--rank`` (QuanTA: ``--quanta-d``; full, IA3, LayerNorm: none).
+RANKLESS = ("quanta", "full", "ia3", "lntuning")
+
+
 def geometry_vs_rank(
     table: pd.DataFrame, varying: Sequence[str], zipped: Sequence[Sequence[str]] = ()
 ) -> FigureSpec | None:
     """E_1 and effective rank at the last step against the rank: one line per value of the other
-    varying options (mean over seeds, band: bootstrap 95 %)."""
+    varying options (mean over seeds, band: bootstrap 95 %); methods in :data:`RANKLESS` left out."""
     if "rank" not in varying or not {"E_1", "erank"} <= set(table.columns):
         return None
+    if "method" in table.columns:  # methods whose size is not --rank have no place on a rank axis
+        table = table[~table["method"].isin(RANKLESS)]
     others = [v for v in varying if v not in _with("rank", zipped) | {"seed"}]
     panels = []
     titles = {"E_1": "E_1 = σ₁²/‖ΔW‖² at the last step", "erank": "Effective rank at the last step"}
@@ -409,7 +402,7 @@ def demo_reading(table: pd.DataFrame) -> list[str]:
         sd, sl = value("dora", score), value("lora", score)
         out.append(
             f"DoRA vs LoRA (study: DoRA ahead, 46.6 % vs 42.5 %): {score} {sd:.3g} vs {sl:.3g}, one seed "
-            "each; on the organism their order changes with the seed (benchmarks/RESULTS.md): no finding "
-            "without seeds (spectra sweep --method lora,dora --seed 0,1,2)."
+            "each, which cannot tell them apart: on the organism their order changes from seed to seed "
+            "(benchmarks/RESULTS.md); compare seeds with spectra sweep --method lora,dora --seed 0,1,2."
         )
     return out

@@ -45,7 +45,7 @@ from torch import Tensor
 from spectra import shard
 from spectra.base import DEFAULT_KEEP, BaseSpectrum, compute_base_spectrum
 from spectra.engine import EngineConfig, EngineConfigError, Item, analyze_checkpoint, item_bytes, plan_chunks
-from spectra.errors import DeltaFileError, ShapeMismatchError, SpectraError, first_line
+from spectra.errors import DeltaFileError, RunDirError, ShapeMismatchError, SpectraError, first_line
 from spectra.h5io import atomic_path, remove_stale_temporaries, write_json
 from spectra.metrics import registry
 from spectra.metrics.collapse import CollapseRule
@@ -166,7 +166,16 @@ class Run(RunStore):
         """The rank-collapse flag per checkpoint (:func:`spectra.metrics.detect_collapse`), from
         ``analysis`` (or a fresh :meth:`analyze`) and the ``reward`` column of metrics.jsonl."""
         analysis = self.analyze() if analysis is None else analysis
-        return collapse_flags(analysis, self.rewards, rule or CollapseRule())
+        return collapse_flags(analysis, self.rewards, rule or _run_rule(self))
+
+
+def _run_rule(run: RunStore) -> CollapseRule:
+    """The collapse rule of the run's own ``--collapse-*`` options (run.json), as the live alarm applied
+    it; a threshold out of range is an error naming run.json."""
+    try:
+        return CollapseRule.from_config(run.config)
+    except (TypeError, ValueError) as e:
+        raise RunDirError(f"{run.path / 'run.json'}: {first_line(e)}") from None
 
 
 def load_run(path: str | Path) -> Run:
@@ -228,7 +237,9 @@ def analyze_run(
     device). A process started by ``torchrun``/``accelerate launch`` analyses its share on its own device
     (``config.device``, else ``cuda:LOCAL_RANK``) and gets every row; rank 0 alone writes ``analysis/``.
     (So under such a launcher every rank must call it: the ranks exchange the plan and the rows.)
-    ``prefetch``: read the next chunk from disk while the engine analyses this one.
+    ``prefetch``: read the next chunk from disk while the engine analyses this one. ``rule``: the
+    collapse rule (default: the run's own ``--collapse-*`` options from run.json, as the live alarm
+    applied them; the default thresholds for runs that do not record them).
     """
     config = config or EngineConfig()
     devices = _check_devices(shard.parse_devices(devices), config)
@@ -238,8 +249,8 @@ def analyze_run(
             f"--devices {','.join(devices)}: this process was started by torchrun or accelerate launch, "
             "which already spread the work; leave --devices out"
         )
-    rule = rule or CollapseRule()
     run = run if isinstance(run, Run) else load_run(run)
+    rule = rule or _run_rule(run)
     recorded = run.steps
     steps = recorded if steps is None else list(steps)
     if not steps:

@@ -34,7 +34,14 @@ from spectra.figures import (
 from spectra.h5io import atomic_path
 from spectra.pipeline import Analysis
 from spectra.render import save_png, to_plotly
-from spectra.stats import bootstrap_ci, difference_ci, distinguishing_keys, mean_over_seeds, seed_groups
+from spectra.stats import (
+    CONFIDENCE,
+    bootstrap_ci,
+    difference_ci,
+    distinguishing_keys,
+    mean_over_seeds,
+    seed_groups,
+)
 
 
 def run_view(analysis: Analysis, label: str | None = None, color: str = PALETTE[0]) -> RunView:
@@ -278,12 +285,15 @@ def seed_table(
         means = [v[~pd.isna(v)].mean() if (~pd.isna(v)).any() else -math.inf for v in values]
         best = int(max(range(len(means)), key=lambda i: means[i]))
         diffs, noise = [], []
+        # each configuration against the best, k − 1 comparisons: Bonferroni, so that the chance of any
+        # false "beyond the seed noise" stays near 1 − CONFIDENCE (the best is itself chosen by its mean)
+        level = 1 - (1 - CONFIDENCE) / (len(groups) - 1)
         for i, v in enumerate(values):
             if i == best:
                 diffs.append("best")
                 noise.append("—")
                 continue
-            d = difference_ci(v, values[best])
+            d = difference_ci(v, values[best], level)
             diffs.append(str(d))
             inside = d.contains(0.0)
             noise.append("one seed" if inside is None else "yes" if inside else "no")
@@ -323,9 +333,13 @@ def noise_sentences(seeds: pd.DataFrame) -> list[str]:
             continue
         if verdict == "one seed":
             out.append(f"{label} vs {best}: {score} differs by {d}; one seed on a side, no noise estimate.")
+        elif verdict == "yes":
+            out.append(
+                f"{label} vs {best}: {score} differs by {d} (Welch interval): within the seed noise, "
+                "these seeds cannot tell them apart."
+            )
         else:
-            within = "within" if verdict == "yes" else "beyond"
-            out.append(f"{label} vs {best}: {score} differs by {d}, {within} the seed noise.")
+            out.append(f"{label} vs {best}: {score} differs by {d} (Welch interval): beyond the seed noise.")
     return out
 
 

@@ -7,17 +7,20 @@ out (:func:`seed_groups`). A quantity measured on n replicates x_1 … x_n is sh
 x̄ = Σ x_i / n with a percentile-bootstrap interval (:func:`bootstrap_ci`): the α/2 and 1 − α/2
 quantiles of the distribution of the mean of n values drawn with replacement from the x_i. With the few
 seeds a study affords, that distribution is computed exactly (every multiset of n draws, weighted by its
-multinomial probability n!/(∏ c_j!)/nⁿ) while it has at most ``resamples`` atoms (n ≤ 7 for the default
+multinomial probability n!/(∏ c_j!)/nⁿ) while it has at most ``resamples`` atoms (n ≤ 8 for the default
 10 000), and by ``resamples`` seeded Monte-Carlo draws beyond, so the same numbers always give the same
-interval. Two configurations are *within seed noise* of each other when the bootstrap interval of the
-difference of their means (each resampled on its own) contains 0 (:func:`within_noise`).
+interval. Read that interval as the spread the seeds show, not as a guarantee: the percentile bootstrap
+covers less than its nominal 95 % with 2–5 values (with n = 2 it spans the two values). One value has no
+interval.
 
-Read the interval as the spread the seeds show, not as a guarantee: the percentile bootstrap covers less
-than its nominal 95 % with 2–5 values (with n = 2 it spans the two values). One value has no interval.
+Whether two configurations differ by more than the seed noise is a question for a test that keeps its
+level at such n: Welch's t-interval of the difference of their means (:func:`difference_ci`,
+:func:`within_noise`), which is honest about how little 2 or 3 seeds can tell.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -116,14 +119,22 @@ def bootstrap_means(
     if n == 0:
         raise ValueError("bootstrap_means: no finite value")
     if exact(n, resamples):
-        counts = np.array(
-            [np.bincount(c, minlength=n) for c in itertools.combinations_with_replacement(range(n), n)]
-        )
-        log_w = math.lgamma(n + 1) - np.sum([[math.lgamma(c + 1) for c in row] for row in counts], axis=1)
-        weights = np.exp(log_w - n * math.log(n))
-        return counts @ x / n, weights / weights.sum()
+        counts, weights = _multisets(n)
+        return counts @ x / n, weights
     draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
     return x[draws].mean(axis=1), np.full(resamples, 1.0 / resamples)
+
+
+@functools.cache
+def _multisets(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every multiset of n draws from n values as counts (rows), and its probability n!/(∏ c_j!)/nⁿ."""
+    counts = np.array(
+        [np.bincount(c, minlength=n) for c in itertools.combinations_with_replacement(range(n), n)]
+    )
+    log_w = math.lgamma(n + 1) - np.sum([[math.lgamma(c + 1) for c in row] for row in counts], axis=1)
+    weights = np.exp(log_w - n * math.log(n))
+    counts.flags.writeable = weights.flags.writeable = False  # cached: shared by every call
+    return counts, weights / weights.sum()
 
 
 def exact(n: int, resamples: int = RESAMPLES) -> bool:
@@ -161,16 +172,21 @@ def bootstrap_ci(
 
 
 def difference_ci(
-    a: Sequence[float] | np.ndarray,
-    b: Sequence[float] | np.ndarray,
-    confidence: float = CONFIDENCE,
-    resamples: int = RESAMPLES,
-    seed: int = 0,
+    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, confidence: float = CONFIDENCE
 ) -> Interval:
-    """mean(a) − mean(b) and the percentile-bootstrap interval of that difference, a and b resampled
-    independently (exactly while both distributions are exact and their product has at most 100 ×
-    ``resamples`` atoms; else ``resamples`` paired Monte-Carlo draws). ``n`` is the smaller count; no
-    interval when either has fewer than 2 values."""
+    """mean(a) − mean(b) and Welch's t-interval of that difference at ``confidence``:
+
+        d ± t_{(1+c)/2, ν} · √(s_a²/n_a + s_b²/n_b),
+        ν = (s_a²/n_a + s_b²/n_b)² / ((s_a²/n_a)²/(n_a − 1) + (s_b²/n_b)²/(n_b − 1))
+
+    (s² the unbiased variances). Not the bootstrap: with the 2–5 seeds a study affords, the percentile
+    bootstrap of a difference calls equal configurations different far more often than 1 − c (31 % at
+    2 seeds each, 19 % at 3, in simulation), while Welch's interval keeps its level for normal noise
+    and is wide when the seeds are few — "cannot tell" is then the honest answer. When neither side
+    varies the interval is the difference itself. ``n`` is the smaller count; no interval when either
+    has fewer than 2 values."""
+    from scipy.stats import t as student_t
+
     x, y = _clean(a), _clean(b)
     n = min(len(x), len(y))
     if n == 0:
@@ -178,23 +194,19 @@ def difference_ci(
     diff = float(x.mean() - y.mean())
     if n < 2:
         return Interval(diff, None, None, n)
-    ma, wa = bootstrap_means(x, resamples, seed)
-    mb, wb = bootstrap_means(y, resamples, seed + 1)
-    if exact(len(x), resamples) and exact(len(y), resamples) and len(ma) * len(mb) <= 100 * resamples:
-        means, weights = np.subtract.outer(ma, mb).ravel(), np.multiply.outer(wa, wb).ravel()
-    else:
-        rng = np.random.default_rng(seed)
-        means = x[rng.integers(0, len(x), (resamples, len(x)))].mean(1)
-        means = means - y[rng.integers(0, len(y), (resamples, len(y)))].mean(1)
-        weights = np.full(resamples, 1.0 / resamples)
-    low, high = weighted_quantiles(means, weights, [(1 - confidence) / 2, (1 + confidence) / 2])
-    return Interval(diff, low, high, n)
+    va, vb = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return Interval(diff, diff, diff, n)
+    dof = (va + vb) ** 2 / (va**2 / (len(x) - 1) + vb**2 / (len(y) - 1))
+    half = float(student_t.ppf((1 + confidence) / 2, dof)) * se
+    return Interval(diff, diff - half, diff + half, n)
 
 
 def within_noise(
     a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, confidence: float = CONFIDENCE
 ) -> bool | None:
-    """Whether mean(a) and mean(b) differ by no more than the seed noise: the bootstrap interval of the
+    """Whether mean(a) and mean(b) differ by no more than the seed noise: Welch's interval of the
     difference (:func:`difference_ci`) contains 0. None when either has fewer than 2 values."""
     return difference_ci(a, b, confidence).contains(0.0)
 

@@ -63,3 +63,22 @@ def test_run_collapse_reads_analysis_and_logged_reward(lora_run):
     assert not run.collapse(analysis)["collapsed"].any()
     lax = run.collapse(analysis, CollapseRule(e1_min=0.01, reward_window=2))
     assert lax.set_index("step")["collapsed"].to_dict() == {0: False, 5: False, 10: True}
+
+
+def test_the_analysis_applies_the_runs_own_collapse_options(lora_run):
+    """spectra analyze, spectra sweep and the live alarm flag with one rule: the run's --collapse-*."""
+    import json
+
+    from spectra.errors import RunDirError
+    from spectra.pipeline import analyze_run
+
+    config = json.loads((lora_run / "run.json").read_text())
+    assert analyze_run(lora_run, save=False).rule == CollapseRule()  # none recorded: the defaults
+    config |= {"collapse_e1": 0.3, "collapse_erank": None, "collapse_window": 2, "collapse_reward_drop": 0.4}
+    (lora_run / "run.json").write_text(json.dumps(config))
+    want = CollapseRule(e1_min=0.3, reward_drop=0.4, reward_window=2)
+    assert analyze_run(lora_run, save=False).rule == want
+    assert analyze_run(lora_run, rule=CollapseRule(), save=False).rule == CollapseRule()  # asked for: wins
+    (lora_run / "run.json").write_text(json.dumps(config | {"collapse_e1": 7}))
+    with pytest.raises(RunDirError, match=r"run.json: CollapseRule.e1_min must be in \(0, 1\], got 7"):
+        analyze_run(lora_run, save=False)

@@ -353,7 +353,8 @@ def test_cli_probe_joins_runs_and_writes_the_report(sweeps, tiny_probe, shared_o
     assert set(summary["models"][m0]["by_proj"]) == projs
     assert [e["layer"] for e in summary["models"][m0]["by_depth"]] == [0, 1]
     o = pd.DataFrame(summary["join"]["models"]).set_index("model")
-    assert o.loc[m0, "best_lora"] == 0.6 and o.loc[m0, "best_structured"] == pytest.approx(0.9)
+    # m0's QuanTA has a training reward only (0.9): compared on held-out scores, DoRA's 0.7 is the best
+    assert o.loc[m0, "best_lora"] == 0.6 and o.loc[m0, "best_structured"] == pytest.approx(0.7)
     assert o.loc[m0, "collapse_rank"] == 16 and o.loc[m0, "runs"] == 5
     assert o.loc[m1, "structured_minus_lora"] == pytest.approx(0.05) and pd.isna(o.loc[m1, "collapse_rank"])
     assert o.loc[m2, "best_lora"] == 0.1 and o.loc[m2, "best_structured"] == 0.3
@@ -384,3 +385,29 @@ def test_cli_memory_must_be_positive(tiny, tmp_path):
         app, ["probe", "maturity", str(tiny), "--memory-mb", "0", "--out", str(tmp_path)]
     )
     assert res.exit_code == 1 and "--memory-mb 0" in res.output
+
+
+def test_a_run_collapsed_when_the_analysis_or_the_live_alarm_says_so(tmp_path):
+    from spectra.probes.maturity_runs import run_collapsed
+
+    quiet = write_run(tmp_path / "quiet", "m", "lora", 8, rewards=[0.5])
+    assert run_collapsed(quiet) is None  # neither analysed nor watched
+    (quiet / "train_summary.json").write_text(json.dumps({"monitored_steps": [10], "collapse_step": None}))
+    assert run_collapsed(quiet) is False
+    alarm = write_run(tmp_path / "alarm", "m", "lora", 64, rewards=[0.5], collapsed=False)
+    (alarm / "train_summary.json").write_text(json.dumps({"monitored_steps": [10], "collapse_step": 10}))
+    assert run_collapsed(alarm) is True  # the analysis saw none; the live alarm fired
+    event = write_run(tmp_path / "event", "m", "lora", 64, rewards=[0.5])
+    with open(event / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps({"step": 1, "event": "collapse", "reason": "E_1"}) + "\n")
+    assert run_collapsed(event) is True
+
+
+def test_held_out_scores_are_not_mixed_with_rewards(tmp_path):
+    from spectra.probes.maturity_runs import model_outcomes
+
+    write_run(tmp_path / "lora", "m", "lora", 8, evals=[(20, 0.4)])
+    write_run(tmp_path / "dora", "m", "dora", 8, rewards=[0.9] * 5)  # a reward only: not comparable
+    write_run(tmp_path / "quanta", "m", "quanta", 8, evals=[(20, 0.5)])
+    out = model_outcomes(collect_runs([tmp_path], []))
+    assert out["best_structured"] == pytest.approx(0.5) and "quanta" in out["best_structured_run"]

@@ -88,9 +88,12 @@ def test_cells_are_named_from_their_varying_values(tmp_path):
     grid = {"method": ("lora",), "rank": (8, 64), "batch_size": (64, 128), "seed": (0, 1)}
     plan = plan_sweep(tmp_path, grid, also=[{"method": ("dora",), "rank": (16,), "batch_size": (64,)}])
     names = [c.name for c in plan.cells]
-    assert "lora-r64-b128-s0" in names and len(names) == 8 + 1
-    dora = plan.cells[-1]
-    assert dora.name == "dora-r16-b64-s0" and dora.config.seed == 0  # single values apply to --also cells
+    assert "lora-r64-b128-s0" in names and len(names) == 8 + 2
+    dora = plan.cells[-2]  # an --also grid without seeds takes the main grid's: its cells are replicated
+    assert [c.name for c in plan.cells[-2:]] == ["dora-r16-b64-s0", "dora-r16-b64-s1"]
+    assert dora.config.seed == 0 and dora.config.rank == 16
+    seeded = plan_sweep(tmp_path, grid, also=[{"method": ("dora",), "seed": (7,)}])  # its own seed wins
+    assert [c.config.seed for c in seeded.cells if c.config.method == "dora"] == [7]
     assert plan.varying == ["method", "rank", "batch_size", "seed"]
     groups = {c.group for c in plan.cells if c.config.rank == 8 and c.config.batch_size == 64}
     assert groups == {"lora-r8-b64"}  # the seeds of one configuration
@@ -151,7 +154,7 @@ def test_the_organism_preset_plans_the_rank_batch_grid_with_contrasts(tmp_path):
 def test_processes_per_cell_go_through_accelerate_with_a_port_per_slot(tmp_path):
     cell = plan_sweep(tmp_path, {"rank": (8,)}).cells[0]
     cmd = cell_command(cell, resume=True, processes_per_cell=2, port=29501)
-    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert cmd[:4] == [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]  # N even on CPUs
     assert cmd[cmd.index("--num_processes") + 1] == "2"
     assert cmd[cmd.index("--main_process_port") + 1] == "29501"
     assert cmd[-1] == "--resume" and "--name" in cmd and cmd[cmd.index("--name") + 1] == "lora"
@@ -272,3 +275,14 @@ def test_report_averages_seeds_and_marks_collapse(tmp_path, small_shapes):
     page = files[-1].read_text()
     assert "Final accuracy over rank × batch_size" in page and "(2 seeds)" in page
     assert {p.name for p in (out / "plots").iterdir()} == {"cliff.png", "geometry_vs_rank.png", "curves.png"}
+
+
+def test_gpu_ids_must_be_visible_gpus():
+    from spectra.cli.sweep import _gpus
+
+    assert _gpus("1", lambda: ["0", "1"]) == ["1"] and _gpus(None, lambda: ["0", "1"]) == ["0", "1"]
+    assert _gpus("none", lambda: ["0"]) == []
+    with pytest.raises(SweepError, match=r"--gpus 1,7: 7 not among the visible GPUs \(0,1\)"):
+        _gpus("1,7", lambda: ["0", "1"])
+    with pytest.raises(SweepError, match="no CUDA device is visible"):
+        _gpus("0", lambda: [])

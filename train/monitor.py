@@ -374,12 +374,7 @@ def _from_main(value: Any) -> Any:
 
 def collapse_rule(cfg: Any) -> CollapseRule:
     """The rule of a :class:`~spectra.train.config.TrainConfig`'s ``--collapse-*`` options."""
-    return CollapseRule(
-        e1_min=cfg.collapse_e1,
-        erank_max=cfg.collapse_erank,
-        reward_drop=cfg.collapse_reward_drop,
-        reward_window=cfg.collapse_window,
-    )
+    return CollapseRule.from_config(asdict(cfg))
 
 
 def install(trainer: Any, monitor: GeometryMonitor) -> None:

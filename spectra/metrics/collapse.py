@@ -22,7 +22,9 @@ says which conditions fired. The geometry inputs are the registry's ``E_1`` and 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -50,6 +52,17 @@ class CollapseRule:
             raise ValueError(f"CollapseRule.reward_drop must be in (0, 1), got {self.reward_drop}")
         if self.reward_window < 1:
             raise ValueError(f"CollapseRule.reward_window must be ≥ 1, got {self.reward_window}")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> CollapseRule:
+        """The rule of a run's ``--collapse-*`` options (``collapse_e1``, ``collapse_erank``,
+        ``collapse_reward_drop``, ``collapse_window`` in run.json or a TrainConfig's dict); the default
+        thresholds for those it does not record. One rule per run, whoever applies it: the live alarm,
+        ``spectra analyze`` and ``spectra sweep`` flag the same steps."""
+        keys = {"e1_min": "collapse_e1", "erank_max": "collapse_erank",
+                "reward_drop": "collapse_reward_drop", "reward_window": "collapse_window"}  # fmt: skip
+        given = {field: config[key] for field, key in keys.items() if key in config}
+        return cls(**{k: v for k, v in given.items() if v is not None or k == "erank_max"})
 
 
 def step_medians(analysis: pd.DataFrame) -> pd.DataFrame:

@@ -69,7 +69,7 @@ PRESETS = {
             "batch_size": (4, 8), "max_steps": (20,), "eval_every": (20,),
         },
         also=({"method": ("dora",), "rank": (16,), "alpha": (32.0,), "batch_size": (4, 8)},
-              {"method": ("quanta",), "rank": (16,), "alpha": (32.0,), "batch_size": (4, 8)}),
+              {"method": ("quanta",), "batch_size": (4, 8)}),
         zipped=(("rank", "alpha"),),
     ),
 }  # fmt: skip
@@ -229,11 +229,13 @@ def _varying(configs: Sequence[TrainConfig]) -> list[str]:
 
 
 def cell_name(cfg: TrainConfig, varying: Sequence[str]) -> str:
-    """``<method>-<abbr><value>-…`` over the varying fields (the method always first)."""
-    parts = [cfg.method] + [
-        ABBREVIATIONS.get(f, f) + _text(getattr(cfg, f)) for f in varying if f != "method"
-    ]
-    return "-".join(parts)
+    """``<method>-<abbr><value>-…`` over the varying fields (the method always first; rank and alpha left
+    out for a method they do not size, ``quanta-b4``)."""
+    from spectra.train.methods import get_method
+
+    skip = {"method"} | (set() if get_method(cfg.method).uses_rank else {"rank", "alpha"})
+    return "-".join([cfg.method, *(ABBREVIATIONS.get(f, f) + _text(getattr(cfg, f)) for f in varying
+                                   if f not in skip)])  # fmt: skip
 
 
 def _text(value: Any) -> str:

@@ -197,19 +197,17 @@ def cliff(
     )
 
 
-#: Methods whose adapter size is not ``--rank`` (QuanTA: ``--quanta-d``; full, IA3, LayerNorm: none).
-RANKLESS = ("quanta", "full", "ia3", "lntuning")
-
-
 def geometry_vs_rank(
     table: pd.DataFrame, varying: Sequence[str], zipped: Sequence[Sequence[str]] = ()
 ) -> FigureSpec | None:
     """E_1 and effective rank at the last step against the rank: one line per value of the other
-    varying options (mean over seeds, band: bootstrap 95 %); methods in :data:`RANKLESS` left out."""
+    varying options (mean over seeds, band: bootstrap 95 %); methods that --rank does not size left out."""
     if "rank" not in varying or not {"E_1", "erank"} <= set(table.columns):
         return None
     if "method" in table.columns:  # methods whose size is not --rank have no place on a rank axis
-        table = table[~table["method"].isin(RANKLESS)]
+        from spectra.train.methods import get_method
+
+        table = table[[pd.isna(m) or get_method(str(m)).uses_rank for m in table["method"]]]
     others = [v for v in varying if v not in _with("rank", zipped) | {"seed"}]
     panels = []
     titles = {"E_1": "E_1 = σ₁²/‖ΔW‖² at the last step", "erank": "Effective rank at the last step"}

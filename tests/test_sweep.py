@@ -149,6 +149,8 @@ def test_the_organism_preset_plans_the_rank_batch_grid_with_contrasts(tmp_path):
     ranks = {c.config.rank for c in plan.cells if c.config.method == "lora"}
     batches = {c.config.batch_size for c in plan.cells}
     assert {"lora", "dora", "quanta"} <= methods and len(ranks) >= 5 and len(batches) >= 2
+    # --rank and --alpha do not size QuanTA: its cells are not named by them
+    assert {c.name for c in plan.cells if c.config.method == "quanta"} == {"quanta-b4", "quanta-b8"}
 
 
 def test_processes_per_cell_go_through_accelerate_with_a_port_per_slot(tmp_path):
@@ -185,7 +187,7 @@ def test_failed_interrupted_and_resumed_cells(organism_dir, tmp_path, monkeypatc
     assert list(table["cell"]) == ["lora-r2", "lora-r4"] and list(table["rank"]) == [2, 4]
     assert list(table["status"]) == ["finished", "failed"] and table.loc[1, "error"] == "RuntimeError: boom"
     assert table.loc[0, "steps"] == 2 and table.loc[0, "organism avg@2"] >= 0 and table.loc[0, "wall s"] > 0
-    assert (out / "report.html").exists()
+    assert (out / "report.html").exists(), r.output
     finished_at = (out / "lora-r2" / "train_summary.json").stat().st_mtime_ns
 
     # Ctrl-C during lora-r4's first step: lora-r2 stays as it was, lora-r4 is left interrupted

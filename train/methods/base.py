@@ -96,6 +96,8 @@ class Method:
     summary: str = ""
     #: module-name suffixes used when the user keeps the default target list (None: use cfg.target_modules)
     default_targets: tuple[str, ...] | None = None
+    #: whether --rank and --alpha size the adapter (False: QuanTA, full fine-tuning, IA3, LayerNorm)
+    uses_rank: bool = True
 
     def targets(self, cfg: TrainConfig) -> list[str]:
         from spectra.train.config import PROJECTIONS

@@ -20,6 +20,7 @@ from spectra.operators import Dense
 @register
 class Full(Method):
     name = "full"
+    uses_rank = False
     summary = "full fine-tuning: ΔW = W_t − W0 (recorded for the target projections)"
 
     def apply(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:

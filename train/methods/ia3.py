@@ -23,6 +23,7 @@ FEEDFORWARD = ("gate_proj", "up_proj", "down_proj")
 @register
 class IA3(PeftMethod):
     name = "ia3"
+    uses_rank = False
     summary = "IA3: ΔW = W0 ⊙ (l − 1), rows of attention projections, columns of feed-forward inputs"
     default_targets = ("k_proj", "v_proj", "down_proj")
 

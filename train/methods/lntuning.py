@@ -33,6 +33,7 @@ def _norm_params(model: nn.Module) -> dict[str, Tensor]:
 @register
 class LNTuning(PeftMethod):
     name = "lntuning"
+    uses_rank = False
     summary = "LayerNorm tuning: the norms' scales (and biases) train, nothing else"
     default_targets = NORMS
 

@@ -29,6 +29,7 @@ from spectra.operators import Dense
 @register
 class QuanTA(Method):
     name = "quanta"
+    uses_rank = False  # sized by --quanta-d
     summary = "QuanTA: ΔW = T − T_init, a circuit of small gates on d tensor axes (high rank)"
 
     def apply(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:

@@ -30,6 +30,7 @@ import pandas as pd
 from spectra.errors import first_line
 from spectra.stats import configuration_key
 from spectra.store import read_jsonl
+from spectra.tables import alarm_collapse
 
 LOW_RANK = ("lora", "rslora", "loraplus", "lorafa", "pissa", "milora")  # a low-rank B·A update
 STRUCTURED = ("dora", "quanta", "miss")  # structured adapters that are not a low-rank B·A
@@ -89,25 +90,26 @@ def run_collapsed(run: Path) -> bool | None:
     fired (``collapse_step`` in train_summary.json, or a ``{"event": "collapse"}`` row of metrics.jsonl),
     as sweep.csv's ``collapsed`` column counts it. False when one of them looked and found none; None when
     neither did (not analysed, no live geometry)."""
-    looked = []
-    sources = ((run / "analysis" / "summary.json", "collapsed_steps"), (run / "train_summary.json", None))
-    for path, key in sources:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(data, dict):
-            continue
-        if key is not None:
-            looked.append(bool(data.get(key)))
-        elif data.get("monitored_steps"):  # the live alarm watched this run
-            looked.append(data.get("collapse_step") is not None)
+    analysis = _json_object(run / "analysis" / "summary.json")
+    trained = _json_object(run / "train_summary.json") or {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logs = read_jsonl(run / "metrics.jsonl")
-    if "event" in logs.columns and (logs["event"] == "collapse").any():
-        looked.append(True)
+    looked = []
+    if analysis is not None:
+        looked.append(bool(analysis.get("collapsed_steps")))
+    alarm = alarm_collapse(trained, logs)
+    if alarm is not None or trained.get("monitored_steps"):  # the live alarm watched this run
+        looked.append(alarm is not None)
     return any(looked) if looked else None
+
+
+def _json_object(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def collect_runs(paths: Sequence[str | Path], problems: list[str]) -> pd.DataFrame:

@@ -45,6 +45,7 @@ from spectra.report import (
 )
 from spectra.stats import bootstrap_ci
 from spectra.store import read_jsonl
+from spectra.tables import alarm_collapse
 
 DEFAULT_AXES = ("rank", "batch_size")
 COLLAPSE_COLUMNS = ("collapsed", "collapse step", "collapse reason", "collapse flagged by")
@@ -80,13 +81,9 @@ def cell_row(cell: dict[str, Any], out: Path, varying: Sequence[str], analysis: 
 def _collapse(trained: dict, logs: pd.DataFrame, analysis: Analysis | None) -> dict[str, Any]:
     """Whether, where and why the run collapsed: the earliest of the live alarm and the analysis' rule."""
     found = []  # (step, reason, by)
-    if trained.get("collapse_step") is not None:
-        found.append((int(trained["collapse_step"]), str(trained.get("collapse_reason") or ""), "monitor"))
-    elif "event" in logs.columns:
-        events = logs[logs["event"] == "collapse"]
-        if len(events):
-            first = events.iloc[0]
-            found.append((int(first["step"]), str(first.get("reason") or ""), "monitor"))
+    alarm = alarm_collapse(trained, logs)
+    if alarm is not None:
+        found.append((*alarm, "monitor"))
     if analysis is not None and analysis.summary["collapsed_steps"]:
         step = analysis.summary["collapsed_steps"][0]
         entry = next(e for e in analysis.summary["steps"] if e["step"] == step)

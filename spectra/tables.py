@@ -58,6 +58,19 @@ def collapse_flags(table: pd.DataFrame, rewards: pd.DataFrame | None, rule: Coll
     return detect_collapse(step_medians(analysed_matrices(table)), rewards, rule)
 
 
+def alarm_collapse(train_summary: dict[str, Any], logs: pd.DataFrame) -> tuple[int, str] | None:
+    """The live collapse alarm's first firing (step, reason): ``collapse_step``/``collapse_reason`` of
+    train_summary.json, else the first ``{"event": "collapse"}`` row of metrics.jsonl (a run still
+    training, or killed); None when it never fired."""
+    if train_summary.get("collapse_step") is not None:
+        return int(train_summary["collapse_step"]), str(train_summary.get("collapse_reason") or "")
+    if "event" in logs.columns:
+        events = logs[logs["event"] == "collapse"]
+        if len(events):
+            return int(events.iloc[0]["step"]), str(events.iloc[0].get("reason") or "")
+    return None
+
+
 def summarize(
     config: dict[str, Any],
     run_path: str,

@@ -6,8 +6,8 @@ Three variants share the configuration, model, data, reward, ``GRPOConfig`` and 
    (the model with the method attached, the dataset, the accuracy reward, ``grpo_config``, the
    method's optimizer), with no spectra callback and TRL's log printer removed (spectra prints its
    own line instead);
-2. ``record``: ``prepare(...)`` with the ΔW recorder only (monitor, collapse alarm and held-out
-   evaluation removed);
+2. ``record``: ``prepare(...)`` with the ΔW recorder only (``monitor_every=0``: no monitor and no
+   collapse alarm in its ``SpectraCallback``; ``eval_every=0``: no held-out evaluation);
 3. ``spectra``: ``prepare(...)`` as ``spectra train`` runs it: ΔW recording, the live geometry monitor
    and the held-out evaluation at their defaults (``train/config.py``; on the organism, ΔW every 10
    steps and an evaluation of 64 problems × 4 samples every 10 steps; on a real model the study's
@@ -50,13 +50,15 @@ from bench_recording import import_torch_for  # benchmarks/ is on the path of a 
 VARIANTS = ("bare", "record", "spectra")
 
 
-def config(args: argparse.Namespace, out: Path, name: str):
+def config(args: argparse.Namespace, out: Path, name: str, variant: str = "spectra"):
+    """The run's configuration; ``record`` turns the monitor (and with it the alarm) and evaluation off."""
     from spectra.train import TrainConfig
 
+    off = {"monitor_every": 0, "eval_every": 0} if variant == "record" else {}
     return TrainConfig(
         model=args.model, method=args.method, max_steps=args.max_steps, seed=args.seed, out=str(out),
         name=name, dropout=args.dropout, batch_size=args.batch_size, num_generations=args.num_generations,
-        max_completion_length=args.max_completion_length,
+        max_completion_length=args.max_completion_length, **off,
     )  # fmt: skip
 
 
@@ -95,7 +97,7 @@ def one_run(variant: str, args: argparse.Namespace, out: Path, name: str) -> dic
     from spectra.train.evaluation import HeldOutEval
     from spectra.train.trainer import prepare
 
-    cfg = config(args, out, name)
+    cfg = config(args, out, name, variant)
     session = evaluation = None
     if variant == "bare":
         trainer = bare_trainer(cfg, out / name)
@@ -103,11 +105,7 @@ def one_run(variant: str, args: argparse.Namespace, out: Path, name: str) -> dic
         session = prepare(cfg)
         trainer = session.trainer
         evaluation = next((c for c in trainer.callback_handler.callbacks if isinstance(c, HeldOutEval)), None)
-        if variant == "record":
-            for callback in (session.monitor, session.alarm, evaluation):
-                if callback is not None:
-                    trainer.remove_callback(callback)
-            evaluation = None
+        assert variant != "record" or (session.monitor is None and evaluation is None)
     eval_s = _time_calls(evaluation, "run") if evaluation is not None else [0.0, 0.0]
     inside = _time_callbacks(trainer)
     load = os.getloadavg()

@@ -3,8 +3,9 @@
 The three runs share the configuration and seed (the organism's default LoRA run unless told otherwise);
 held-out evaluation is off in all of them so that only recording and monitoring differ:
 
-1. ``bare``: neither the ΔW recorder nor the geometry monitor;
-2. ``recorder``: the recorder only (the monitor's callbacks removed);
+1. ``bare``: neither the ΔW recorder nor the geometry monitor: the whole ``SpectraCallback`` (which holds
+   recorder, metrics logger, monitor, collapse alarm and live checks) taken out of the trainer;
+2. ``recorder``: the recorder only (``monitor_every=0``: no monitor, no collapse alarm);
 3. ``monitor``: the recorder and the monitor (``--monitor-every``, default: spectra train's, 10) —
    what ``spectra train`` runs by default.
 
@@ -73,27 +74,24 @@ def one_run(out: Path, name: str, args: argparse.Namespace, record: bool, monito
         eval_every=0, out=str(out), name=name, seed=args.seed, dataset="organism",
         batch_size=8 if real else None, max_completion_length=40 if real else None,
         micro_batch_size=64 if real else None, gradient_checkpointing=False if real else None,
-        monitor_every=args.monitor_every, monitor_modules=args.monitor_modules,
+        monitor_every=args.monitor_every if monitor else 0, monitor_modules=args.monitor_modules,
     )  # fmt: skip
-    session = prepare(cfg)
-    if not record:
-        session.trainer.remove_callback(session.recorder)
-    if not monitor:
-        for callback in (session.monitor, session.alarm):
-            if callback is not None:
-                session.trainer.remove_callback(callback)
+    session = prepare(cfg)  # monitor_every=0: SpectraCallback builds no monitor and no collapse alarm
+    if not record:  # the recorder cannot be configured away (ΔW at steps 0 and last): drop the callback
+        session.trainer.remove_callback(session.callback)
     load = os.getloadavg()
     t0 = time.perf_counter()
-    session.train()
+    output = session.trainer.train()
     wall = time.perf_counter() - t0
-    summary = json.loads((session.run_dir / "train_summary.json").read_text())
+    # train_summary.json is written by the callback's metrics logger; without it, the trainer's own output
+    summary = json.loads((session.run_dir / "train_summary.json").read_text()) if record else output.metrics
     mon = session.monitor if monitor else None
     return {
         "wall_s": wall,
         "train_runtime_s": float(summary["train_runtime"]),
         "record_s": session.recorder.seconds if record else 0.0,
         "base_s": session.recorder.base_seconds if record else 0.0,
-        "recorded_steps": len(session.recorder.recorded),
+        "recorded_steps": len(session.recorder.recorded) if record else 0,
         "monitor_s": mon.seconds if mon else 0.0,
         "monitor_setup_s": mon.setup_seconds if mon else 0.0,
         "monitored_steps": len(mon.measured) if mon else 0,

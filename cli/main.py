@@ -8,7 +8,9 @@ from contextlib import contextmanager
 import typer
 from rich.console import Console
 from rich.markup import escape
-from spectra.cli.options import ConfigCommand, config_options, field_option
+from spectra.cli.audit import register as register_audit
+from spectra.cli.importing import register as register_import
+from spectra.cli.options import Command, ConfigCommand, Group, config_options, field_option
 from spectra.cli.probe import probe_app
 from spectra.cli.sweep import sweep as sweep_command
 from spectra.train.config import (  # light: no trainer stack imported
@@ -20,14 +22,20 @@ from spectra.train.eval_config import EvalConfig  # light too
 
 import spectra
 
+# Light at import (tests/test_cli_startup.py): `spectra --help` and every command's --help start without
+# torch or transformers; a command imports what it needs in its body.
 app = typer.Typer(
+    cls=Group,
     name="spectra",
     help="Spectral geometry of RLVR weight updates.",
     no_args_is_help=True,
     add_completion=False,
 )
 app.add_typer(probe_app, name="probe")
+register_import(app)
+register_audit(app)
 console = Console(soft_wrap=True)
+TRAIN_BANNER = "spectra train: loading the trainer stack (torch, transformers, TRL)…"
 
 
 def _version(value: bool) -> None:
@@ -45,21 +53,29 @@ def main(
     """Train with RLVR, record ΔW, and measure its geometry."""
 
 
-@app.command()
+@app.command(cls=Command)
 def info(run_dir: str = typer.Argument(..., help="A run directory (runs/<name>/).")) -> None:
-    """Show what a run directory holds: configuration, recorded steps, modules."""
+    """Show what a run directory holds: configuration, recorded steps, modules, and the steps whose
+    delta file lacks a module the run records."""
     with _one_line_errors():
         run = spectra.load_run(run_dir)
-        steps, modules = run.steps, run.modules
+        steps, modules, gaps = run.steps, run.modules, run.incomplete_steps()
     console.print(f"[bold]{run.path}[/bold]")
     for key in ("model", "method", "rank", "alpha", "loss"):
         if key in run.config:
             console.print(f"  {key}: {run.config[key]}")
     console.print(f"  steps: {steps}")
     console.print(f"  modules: {len(modules)}")
+    if gaps:
+        console.print(f"  [yellow]incomplete steps: {sorted(gaps)}[/yellow]")
+        for step, found in gaps.items():
+            named = [m for m, _ in found if m is not None]
+            lost = [why for m, why in found if m is None]
+            what = [f"lacks {len(named)} module(s): {', '.join(named)}"] if named else []
+            console.print(f"    step {step}: {escape('; '.join(what + lost))}")
 
 
-@app.command()
+@app.command(cls=Command)
 def metrics() -> None:
     """Print every metric spectra computes (the registry: column, meaning, formula, range), as Markdown."""
     from spectra.metrics.registry import markdown
@@ -76,6 +92,8 @@ def train(
     ),
 ) -> None:
     """Train with RLVR (TRL GRPO) and record ΔW. No options: LoRA on the embedded organism (CPU, minutes)."""
+    if os.environ.get("RANK", "0") == "0":  # the first line, before seconds of imports (one per launch)
+        console.print(TRAIN_BANNER, markup=False, highlight=False)
     from spectra.train import train as run_training
 
     with _one_line_errors():
@@ -168,8 +186,12 @@ def _analyze(
         console.print(f"  [yellow]warning:[/yellow] {escape(problem)}")
     if len(analysis.problems) > 10:
         console.print(f"  [yellow]… {len(analysis.problems) - 10} more in summary.json[/yellow]")
-    if analysis.summary["collapsed_steps"]:
-        console.print(f"  [red]rank collapse flagged at steps {analysis.summary['collapsed_steps']}[/red]")
+    record = analysis.summary.get("collapse") or {}
+    if record.get("collapsed"):  # a performance cliff; the geometry's signature beside it
+        console.print(
+            f"  [red]collapsed from step {record['step']}[/red] ({escape(record['reason'])}); signature: "
+            f"[bold]{record['signature']}[/bold] ({escape(str(record['signature_reason']))})"
+        )
     return analysis
 
 
@@ -183,7 +205,7 @@ _FORCE = typer.Option(False, "--force", help="Analyse every step again instead o
 _K = typer.Option(None, "--k", help="k of the alignment, concentration and angle plots (default 8).")
 
 
-@app.command()
+@app.command(cls=Command)
 def analyze(
     run_dir: str = typer.Argument(..., help="A run directory (runs/<name>/)."),
     device: str | None = _DEVICE,
@@ -205,7 +227,7 @@ def analyze(
 _RUN_DIRS = typer.Argument(..., help="Run directories, e.g. runs/lora runs/dora runs/full.")
 
 
-@app.command()
+@app.command(cls=Command)
 def compare(
     run_dirs: list[str] = _RUN_DIRS,
     out: str = typer.Option("comparison", help="Folder for compare.csv, plots/ and report.html."),
@@ -269,13 +291,13 @@ def _print_comparison(table, report) -> None:
             col, *("—" if pd.isna(v) else f"{v:.3g}" if isinstance(v, float) else str(v) for v in table[col])
         )
     console.print(view)
-    seeds = report.parent / "compare_seeds.csv"  # runs that differ only by seed: mean [95 % interval]
+    seeds = report.parent / "compare_seeds.csv"  # runs that differ only by seed: mean [Student-t 95 %]
     if seeds.exists():
         from spectra.report import noise_sentences, seed_display
 
         grouped = pd.read_csv(seeds)
         shown = seed_display(grouped)
-        view = Table(title=escape("runs that differ only by seed: mean [bootstrap 95 % interval]"))
+        view = Table(title=escape("runs that differ only by seed: mean [Student-t 95 % interval]"))
         view.add_column("")
         for name in shown["configuration"]:
             view.add_column(escape(str(name)), justify="right")
@@ -287,7 +309,7 @@ def _print_comparison(table, report) -> None:
     console.print(f"comparison: [bold]{report}[/bold]")
 
 
-@app.command()
+@app.command(cls=Command)
 def demo(
     out: str = typer.Option("runs/demo", help="Parent directory of the demo's runs and comparison."),
     methods: str = typer.Option(",".join(DEMO_METHODS), help="Comma-separated methods to train."),

@@ -14,13 +14,16 @@ The metadata keys it reads:
              shown (a registry that imports torch is then not loaded to start the command). The dataclass
              checks values itself; this is for the help.
 ``flags``    the option's spelling when it is not ``--name`` / ``--name/--no-name``: ``("--use-vllm",)``
+``aliases``  further spellings the option also takes, e.g. the name other tools give it:
+             ``("--learning-rate",)`` beside ``--lr``
 ``multiple`` a tuple field given by repeating the option (``-b x -b y``) instead of as ``x,y``
 ``cli``      ``False``: not an option (internal state)
 ============ ==============================================================================================
 
 Field types: ``str``, ``int``, ``float``, ``bool`` (``--name/--no-name``), ``X | None`` (unset: None),
 ``Literal[...]`` (text; its values are the choices) and tuples of str, int or float (comma-separated text,
-or a repeated option with ``multiple``). A field without a default is a positional argument.
+or a repeated option with ``multiple``). A field without a default is a positional argument (a tuple field:
+all the remaining arguments).
 
 A command takes the dataclass as its first parameter; its other parameters are options of its own::
 
@@ -34,12 +37,17 @@ for the options given (``spectra sweep``). A tuple field takes one value, writte
 command; a boolean keeps its ``--name/--no-name`` flag. :func:`grid_values` parses one field's text (also
 for grids written as ``name=values`` elsewhere), and :func:`to_args` turns a dataclass back into the
 command line that builds it (a sweep's cell run as ``spectra train …`` in its own process).
+
+**Commands.** :class:`Command` and :class:`Group` (typer's, with two changes): a flag's help shows no
+``<bool>`` placeholder, and an unknown option that is another tool's name for one of the command's options
+(:data:`ECOSYSTEM_NAMES`: TRL, transformers, PEFT) is answered with spectra's name for it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import inspect
 import types
 import typing
@@ -47,7 +55,7 @@ from collections.abc import Callable
 from typing import Any, Literal, TypeVar, Union
 
 import typer
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
 from spectra.errors import SpectraError
 
@@ -76,13 +84,15 @@ def parameters(config: type) -> list[inspect.Parameter]:
         text = {"help": shown_help, "rich_help_panel": f.metadata.get("group")}
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             info = typer.Argument(..., **text)
+            if item is not None:  # a tuple without a default: the command's remaining arguments
+                kind = list[item]
         elif item is not None and f.metadata.get("multiple"):
             kind, default = list[item], _default(f)
-            info = typer.Option(list(default or ()), *f.metadata.get("flags", ()), **text)
+            info = typer.Option(list(default or ()), *_decls(f, kind), **text)
         else:
             default = _default(f)
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-            info = typer.Option(shown, *f.metadata.get("flags", ()), **text)
+            info = typer.Option(shown, *_decls(f, kind), **text)
         annotation = kind | None if optional else kind
         params.append(inspect.Parameter(f.name, _KEYWORD, default=info, annotation=annotation))
     return params
@@ -101,6 +111,16 @@ def to_config(config: type, values: dict[str, Any]) -> Any:
             value = _parse_tuple(f, item, value)
         fields[f.name] = value
     return config(**fields)
+
+
+def _decls(f: dataclasses.Field, kind: Any) -> tuple[str, ...]:
+    """The option's declarations for typer: its ``flags`` (none: typer's ``--name``, ``--name/--no-name``
+    for a boolean), and then its ``aliases``, with the default spelled out when there are aliases."""
+    flags, aliases = tuple(f.metadata.get("flags", ())), tuple(f.metadata.get("aliases", ()))
+    if not aliases:
+        return flags
+    name = f.name.replace("_", "-")
+    return (flags or ((f"--{name}/--no-{name}",) if kind is bool else (f"--{name}",))) + aliases
 
 
 def option_name(f: dataclasses.Field) -> str:
@@ -141,7 +161,7 @@ def grid_parameters(config: type, skip: tuple[str, ...] = ()) -> list[inspect.Pa
         _cli_type(hints[f.name], f"{config.__name__}.{f.name}")  # a type with a command-line form
         inner = _strip_optional(hints[f.name])[0]
         shown = help_text(f, hints[f.name], resolve=False)
-        flags, panel = f.metadata.get("flags", ()), f.metadata.get("group")
+        flags, panel = _decls(f, inner), f.metadata.get("group")
         if inner is bool:
             kind, info = bool | None, typer.Option(None, *flags, help=shown, rich_help_panel=panel)
         else:
@@ -290,7 +310,101 @@ def config_options(config: type, on_error: Callable[[Exception], Any] | None = N
     return decorate
 
 
-class ConfigCommand(TyperCommand):
+# ------------------------------------------------------------------------------------------- commands
+
+#: Names other tools give to spectra's options (TRL's GRPOConfig and script arguments, transformers'
+#: TrainingArguments and generate, PEFT's LoraConfig): {their name: (spectra's fields that mean the same,
+#: the first a command has being the one named; or, where no one option is the same, what to write
+#: instead)}. Only an unknown option is looked up here, and only a command that has the field answers.
+ECOSYSTEM_NAMES: dict[str, tuple[tuple[str, ...], str]] = {
+    "learning_rate": (("lr",), ""),
+    "per_device_train_batch_size": (("micro_batch_size",), ""),
+    "gradient_accumulation_steps": (("batch_size",), "--batch-size × --num-generations ÷ --micro-batch-size"),
+    "num_train_epochs": (("max_steps",), "--max-steps (optimizer steps)"),
+    "output_dir": (("out",), ""),
+    "run_name": (("name",), ""),
+    "save_steps": (("save_every",), ""),
+    "eval_steps": (("eval_every",), ""),
+    "lora_r": (("rank",), ""),
+    "r": (("rank",), ""),
+    "lora_rank": (("rank",), ""),
+    "lora_alpha": (("alpha",), ""),
+    "lora_dropout": (("dropout",), ""),
+    "lora_target_modules": (("target_modules",), ""),
+    "use_dora": (("method",), "--method dora"),
+    "use_rslora": (("method",), "--method rslora"),
+    "init_lora_weights": (("method",), "--method pissa or --method milora"),
+    "loss_type": (("loss",), ""),
+    "model_name_or_path": (("model",), ""),
+    "dataset_name": (("dataset",), ""),
+    "dataset_train_split": (("dataset_split",), ""),
+    "dataset_test_split": (("eval_split", "split"), ""),
+    "max_new_tokens": (("max_completion_length", "max_tokens"), ""),
+    "max_completion_length": (("max_tokens",), ""),
+    "max_tokens": (("max_completion_length",), ""),
+    "num_generations": (("n",), ""),
+    "num_return_sequences": (("num_generations", "n"), ""),
+    "torch_dtype": (("precision",), ""),
+    "dtype": (("precision",), ""),
+    "bf16": (("precision",), "--precision bf16"),
+    "resume_from_checkpoint": (("resume",), ""),
+    "vllm_gpu_memory_utilization": (("gpu_memory_utilization",), ""),
+    "use_vllm": (("backend",), "--backend vllm"),
+}
+
+# the exception of the click typer runs on (typer ≥ 0.24 carries its own copy)
+_NoSuchOption = importlib.import_module(typer.BadParameter.__module__).NoSuchOption
+
+
+def spectra_name(option: str, params: list[Any]) -> str | None:
+    """What spectra calls an option it does not know: ``--learning_rate``, ``--per-device-train-batch-size``
+    → ``"spectra's name for it: --lr"`` (``"in spectra: --method dora"`` for ``--use-dora``); None when
+    neither :data:`ECOSYSTEM_NAMES` nor the same name with ``_`` for ``-`` is an option of ``params`` (a
+    command's click parameters)."""
+    key = option.lstrip("-").replace("-", "_").lower()
+    longs = {p.name: [o for o in getattr(p, "opts", ()) if o.startswith("--")] for p in params}
+    spelled = {name: opts[0] for name, opts in longs.items() if opts}
+    wanted, note = ((key,), "") if key in spelled else ECOSYSTEM_NAMES.get(key, ((), ""))
+    found = next((spelled[n] for n in wanted if n in spelled), None)
+    if found is None or found == option:
+        return None
+    return f"in spectra: {note}" if note else f"spectra's name for it: {found}"
+
+
+class _Spectra:
+    """What :class:`Command` and :class:`Group` add to typer's: no ``<bool>`` placeholder on flags in the
+    help, and spectra's name for an option another tool calls otherwise (:func:`spectra_name`)."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        flags = [p for p in self.get_params(ctx) if getattr(p, "is_flag", False) and p.metavar is None]
+        for p in flags:
+            p.metavar = ""  # typer's rich help shows the metavar in place of the type: nothing
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            for p in flags:
+                p.metavar = None
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except _NoSuchOption as e:
+            said = spectra_name(e.option_name, self.get_params(ctx))
+            if said is None:
+                raise
+            message = f"No such option: {e.option_name} ({said})"
+            raise _NoSuchOption(e.option_name, message=message, ctx=ctx) from None
+
+
+class Command(_Spectra, TyperCommand):
+    """A typer command with spectra's help and unknown-option errors (see :class:`_Spectra`)."""
+
+
+class Group(_Spectra, TyperGroup):
+    """A typer group (``spectra``, ``spectra probe``) with spectra's help (see :class:`_Spectra`)."""
+
+
+class ConfigCommand(Command):
     """A typer command that fills the help of options whose choices come from a function (see
     ``choices`` above) only when ``--help`` is shown."""
 

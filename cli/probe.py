@@ -4,9 +4,11 @@ statistics of base models' frozen weights, joined to what adapters did on them (
 from __future__ import annotations
 
 import typer
+from spectra.cli.options import ConfigCommand, Group, config_options
+from spectra.probes.maturity_config import MaturityOptions
 
 probe_app = typer.Typer(
-    name="probe", help="Studies on base models and runs (model maturity).", no_args_is_help=True
+    cls=Group, name="probe", help="Studies on base models and runs (model maturity).", no_args_is_help=True
 )
 
 
@@ -32,8 +34,10 @@ _MEMORY = typer.Option(
 )
 
 
-@probe_app.command()
+@probe_app.command(cls=ConfigCommand)
+@config_options(MaturityOptions)
 def maturity(
+    options: MaturityOptions,
     models: list[str] = _MODELS,
     out: str = _OUT,
     runs: list[str] = _RUNS,
@@ -42,9 +46,10 @@ def maturity(
     force: bool = _FORCE,
     memory_mb: int = _MEMORY,
 ) -> None:
-    """Heavy-tailed ESD statistics (α, α̂, KS distance, stable rank, MP bulk edge, spikes, soft rank,
-    entropy) of every projection matrix of each model, streamed tensor by tensor; OUT/maturity.csv,
-    summary.json and an offline report.html comparing the models. Models analysed before are reused."""
+    """Heavy-tailed ESD statistics (α with its standard error and tail size, α̂, KS distance, stable rank,
+    MP bulk edge, spikes, soft rank, entropy) of every projection matrix of each model, streamed tensor by
+    tensor; OUT/maturity.csv, summary.json and an offline report.html comparing the models (--pvalue:
+    also each power law's goodness of fit). Models analysed before are reused."""
     from rich.markup import escape
     from spectra.cli.main import _bars, _one_line_errors, console
     from spectra.probes.maturity import probe_maturity
@@ -62,16 +67,27 @@ def maturity(
 
         result = probe_maturity(
             given, out, runs=run_paths, all_weights=all_weights, device=device, force=force,
-            budget_mb=memory_mb, progress=start,
+            budget_mb=memory_mb, progress=start, options=options,
         )  # fmt: skip
     for problem in result.problems:
         console.print(f"[yellow]warning:[/yellow] {escape(problem)}")
     for t in result.models:
         s = result.summary["models"][t.label]
-        alpha = s["median"]["alpha"]
+        med = s["median"]
+        beside = (
+            f" (median SE {med['alpha_stderr']:.2g}, median tail {med['num_tail']:.0f} eigenvalues)"
+            if med["alpha_stderr"] is not None and med["num_tail"] is not None
+            else ""
+        )
         console.print(
             f"{t.label}: {s['modules']} matrices, {s['fitted']} with an α fit"
-            + (f", median α {alpha:.3g}" if alpha is not None else "")
+            + (f", median α {med['alpha']:.3g}{beside}" if med["alpha"] is not None else "")
+            + (f", {s['short_tail']} with a tail too short for α" if s["short_tail"] else "")
+            + (
+                f"; power law ruled out (p ≤ 0.1) for {s['ruled_out']} of {s['pvalue_tested']} tested"
+                if s["pvalue_tested"]
+                else ""
+            )
             + (" (cached)" if t.reused else "")
         )
     if result.outcomes is not None:

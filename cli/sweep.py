@@ -11,7 +11,7 @@ import shlex
 from typing import Any
 
 import typer
-from spectra.cli.options import grid_options, grid_values
+from spectra.cli.options import grid_options, grid_values, option_fields
 from spectra.train.config import TrainConfig
 
 SWEEP = "Sweep"
@@ -124,9 +124,12 @@ def parse_also(text: str) -> dict[str, tuple]:
     (the values of each option parsed as the option's own, :func:`grid_values`)."""
     out: dict[str, tuple] = {}
     names = {f.name for f in dataclasses.fields(TrainConfig)} - {"resolved", *NOT_GRID}
+    aliases = {a.lstrip("-").replace("-", "_"): f.name for f in option_fields(TrainConfig)
+               for a in f.metadata.get("aliases", ())}  # fmt: skip
     for part in shlex.split(text):
         name, sep, values = part.partition("=")
         key = name.lstrip("-").replace("-", "_")
+        key = aliases.get(key, key)  # learning-rate=…: lr
         if not sep or key not in names:
             raise typer.BadParameter(
                 f"{part!r}: expected name=values with name an option of spectra train (rank=8,16)",
@@ -181,7 +184,8 @@ def _report(out: str, axes: list[str] | None, device: str | None):
 
     table, files = write_sweep_report(out, axes, device, log=console.print)
     score = main_score(table)
-    cols = ["cell", "status", *([score] if score else []), "E_1", "erank", "collapsed", "wall s"]
+    cols = ["cell", "status", *([score] if score else []), "E_1", "erank", "collapsed", "collapse step",
+            "collapse signature", "wall s"]  # fmt: skip
     view = Table(title=f"spectra sweep: {out}")
     for c in cols:
         view.add_column(c, justify="left" if c in ("cell", "status") else "right", no_wrap=c == "cell")

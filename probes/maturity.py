@@ -4,8 +4,10 @@
 (embeddings and head too with ``all_weights``), every statistic of :func:`spectra.metrics.esd.esd_fit`:
 the power-law exponent α of the eigenvalue spectrum λ_i = σ_i² (unnormalised, as WeightWatcher 0.7.7),
 its KS distance, weighted α̂ = α·log10 λ_max, stable rank, the Marchenko–Pastur bulk edge, spikes and soft
-rank, spectral entropy and effective rank. Definitions and references: spectra/metrics/esd.py and
-docs/metrics.md.
+rank, spectral entropy and effective rank. Every α comes with its tail size ``num_tail`` and standard error
+(α − 1)/√n_tail, and is empty (with the reason) when the tail holds fewer than ``esd.MIN_TAIL``
+eigenvalues; ``--pvalue`` adds Clauset–Shalizi–Newman's goodness-of-fit p (``alpha_pvalue``).
+Definitions and references: spectra/metrics/esd.py and docs/metrics.md.
 
 How a model is read (:mod:`spectra.probes.weights`; peak memory: one batch of same-shape matrices, never
 the whole model):
@@ -35,6 +37,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from spectra.probes.maturity_config import MaturityOptions
 from spectra.probes.weights import (
     Entry,
     MaturityError,
@@ -54,10 +57,13 @@ from spectra.metrics import esd
 from spectra.names import parse_module_name
 from spectra.svd import dense_svd
 
-#: Every statistic of ``esd_fit``, in its order: the columns of maturity.csv after the identifiers.
-STATS = (*esd.WW_COLUMNS, "effective_rank", "num_evals")
+#: Every statistic of ``esd_fit``, in its order: the columns of maturity.csv after the identifiers
+#: (``alpha_pvalue`` is empty unless ``--pvalue`` asked for the goodness-of-fit test).
+STATS = (*esd.WW_COLUMNS, "alpha_pvalue", "effective_rank", "num_evals")
+#: What stands beside α wherever it is shown: its standard error (α − 1)/√n_tail and the tail size.
+BESIDE_ALPHA = ("alpha_stderr", "num_tail")
 ID_COLUMNS = ("model", "module", "layer", "proj", "rows", "cols", "dtype", "file")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: α needs a tail of esd.MIN_TAIL; alpha_pvalue
 DEFAULT_BUDGET_MB = 1024
 
 Progress = Callable[[str, int], Callable[[int], None]]  # start(label, total) → advance(n)
@@ -87,17 +93,25 @@ def _sigma(X: Tensor) -> Tensor:
     return S
 
 
-def analyse_batch(label: str, chunk: Sequence[Entry], X: Tensor) -> list[dict[str, Any]]:
-    """One row per matrix of the batch: its identifiers and every ``esd_fit`` statistic, plus ``reason``
-    (why some are empty: too few eigenvalues, a flat spectrum, non-finite weights)."""
+def analyse_batch(
+    label: str, chunk: Sequence[Entry], X: Tensor, options: MaturityOptions | None = None
+) -> list[dict[str, Any]]:
+    """One row per matrix of the batch: its identifiers and every ``esd_fit`` statistic (with the
+    goodness-of-fit p-value when ``options.pvalue``), plus ``reason`` (why some are empty: too few
+    eigenvalues, a tail too short for α, a flat spectrum, non-finite weights)."""
+    options = options or MaturityOptions()
     try:
         S = _sigma(X)
-        stats, reasons = esd.esd_fit(S, chunk[0].shape)
+        stats, reasons = esd.esd_fit(
+            S, chunk[0].shape, pvalue_samples=options.samples, seed=options.pvalue_seed
+        )
         values = {k: v.cpu().tolist() for k, v in stats.items()}
     except Exception as e:  # one matrix at a time, so that a failure is that matrix's row alone
         if len(chunk) > 1:
             return [
-                r for i in range(len(chunk)) for r in analyse_batch(label, chunk[i : i + 1], X[i : i + 1])
+                r
+                for i in range(len(chunk))
+                for r in analyse_batch(label, chunk[i : i + 1], X[i : i + 1], options)
             ]
         values, reasons = {k: [math.nan] for k in STATS}, [f"failed: {first_line(e)}"]
     rows = []
@@ -126,14 +140,17 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._@+-]+", "--", label.strip("/")) or "model"
 
 
-def _options(all_weights: bool) -> dict[str, Any]:
+def _options(all_weights: bool, options: MaturityOptions) -> dict[str, Any]:
     """What changes the numbers besides the weights (part of the cache key)."""
     return {
         "cache_version": CACHE_VERSION,
         "all_weights": all_weights,
         "eval_floor": esd.EVALS_THRESH,
         "min_evals": esd.MIN_EVALS,
+        "min_tail": esd.MIN_TAIL,
         "mp_bandwidth": esd.MP_BANDWIDTH,
+        "pvalue_samples": options.samples,
+        "pvalue_seed": options.pvalue_seed if options.pvalue else None,
         "spectra": spectra.__version__,
     }
 
@@ -147,14 +164,16 @@ def analyse_model(
     force: bool = False,
     budget_bytes: int = DEFAULT_BUDGET_MB << 20,
     progress: Progress | None = None,
+    options: MaturityOptions | None = None,
 ) -> ModelTable:
     """Every matrix of one model, streamed; reused from ``cache`` when the weight files' fingerprint and
     the options match what was cached."""
+    options = options or MaturityOptions()
     path = resolve_model(label)
     files = weight_files(path)
     fp = fingerprint(path, files)
     stem = cache / _slug(label)
-    key = {"model": label, "path": str(path), "fingerprint": fp, "options": _options(all_weights)}
+    key = {"model": label, "path": str(path), "fingerprint": fp, "options": _options(all_weights, options)}
     meta_file, table_file = stem.with_suffix(".json"), stem.with_suffix(".csv")
     if not force and meta_file.is_file() and table_file.is_file():
         try:
@@ -171,7 +190,7 @@ def analyse_model(
     peak = 0
     for chunk, X in stream_batches(entries, budget_bytes, device):
         peak = max(peak, len(chunk) * work_bytes(chunk[0].shape))
-        rows += analyse_batch(label, chunk, X)
+        rows += analyse_batch(label, chunk, X, options)
         del X
         if advance:
             advance(len(chunk))
@@ -199,6 +218,8 @@ def _layer_key(order: dict[str, int]) -> Callable[[pd.Series], pd.Series]:
 
 #: Statistics drawn against depth and correlated with training outcomes (medians over modules).
 KEY_STATS = ("alpha", "alpha_weighted", "num_spikes", "stable_rank", "mp_softrank", "log_spectral_norm")
+#: Clauset et al.'s rule: a goodness-of-fit p at or below 0.1 rules the power law out.
+PVALUE_RULED_OUT = 0.1
 
 
 def _quartiles(s: pd.Series) -> dict[str, float | None]:
@@ -210,8 +231,10 @@ def _quartiles(s: pd.Series) -> dict[str, float | None]:
 
 def model_summary(t: ModelTable) -> dict[str, Any]:
     """Per model: medians over modules, quartiles per projection kind, medians per layer (with depth =
-    layer / (layers − 1), so that models of different depth line up), and the modules without a fit."""
-    df = t.table
+    layer / (layers − 1), so that models of different depth line up), and the modules without a fit.
+    The tail size is summarised over the matrices with an α, like α and its standard error beside it
+    (a tail too short for α stays in maturity.csv)."""
+    df = t.table.assign(num_tail=t.table["num_tail"].where(t.table["alpha"].notna()))
     layers = sorted(int(x) for x in df["layer"].dropna().unique())
     span = max(1, layers[-1] - layers[0]) if layers else 1
     without = df[df["reason"].fillna("") != ""]
@@ -220,11 +243,15 @@ def model_summary(t: ModelTable) -> dict[str, Any]:
         entry: dict[str, Any] = {"layer": int(layer), "depth": (int(layer) - layers[0]) / span}
         entry |= {s: _quartiles(g[s])["median"] for s in STATS}
         by_depth.append(entry)
+    tested = df["alpha_pvalue"].notna()
     return {
         "path": str(t.path),
         "fingerprint": t.fingerprint,
         "modules": len(df),
         "fitted": int(df["alpha"].notna().sum()),
+        "short_tail": int(df["reason"].fillna("").str.contains("α needs").sum()),
+        "pvalue_tested": int(tested.sum()),
+        "ruled_out": int((df.loc[tested, "alpha_pvalue"] <= PVALUE_RULED_OUT).sum()),
         "layers": len(layers),
         "median": {s: _quartiles(df[s])["median"] for s in STATS},
         "by_proj": {
@@ -279,12 +306,16 @@ def probe_maturity(
     budget_mb: int = DEFAULT_BUDGET_MB,
     progress: Progress | None = None,
     report: bool = True,
+    options: MaturityOptions | None = None,
 ) -> MaturityResult:
     """Probe each model (a model that cannot be read is a line of ``problems``, the others go on), join
     with the training outcomes of ``runs`` (run directories or sweep folders; their base models are
-    probed too), and write ``out/maturity.csv``, ``out/summary.json`` and ``out/report.html``."""
+    probed too), and write ``out/maturity.csv``, ``out/summary.json`` and ``out/report.html``.
+    ``options``: the goodness-of-fit test (:class:`MaturityOptions`)."""
     from spectra.probes.maturity_runs import collect_runs, join_outcomes
 
+    options = options or MaturityOptions()
+    options.check()
     if budget_mb < 1:
         raise MaturityError(f"--memory-mb {budget_mb}: expected a positive number of MiB")
     out = Path(out)
@@ -305,6 +336,7 @@ def probe_maturity(
                     force=force,
                     budget_bytes=budget_mb << 20,
                     progress=progress,
+                    options=options,
                 )
             )
         except (SpectraError, OSError, ValueError, RuntimeError) as e:
@@ -320,7 +352,21 @@ def probe_maturity(
             "eigenvalues": "λ = σ² of each weight matrix, unnormalised (WeightWatcher 0.7.7's default)",
             "eval_floor": esd.EVALS_THRESH,
             "min_evals": esd.MIN_EVALS,
+            "min_tail": esd.MIN_TAIL,
+            "alpha_stderr": "(α − 1)/√n_tail, n_tail = num_tail, the eigenvalues at or above x_min",
             "mp_bandwidth": esd.MP_BANDWIDTH,
+            "pvalue": (
+                {
+                    "test": "Clauset, Shalizi & Newman 2009 §4.1, semi-parametric bootstrap",
+                    "samples": options.pvalue_samples,
+                    "seed": options.pvalue_seed,
+                    "ruled_out_at": PVALUE_RULED_OUT,
+                }
+                if options.pvalue
+                else None
+            ),
+            "reading": "WeightWatcher: α 2–6 typical of well-trained layers, < 2 very heavy-tailed "
+            "(over-trained), > 6 under-trained",
         },
         "problems": problems,
     }

@@ -26,14 +26,19 @@ if TYPE_CHECKING:
 
 #: One-line readings of every statistic (shown in the report; definitions in spectra/metrics/esd.py).
 READINGS = {
-    "alpha": "power-law exponent of the eigenvalue tail ρ(λ) ∝ λ^−α (Clauset–Shalizi–Newman fit). Martin & "
-    "Mahoney read 2–6 as trained (best near 2–4), above 6 as little learned (random-like), below 2 as "
-    "over-fit",
-    "alpha_stderr": "the fit's standard error (α − 1)/√n",
+    "alpha": "power-law exponent of the eigenvalue tail ρ(λ) ∝ λ^−α (Clauset–Shalizi–Newman fit). "
+    "WeightWatcher reads 2–6 as typical of well-trained layers, below 2 as very heavy-tailed "
+    "(over-trained), above 6 as under-trained; read it with its standard error and tail size",
+    "alpha_stderr": "α's standard error (α − 1)/√n_tail: ±0.3 or more when α rests on a few dozen "
+    "eigenvalues",
     "ks_distance": "Kolmogorov–Smirnov distance D between the tail and the fitted power law (smaller: "
     "a better fit)",
     "xmin": "where the fitted tail starts (x_min, chosen by the smallest D)",
-    "num_tail": "eigenvalues in the fitted tail (λ ≥ x_min)",
+    "num_tail": "eigenvalues in the fitted tail (λ ≥ x_min); α is left empty below 10 (WeightWatcher "
+    "reports it from any tail, even 2)",
+    "alpha_pvalue": "goodness of fit (with --pvalue): the share of synthetic spectra drawn from the fitted "
+    "power law whose KS distance is at least this one's (Clauset et al. 2009 §4.1); p ≤ 0.1 rules the "
+    "power law out, a larger p says only that it is plausible",
     "alpha_weighted": "α̂ = α·log10 λ_max, Martin & Mahoney's quality proxy that compares models of a "
     "family (lower: better trained)",
     "lambda_max": "largest eigenvalue σ_max² (WeightWatcher's 'spectral norm')",
@@ -47,7 +52,7 @@ READINGS = {
     "mp_softrank": "λ₊ / λ_max: near 1 the spectrum is all bulk (random-like), near 0 spikes dominate",
     "spectral_entropy": "entropy of λ/Σλ over ln(rank): 1 for a flat spectrum, lower as energy concentrates",
     "effective_rank": "exp(entropy of σ/Σσ) (Roy & Vetterli 2007)",
-    "num_evals": "eigenvalues above 1e-5; the power law is fitted only from 50",
+    "num_evals": "eigenvalues above 1e-5; the power law is fitted only from 50, and α needs a tail of 10",
 }
 LABELS = {
     "alpha": "α",
@@ -95,7 +100,8 @@ def alpha_distributions(table: pd.DataFrame, models: Sequence[str]) -> FigureSpe
         "α per projection kind",
         "Empirical CDF of the power-law exponent α over each model's matrices of one kind (a curve further "
         "right: heavier-tailed spectra are rarer, i.e. larger α). " + READINGS["alpha"] + ". Matrices "
-        "with fewer than 50 eigenvalues have no fit.",
+        "with fewer than 50 eigenvalues, or a fitted tail of fewer than 10, have no α; the tables give each "
+        "model's median standard error and tail size.",
         panels,
         columns=2,
         sharex=False,
@@ -190,7 +196,8 @@ def alpha_heatmaps(table: pd.DataFrame, models: Sequence[str]) -> FigureSpec:
         "alpha_heatmaps",
         "α per layer and projection",
         "Each cell is one matrix (the median where a layer "
-        "has several of a kind); blank: no fit (fewer than 50 eigenvalues or a flat spectrum).",
+        "has several of a kind); blank: no α (fewer than 50 eigenvalues, a tail of fewer than 10, or a flat "
+        "spectrum).",
         panels,
         columns=2,
         sharex=False,
@@ -220,16 +227,17 @@ def outcomes_figure(joined: pd.DataFrame, correlations: dict[str, Any]) -> Figur
                     xlabel=f"median {LABELS[stat]}",
                 )
             )
-    for col in ("structured_minus_lora", "collapse_rank"):
+    from spectra.probes.maturity_runs import OUTCOMES, pair_names
+
+    for col in (*pair_names(joined), "collapse_rank"):
         ok = joined[["alpha", col]].dropna()
         if len(ok):
-            from spectra.probes.maturity_runs import OUTCOMES
-
+            name = OUTCOMES.get(col, f"{col} (difference of seed means)")
             panels.append(
                 Panel(
-                    f"{OUTCOMES[col]} vs median α ({_r(correlations['alpha'][col])})",
-                    OUTCOMES[col],
-                    marks=[Marks(ok["alpha"].tolist(), ok[col].tolist(), OUTCOMES[col], PALETTE[2])],
+                    f"{name} vs median α ({_r(correlations['alpha'][col])})",
+                    name,
+                    marks=[Marks(ok["alpha"].tolist(), ok[col].tolist(), name, PALETTE[2])],
                     xlabel="median α",
                 )
             )
@@ -238,7 +246,9 @@ def outcomes_figure(joined: pd.DataFrame, correlations: dict[str, Any]) -> Figur
         "outcomes",
         "Maturity against what adapters did",
         f"Each point is one base model: its median statistic over all matrices against the best held-out "
-        f"accuracy of its runs (else final training reward). This rests on {n} model(s) with runs; r is "
+        f"accuracy of its runs (else final training reward; 'best' is a maximum over configurations, "
+        f"biased upward), and the named pairs' differences (structured − LoRA in the same setting; Welch "
+        f"intervals in the table above). This rests on {n} model(s) with runs; r is "
         f"Pearson's, ρ Spearman's, over the models with both values (none below 3 models). Architecture, "
         f"tokenizer and data differ between models as well: a correlation here is a hypothesis to test, "
         f"not a cause.",
@@ -259,13 +269,18 @@ def header(result: MaturityResult) -> str:
     rows = []
     for label, s in result.summary["models"].items():
         med = s["median"]
+        tested = s.get("pvalue_tested", 0)
         rows.append(
             {
                 "model": label,
                 "layers": s["layers"],
                 "matrices": s["modules"],
                 "fitted": s["fitted"],
+                "tail < 10": s.get("short_tail", 0),
                 "median α": med["alpha"],
+                "median SE(α)": med["alpha_stderr"],
+                "median tail": med["num_tail"],
+                "power law ruled out (p ≤ 0.1)": f"{s['ruled_out']} of {tested}" if tested else "not tested",
                 "median α̂": med["alpha_weighted"],
                 "median spikes": med["num_spikes"],
                 "median stable rank": med["stable_rank"],
@@ -287,7 +302,7 @@ def header(result: MaturityResult) -> str:
             "matrices": v["modules"],
             **{
                 f"{LABELS.get(st, st)} median [q25, q75]": _band(v[st])
-                for st in ("alpha", "num_spikes", "stable_rank")
+                for st in ("alpha", "alpha_stderr", "num_tail", "num_spikes", "stable_rank")
             },
         }
         for label, s in result.summary["models"].items()
@@ -307,19 +322,47 @@ def header(result: MaturityResult) -> str:
             "model",
             "runs",
             "alpha",
+            "alpha_stderr",
+            "num_tail",
             "best_lora",
             "best_lora_run",
             "best_structured",
             "best_structured_run",
-            "structured_minus_lora",
             "collapse_rank",
             "lora_runs_analysed",
         ]
+        join = result.summary["join"]
+        compared = [
+            {
+                "model": p["model"],
+                "pair": p["pair"],
+                "seeds": f"{p['n']} vs {p['n_lora']}",
+                "means": f"{p['mean']:.3g} vs {p['mean_lora']:.3g}",
+                "difference [95 % Welch]": _welch(p),
+                "verdict": p["verdict"],
+            }
+            for p in join["pairs"]
+        ]
         parts += [
             "<h2>Joined with training outcomes</h2>",
-            _table_html(result.outcomes[cols].to_dict("records")),
+            "<p>alpha, alpha_stderr, num_tail: the model's medians over its matrices. best_lora and "
+            "best_structured: the best seed mean over configurations (a maximum, biased upward: not "
+            "subtracted).</p>",
+            _table_html(result.outcomes[[c for c in cols if c in result.outcomes]].to_dict("records")),
+            "<h2>Structured against LoRA, named pairs</h2>",
+            f"<p>Each structured method against plain LoRA in the same setting (all options but the method "
+            f"equal), its seeds against LoRA's: the difference of the seed means with Welch's 95 % interval; "
+            "a difference is called (higher / lower) only when Welch's interval at the Bonferroni level "
+            f"over the {join['pair_tests']} pair(s) excludes 0.</p>",
+            _table_html(compared) if compared else "<p>No structured run has a LoRA run in its setting.</p>",
         ]
     return "\n".join(parts)
+
+
+def _welch(p: dict[str, Any]) -> str:
+    if p["low"] is None or p["high"] is None:
+        return f"{p['difference']:+.3g} (one seed: no interval)"
+    return f"{p['difference']:+.3g} [{p['low']:+.3g}, {p['high']:+.3g}]"
 
 
 def _band(q: dict[str, float | None]) -> str:

@@ -9,11 +9,19 @@ as sweep.csv counts it: its analysis flags a step, or the live alarm fired (:fun
 (With several benchmarks evaluated, the accuracy here is their mean, where sweep.csv and ``spectra
 compare`` rank by the first benchmark's avg@n.)
 
-Per base model: the best accuracy of a low-rank LoRA configuration (:data:`LOW_RANK`), the best of a
+Per base model: the best accuracy of a low-rank LoRA configuration (:data:`LOW_RANK`) and of a
 structured adapter (:data:`STRUCTURED`) — runs that differ only by seed are one configuration, scored by
-the mean over its seeds (:func:`spectra.stats.configuration_key`) —, their difference, and the collapse
-rank threshold: the smallest LoRA rank whose run was flagged. Each outcome is correlated across models
-with each maturity statistic (Pearson r and Spearman ρ; undefined below :data:`MIN_MODELS` models).
+the mean over its seeds (:func:`spectra.stats.configuration_key`); a best of several means is a maximum,
+biased upward, so these two describe and are not subtracted —, and the collapse rank threshold: the
+smallest LoRA rank whose run was flagged.
+
+Structured against LoRA is a set of fixed, named pairs (:func:`pairs`): each structured method against
+plain LoRA in the same setting (every configuration key but the method equal, e.g. "dora r=32 − lora
+r=32"), its seeds against LoRA's, with Welch's interval of the difference of the means
+(:func:`spectra.stats.difference_ci`, 95 %) and a verdict at the Bonferroni level over all the pairs of
+the join (a difference is called only when that interval excludes 0; one seed on either side: no
+interval, no verdict). Each outcome (the pairs' differences included) is correlated across models with
+each maturity statistic (Pearson r and Spearman ρ; undefined below :data:`MIN_MODELS` models).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from typing import Any
 import pandas as pd
 
 from spectra.errors import first_line
-from spectra.stats import configuration_key
+from spectra.stats import CONFIDENCE, NOT_CONFIGURATION, configuration_key, difference_ci
 from spectra.store import read_jsonl
 from spectra.tables import alarm_collapse
 
@@ -36,10 +44,10 @@ LOW_RANK = ("lora", "rslora", "loraplus", "lorafa", "pissa", "milora")  # a low-
 STRUCTURED = ("dora", "quanta", "miss")  # structured adapters that are not a low-rank B·A
 REWARD_TAIL = 5
 MIN_MODELS = 3
+PAIR_BASELINE = "lora"  # each structured method is compared with plain LoRA in the same setting
 OUTCOMES = {
-    "best_lora": "best low-rank LoRA accuracy",
-    "best_structured": "best structured adapter (DoRA/QuanTA/MiSS) accuracy",
-    "structured_minus_lora": "structured − LoRA accuracy",
+    "best_lora": "best low-rank LoRA accuracy (a maximum over configurations)",
+    "best_structured": "best structured adapter (DoRA/QuanTA/MiSS) accuracy (a maximum over configurations)",
     "collapse_rank": "smallest LoRA rank flagged for collapse",
 }
 
@@ -96,8 +104,13 @@ def run_collapsed(run: Path) -> bool | None:
         warnings.simplefilter("ignore")
         logs = read_jsonl(run / "metrics.jsonl")
     looked = []
-    if analysis is not None:
-        looked.append(bool(analysis.get("collapsed_steps")))
+    if analysis is not None:  # the performance verdict (summary.json's "collapse"; older analyses: flags)
+        record = analysis.get("collapse")
+        if isinstance(record, dict):
+            if record.get("collapsed") is not None:
+                looked.append(bool(record["collapsed"]))
+        else:
+            looked.append(bool(analysis.get("collapsed_steps")))
     alarm = alarm_collapse(trained, logs)
     if alarm is not None or trained.get("monitored_steps"):  # the live alarm watched this run
         looked.append(alarm is not None)
@@ -139,14 +152,67 @@ def collect_runs(paths: Sequence[str | Path], problems: list[str]) -> pd.DataFra
                     "family": family,
                     "rank": cfg.get("rank"),
                     "configuration": configuration_key(cfg) if "seed" in cfg else str(run),
+                    "setting": configuration_key(cfg, (*NOT_CONFIGURATION, "method")),
+                    "pair_label": _pair_label(method, cfg),
                     "accuracy": acc,
                     "accuracy_source": source,
                     "collapsed": run_collapsed(run),
                 }
             )
-    columns = ["run", "model", "model_path", "method", "family", "rank", "configuration", "accuracy",
-               "accuracy_source"]  # fmt: skip
+    columns = ["run", "model", "model_path", "method", "family", "rank", "configuration", "setting",
+               "pair_label", "accuracy", "accuracy_source"]  # fmt: skip
     return pd.DataFrame(rows, columns=[*columns, "collapsed"])
+
+
+def _pair_label(method: str, cfg: dict[str, Any]) -> str:
+    """How a run is named in a pair: ``dora r=32``; QuanTA by its tensor axes (its rank is unused)."""
+    if method == "quanta":
+        return f"quanta d={cfg.get('quanta_d', '?')}"
+    return f"{method} r={cfg.get('rank')}"
+
+
+def pairs(runs: pd.DataFrame, confidence: float = CONFIDENCE, tests: int = 1) -> list[dict[str, Any]]:
+    """The fixed, named comparisons of one model's runs: each structured method against plain LoRA
+    (:data:`PAIR_BASELINE`) in the same setting (equal configuration keys but the method, seed and run
+    bookkeeping). Per pair: its name ("dora r=32 − lora r=32"), each side's seeds and mean, the
+    difference of the means with Welch's ``confidence`` interval (low, high), and the verdict at the
+    Bonferroni level 1 − (1 − confidence)/``tests``: "higher", "lower", "cannot tell" (the interval
+    holds 0) or "one seed: no interval"."""
+    held_out = runs["accuracy_source"].astype(str).str.startswith("held-out")
+    scored = runs[held_out] if held_out.any() else runs
+    scored = scored[scored["accuracy"].notna()]
+    base = scored[scored["method"] == PAIR_BASELINE]
+    out = []
+    for (method, setting), g in scored[scored["family"] == "structured"].groupby(
+        ["method", "setting"], sort=True
+    ):
+        b = base[base["setting"] == setting]
+        if not len(b):
+            continue
+        a_acc, b_acc = g["accuracy"].to_numpy(float), b["accuracy"].to_numpy(float)
+        ci = difference_ci(a_acc, b_acc, confidence)
+        strict = difference_ci(a_acc, b_acc, 1 - (1 - confidence) / max(1, tests))
+        zero = strict.contains(0.0)
+        verdict = (
+            "one seed: no interval" if zero is None else "cannot tell" if zero
+            else "higher" if ci.mean > 0 else "lower"
+        )  # fmt: skip
+        out.append(
+            {
+                "pair": f"{g['pair_label'].iloc[0]} − {b['pair_label'].iloc[0]}",
+                "method": method,
+                "n": len(g),
+                "mean": float(a_acc.mean()),
+                "n_lora": len(b),
+                "mean_lora": float(b_acc.mean()),
+                "difference": ci.mean,
+                "low": ci.low,
+                "high": ci.high,
+                "confidence": confidence,
+                "verdict": verdict,
+            }
+        )
+    return out
 
 
 def _same_dir(a: Any, b: Path) -> bool:
@@ -156,8 +222,10 @@ def _same_dir(a: Any, b: Path) -> bool:
         return False
 
 
-def model_outcomes(runs: pd.DataFrame) -> dict[str, Any]:
-    """The outcomes of one model's runs (see the module docstring); None where no run says."""
+def model_outcomes(runs: pd.DataFrame, tests: int = 1) -> dict[str, Any]:
+    """The outcomes of one model's runs (see the module docstring); None where no run says. ``pairs``:
+    :func:`pairs` (``tests``: how many pairs the join compares in all, for the Bonferroni level); each
+    pair's difference is also an outcome of its own, under the pair's name."""
 
     held_out = runs["accuracy_source"].astype(str).str.startswith("held-out")
     scored = runs[held_out] if held_out.any() else runs  # like with like: held-out scores where any has one
@@ -178,15 +246,17 @@ def model_outcomes(runs: pd.DataFrame) -> dict[str, Any]:
     structured, structured_run = best("structured")
     flagged = runs[(runs["family"] == "lora") & (runs["collapsed"] == True)]  # noqa: E712 (None: not analysed)
     ranks = pd.to_numeric(flagged["rank"], errors="coerce").dropna()
+    compared = pairs(runs, tests=tests)
     return {
         "runs": len(runs),
         "best_lora": lora,
         "best_lora_run": lora_run,
         "best_structured": structured,
         "best_structured_run": structured_run,
-        "structured_minus_lora": None if lora is None or structured is None else structured - lora,
         "collapse_rank": int(ranks.min()) if len(ranks) else None,
         "lora_runs_analysed": int(((runs["family"] == "lora") & runs["collapsed"].notna()).sum()),
+        "pairs": compared,
+        **{p["pair"]: p["difference"] for p in compared},
     }
 
 
@@ -216,16 +286,37 @@ def join_outcomes(
     from spectra.probes.maturity import KEY_STATS
 
     stats = tuple(stats) or KEY_STATS
-    rows = []
-    for (label, summary), path in zip(models.items(), paths, strict=True):
-        mine = runs[
+    mine = {
+        label: runs[
             [
                 _same_dir(mp, path) or m == label
                 for m, mp in zip(runs["model"], runs["model_path"], strict=True)
             ]
         ]
-        row = {"model": label, **{s: summary["median"].get(s) for s in stats}}
-        rows.append(row | model_outcomes(mine))
+        for label, path in zip(models, paths, strict=True)
+    }
+    tests = sum(len(pairs(r)) for r in mine.values())  # every pair of the join: the Bonferroni count
+    rows = []
+    for label, summary in models.items():
+        row = {"model": label, **{s: summary["median"].get(s) for s in (*stats, "alpha_stderr", "num_tail")}}
+        rows.append(row | model_outcomes(mine[label], tests))
     table = pd.DataFrame(rows)
-    corr = {s: {o: correlation(list(table[s]), list(table[o])) for o in OUTCOMES} for s in stats}
-    return table, {"models": table.to_dict("records"), "correlations": corr, "min_models": MIN_MODELS}
+    names = [*OUTCOMES, *pair_names(table)]
+    corr = {s: {o: correlation(list(table[s]), list(table[o])) for o in names} for s in stats}
+    compared = [{"model": r["model"], **p} for r in rows for p in r["pairs"]]
+    records = table.drop(columns=["pairs"]).to_dict("records")
+    return table, {
+        "models": records,
+        "pairs": compared,
+        "pair_tests": tests,
+        "correlations": corr,
+        "min_models": MIN_MODELS,
+    }
+
+
+def pair_names(table: pd.DataFrame) -> list[str]:
+    """The named pairs compared on any model of a joined table, in order of first appearance."""
+    names: list[str] = []
+    for compared in table.get("pairs", pd.Series(dtype=object)):
+        names += [p["pair"] for p in compared if p["pair"] not in names]
+    return names

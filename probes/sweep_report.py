@@ -4,16 +4,18 @@
 Each cell's run is analysed (``spectra analyze``'s pipeline; an earlier analysis is reused) and gives one
 row of ``sweep.csv``: the cell's values, its state (and error), the steps it ran, its final reward and
 held-out scores and its geometry medians at the last recorded step (the columns of ``compare.csv``,
-:func:`spectra.report.final_row`), whether and where it collapsed (the collapse rule of the run's own
-``--collapse-*`` options applied to the analysis at recorded steps, or the live alarm of
-``--monitor-every``, whichever flagged first) and its wall time. Where cells differ
-only by seed, ``sweep_seeds.csv`` holds each configuration's mean and bootstrap 95 % interval
+:func:`spectra.report.final_row`), whether it collapsed — the performance verdict of the run's own
+``--collapse-*`` options (:mod:`spectra.metrics.collapse`) on its reward and held-out accuracy, or the
+live alarm of ``--monitor-every`` —, from which step, with the geometry's signature judged against the
+sweep's healthy cells (:func:`spectra.tables.against_healthy`), and its wall time. Where cells differ
+only by seed, ``sweep_seeds.csv`` holds each configuration's mean and Student-t 95 % interval
 (:func:`spectra.report.seed_table`).
 
 The report, built from the core's figure specs: the cliff (final accuracy over two axes, default
 rank × batch size, one panel per value of the other varying options; crosses where a seed collapsed),
 E_1 and effective rank at the last step against the rank, and every configuration's reward, accuracy
-and geometry on one step axis (the mean over seeds with a band where there are several).
+and geometry on one step axis (the mean over seeds with the seeds' range as a band where there are
+several).
 
 ``spectra demo``'s reading of its comparison (:func:`demo_reading`) is here too: the demo is a sweep.
 (Just over 400 lines: the table, the figures and that reading share the cell rows.)
@@ -32,6 +34,7 @@ import pandas as pd
 import spectra
 from spectra.figures import PALETTE, FigureSpec, HeatPanel, Line, Marks, Panel, series_band
 from spectra.h5io import atomic_path
+from spectra.metrics.collapse import CollapseRule, performance_verdict
 from spectra.pipeline import Analysis, analyze_run
 from spectra.report import (
     SEED_NOTE,
@@ -43,16 +46,22 @@ from spectra.report import (
     seed_view,
     write_figures,
 )
-from spectra.stats import bootstrap_ci
+from spectra.stats import seed_range
 from spectra.store import read_jsonl
-from spectra.tables import alarm_collapse
+from spectra.tables import against_healthy, alarm_collapse
 
 DEFAULT_AXES = ("rank", "batch_size")
-COLLAPSE_COLUMNS = ("collapsed", "collapse step", "collapse reason", "collapse flagged by")
+COLLAPSE_COLUMNS = (
+    "collapsed", "collapse step", "collapse signature", "collapse reason", "collapse flagged by",
+)  # fmt: skip
 
 
-def cell_row(cell: dict[str, Any], out: Path, varying: Sequence[str], analysis: Analysis | None) -> dict:
-    """One row of sweep.csv (see the module docstring) from a cell of sweep.json and its analysis."""
+def cell_row(
+    cell: dict[str, Any], out: Path, varying: Sequence[str], analysis: Analysis | None,
+    record: dict[str, Any] | None = None,
+) -> dict:  # fmt: skip
+    """One row of sweep.csv (see the module docstring) from a cell of sweep.json, its analysis and its
+    collapse record (default: the analysis' own)."""
     from spectra.report import final_row
 
     run_dir = out / cell["name"]
@@ -72,34 +81,57 @@ def cell_row(cell: dict[str, Any], out: Path, varying: Sequence[str], analysis: 
     row["steps"] = None if steps is None or pd.isna(steps) else int(steps)
     if analysis is not None:
         final = final_row(run_view(analysis, cell["name"]), analysis.summary)
-        row |= {k: v for k, v in final.items() if k not in ("run", "collapse flagged at") and k not in row}
-    row |= _collapse(trained, logs, analysis)
+        row |= {k: v for k, v in final.items() if k not in ("run", *COLLAPSE_COLUMNS) and k not in row}
+    row |= _collapse(trained, logs, run_dir, analysis, record)
     row["wall s"] = cell.get("wall_s")
     return row
 
 
-def _collapse(trained: dict, logs: pd.DataFrame, analysis: Analysis | None) -> dict[str, Any]:
-    """Whether, where and why the run collapsed: the earliest of the live alarm and the analysis' rule."""
+def cell_record(run_dir: Path, analysis: Analysis | None) -> dict[str, Any] | None:
+    """The cell's collapse record: its analysis' (summary.json's ``collapse``), else the performance
+    verdict alone from its metrics.jsonl and eval.jsonl (no ΔW recorded: no geometry)."""
+    if analysis is not None:
+        return analysis.summary.get("collapse")
+    if not (run_dir / "run.json").exists():
+        return None
+    try:
+        with spectra.load_run(run_dir) as run:
+            rule = CollapseRule.from_config(run.config)
+            v = performance_verdict(run.rewards, run.eval, rule)
+    except (spectra.SpectraError, ValueError, OSError):
+        return None
+    return {"collapsed": v.collapsed, "step": v.step, "by": v.by, "reason": v.reason, "onset": None,
+            "end": None, "signature": None, "signature_reason": None}  # fmt: skip
+
+
+def _collapse(
+    trained: dict, logs: pd.DataFrame, run_dir: Path, analysis: Analysis | None, record: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Whether the run collapsed (the performance verdict; or the live alarm, which applies it online),
+    from which step, with which signature, why and by whom."""
+    record = record if record is not None else cell_record(run_dir, analysis)
     found = []  # (step, reason, by)
     alarm = alarm_collapse(trained, logs)
     if alarm is not None:
         found.append((*alarm, "monitor"))
-    if analysis is not None and analysis.summary["collapsed_steps"]:
-        step = analysis.summary["collapsed_steps"][0]
-        entry = next(e for e in analysis.summary["steps"] if e["step"] == step)
-        found.append((int(step), entry["collapse_reason"], "analysis"))
+    if record and record.get("collapsed"):
+        found.append((int(record["step"]), record["reason"], "analysis"))
     if not found:
-        return dict(zip(COLLAPSE_COLUMNS, ("no", None, None, None), strict=True))
+        verdict = "—" if (record is None or record.get("collapsed") is None) else "no"
+        return dict(zip(COLLAPSE_COLUMNS, (verdict, None, None, None, None), strict=True))
     step, reason, _ = min(found, key=lambda f: f[0])
     by = ", ".join(sorted({f[2] for f in found}))
-    return dict(zip(COLLAPSE_COLUMNS, ("yes", step, reason, by), strict=True))
+    sig = record.get("signature") if record else None
+    return dict(zip(COLLAPSE_COLUMNS, ("yes", step, sig, reason, by), strict=True))
 
 
 def sweep_table(
     plan: dict[str, Any], out: Path, device: str | None = None, log: Callable[[str], None] = print
 ) -> tuple[pd.DataFrame, dict[str, Analysis]]:
-    """sweep.csv's rows for the cells of ``plan`` (sweep.json), analysing each cell that recorded ΔW."""
-    rows, analyses = [], {}
+    """sweep.csv's rows for the cells of ``plan`` (sweep.json), analysing each cell that recorded ΔW; a
+    collapsed cell's signature is judged against the sweep's healthy cells."""
+    analyses: dict[str, Analysis] = {}
+    found: list[Analysis | None] = []
     for cell in plan["cells"]:
         run_dir = out / cell["name"]
         analysis = None
@@ -110,7 +142,12 @@ def sweep_table(
                 analyses[cell["name"]] = analysis
             except spectra.SpectraError as e:
                 log(f"{cell['name']}: not analysed: {e}")
-        rows.append(cell_row(cell, out, plan["varying"], analysis))
+        found.append(analysis)
+    records = [cell_record(out / c["name"], a) for c, a in zip(plan["cells"], found, strict=True)]
+    rules = [a.rule if a is not None else CollapseRule() for a in found]
+    records = against_healthy(records, rules)
+    rows = [cell_row(c, out, plan["varying"], a, r)
+            for c, a, r in zip(plan["cells"], found, records, strict=True)]  # fmt: skip
     table = pd.DataFrame(rows)
     table["collapse step"] = table["collapse step"].astype("Int64")
     return table, analyses
@@ -198,7 +235,7 @@ def geometry_vs_rank(
     table: pd.DataFrame, varying: Sequence[str], zipped: Sequence[Sequence[str]] = ()
 ) -> FigureSpec | None:
     """E_1 and effective rank at the last step against the rank: one line per value of the other
-    varying options (mean over seeds, band: bootstrap 95 %); methods that --rank does not size left out."""
+    varying options (mean over seeds, band: the seeds' range); methods that --rank does not size left out."""
     if "rank" not in varying or not {"E_1", "erank"} <= set(table.columns):
         return None
     if "method" in table.columns:  # methods whose size is not --rank have no place on a rank axis
@@ -214,7 +251,7 @@ def geometry_vs_rank(
         for i, (key, part) in enumerate(groups):
             key = key if isinstance(key, tuple) else (key,)
             ranks = _sorted_values(part["rank"])
-            cis = [bootstrap_ci(pd.to_numeric(part.loc[part["rank"] == r, metric], errors="coerce"))
+            cis = [seed_range(pd.to_numeric(part.loc[part["rank"] == r, metric], errors="coerce"))
                    for r in ranks]  # fmt: skip
             keep = [j for j, c in enumerate(cis) if c.n]
             if not keep:
@@ -232,9 +269,9 @@ def geometry_vs_rank(
     return FigureSpec(
         "geometry_vs_rank",
         "Spectral concentration and effective rank against the rank",
-        "Medians over modules at each run's last recorded step, mean over seeds (band: bootstrap 95 % "
-        "interval where there are several seeds). A collapsing adapter concentrates its update: E_1 "
-        "rises and the effective rank falls while the rank grows.",
+        "Medians over modules at each run's last recorded step, mean over seeds (band: the range of the "
+        "seeds where there are several; not a confidence interval). The study's collapsing adapters "
+        "concentrate their update: E_1 rises and the effective rank falls while the rank grows.",
         panels,
         sharex=False,
     )
@@ -247,7 +284,7 @@ _DASHES = ("solid", "dash", "dot", "dashdot")
 
 def curves(cells: Sequence[dict[str, Any]], analyses: dict[str, Analysis]) -> FigureSpec | None:
     """Every configuration's reward (rolling mean over :data:`REWARD_WINDOW` steps) and median E_1 at
-    its recorded steps on one step axis; the mean over seeds with a bootstrap band where there are several
+    its recorded steps on one step axis; the mean over seeds with the seeds' range where there are several
     (:func:`spectra.report.seed_view`), crosses where a seed was flagged."""
     groups: dict[str, list[str]] = {}
     for cell in cells:
@@ -278,15 +315,15 @@ def curves(cells: Sequence[dict[str, Any]], analyses: dict[str, Analysis]) -> Fi
     panels = [
         Panel(f"Reward (rolling mean over {REWARD_WINDOW} steps)", "reward", reward),
         Panel("Spectral concentration: median E_1 over modules", "E_1", e1, marks=marks,
-              hlines=[(e1_min, "collapse threshold")]),
+              hlines=[] if e1_min is None else [(e1_min, "early-warning threshold")]),
     ]  # fmt: skip
     seeds = any(len(n) > 1 for n in groups.values())
     return FigureSpec(
         "curves",
         "Reward and E_1 of every configuration on one step axis",
         f"Top: the training reward, averaged over the last {REWARD_WINDOW} logged steps. Bottom: the "
-        "median over modules of E_1 = σ₁²/‖ΔW‖² at each recorded step; the dashed line is the collapse "
-        "rule's threshold, crosses mark flagged checkpoints." + (SEED_NOTE if seeds else ""),
+        "median over modules of E_1 = σ₁²/‖ΔW‖² at each recorded step; crosses mark checkpoints at or "
+        "after a collapse (the performance verdict)." + (SEED_NOTE if seeds else ""),
         [p for p in panels if p.lines],
     )
 
@@ -322,7 +359,7 @@ def write_sweep_report(
         with atomic_path(out / "sweep_seeds.csv") as tmp:
             seeds.to_csv(tmp, index=False)
         files.append(out / "sweep_seeds.csv")
-        header += "<p>Each configuration over its seeds: mean [bootstrap 95 % interval].</p>"
+        header += "<p>Each configuration over its seeds: mean [Student-t 95 % interval of the mean].</p>"
         header += _table_html(seed_display(seeds).to_dict("records"))
     header += "<p>Every cell (sweep.csv):</p>" + _table_html(_shown(table).to_dict("records"))
     zipped = plan.get("zipped", [])
@@ -359,7 +396,10 @@ def _plan_html(plan: dict[str, Any], table: pd.DataFrame) -> str:
         parts.append(f'<p class="warn">{len(failed)} cell(s) failed:</p><ul>{items}</ul>')
     collapsed = table[table["collapsed"] == "yes"].to_dict("records")
     if collapsed:
-        which = ", ".join(f"{r['cell']} (step {r['collapse step']})" for r in collapsed)
+        which = ", ".join(
+            f"{r['cell']} (step {r['collapse step']}, {r['collapse signature'] or 'no geometry'})"
+            for r in collapsed
+        )
         parts.append(f'<p class="warn">Collapsed: {html.escape(which)}.</p>')
     return "\n".join(parts)
 
@@ -367,37 +407,59 @@ def _plan_html(plan: dict[str, Any], table: pd.DataFrame) -> str:
 # ------------------------------------------------------------------------------------------ the demo
 
 
+#: The study's two findings the demo reads, as (method, against, what the study found).
+DEMO_FINDINGS = (
+    ("pissa", "lora", "PiSSA's update stays in W0's principal directions and PiSSA lags LoRA"),
+    ("dora", "lora", "DoRA ahead of LoRA, 46.6 % vs 42.5 % at 1.5B"),
+)
+
+
 def demo_reading(table: pd.DataFrame) -> list[str]:
-    """What ``spectra demo``'s comparison says about the first study's findings (PEFT under RLVR: PiSSA's
-    update stays in W0's principal directions and PiSSA lags far behind LoRA; DoRA is ahead of LoRA,
-    46.6 % vs 42.5 % at 1.5B), from ``compare.csv``'s table: one sentence per pair of methods present,
-    with the numbers, and whether the organism shows it. One run per method: a gap of a few hundredths
-    in accuracy is within the organism's seed noise (benchmarks/RESULTS.md, findings)."""
+    """What ``spectra demo``'s comparison says about the first study's findings (:data:`DEMO_FINDINGS`),
+    from ``compare.csv``'s table (one row per run; several runs of a method are its seeds), one sentence
+    per pair of methods present, by one standard for every claim: a difference is stated only when
+    Welch's t-interval of the difference of the means over the seeds run excludes 0 (95 %, Bonferroni
+    over the pairs read); with one seed on a side the numbers are printed as readings — a geometry number
+    such as ρ_k is a measurement of that run — and the accuracy is said to be beyond what one seed can
+    tell, with the ``spectra sweep`` command that can."""
+    from spectra.stats import difference_ci
+
     score = main_score(table)
     if score is None or "method" not in table.columns:
         return []
-    by = table.drop_duplicates("method").set_index("method")
-    rho = next((c for c in by.columns if c.startswith("rho_")), None)
+    rho = next((c for c in table.columns if c.startswith("rho_")), None)
+    present = [f for f in DEMO_FINDINGS if {f[0], f[1]} <= set(table["method"])]
+    level = 1 - (1 - 0.95) / max(len(present), 1)
 
-    def value(method: str, col: str | None) -> float:
-        present = col in by.columns and pd.notna(by.at[method, col])
-        return float(by.at[method, col]) if present else float("nan")
+    def values(method: str, col: str | None) -> list[float]:
+        if col is None or col not in table.columns:
+            return []
+        v = pd.to_numeric(table.loc[table["method"] == method, col], errors="coerce").dropna()
+        return v.tolist()
+
+    def reading(method: str, against: str, col: str | None) -> str:
+        a, b = values(method, col), values(against, col)
+        if not a or not b:
+            return f"{col}: not measured"
+        d = difference_ci(a, b, level)
+        means = f"{col} {sum(a) / len(a):.3g} vs {sum(b) / len(b):.3g}"
+        if d.low is None:
+            return f"{means} ({'one seed each' if len(a) == len(b) == 1 else 'one seed on a side'})"
+        n = f"{len(a)} vs {len(b)} seeds, Welch {level:.1%} interval of the difference {d}"
+        if d.contains(0.0):
+            return f"{means}: within the seed noise, cannot tell apart ({n})"
+        return f"{means}: {method} {'above' if d.mean > 0 else 'below'} {against} ({n})"
 
     out = []
-    if {"pissa", "lora"} <= set(by.index):
-        rp, rl, sp, sl = value("pissa", rho), value("lora", rho), value("pissa", score), value("lora", score)
-        checks = (("not more principal-aligned", rp > rl), ("not lagging", sp < sl))
-        missing = [what for what, ok in checks if not ok]
-        verdict = f"it does not show ({', '.join(missing)})" if missing else "the mechanism shows"
-        out.append(
-            f"PiSSA vs LoRA (study: PiSSA's update stays principal and PiSSA lags): {rho} {rp:.3g} vs "
-            f"{rl:.3g}, {score} {sp:.3g} vs {sl:.3g}: {verdict} on this model."
-        )
-    if {"dora", "lora"} <= set(by.index):
-        sd, sl = value("dora", score), value("lora", score)
-        out.append(
-            f"DoRA vs LoRA (study: DoRA ahead, 46.6 % vs 42.5 %): {score} {sd:.3g} vs {sl:.3g}, one seed "
-            "each, which cannot tell them apart: on the organism their order changes from seed to seed "
-            "(benchmarks/RESULTS.md); compare seeds with spectra sweep --method lora,dora --seed 0,1,2."
-        )
+    for method, against, found in present:
+        a, b = values(method, score), values(against, score)
+        one_seed = min(len(a), len(b)) < 2
+        parts = [reading(method, against, rho)] if method == "pissa" and rho else []
+        parts.append(reading(method, against, score))
+        sentence = f"{method} vs {against} (study: {found}): " + "; ".join(parts)
+        if one_seed:
+            sentence += (". One seed cannot tell the accuracy apart (on the organism the methods' order "
+                         "changes from seed to seed); seeds can: spectra sweep --method "
+                         f"{against},{method} --seed 0,1,2 --out runs/demo-seeds")  # fmt: skip
+        out.append(sentence + ".")
     return out

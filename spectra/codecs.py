@@ -20,6 +20,8 @@ from torch import Tensor
 
 #: A scale beyond this is not a learning rate's doing but a damaged file (its squares overflow float64).
 MAX_SCALE = 1e8
+#: The dtypes (torch names, as in a dataset's ``dtype`` attribute) of factors, vectors and matrices.
+FLOATING: tuple[str, ...] = ("float64", "float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,8 @@ class Codec:
     datasets that are 2-D (the others are 1-D); attrs: scalar attributes (``scale``: a finite number,
     ``axis``: ``row`` or ``column``); needs_w0: ΔW can only be formed with W0 at hand; matrix: a linear
     map (False: a vector parameter, analysed by its norms only); rank_from: datasets whose column counts
-    add up to the factored rank (an empty tuple: not factored).
+    add up to the factored rank (an empty tuple: not factored); dtypes: the dtypes its datasets may have
+    (floating types: a factor stored as bool or int is not an update).
     """
 
     kind: str
@@ -42,6 +45,7 @@ class Codec:
     needs_w0: bool = False
     matrix: bool = True
     rank_from: tuple[str, ...] = ()
+    dtypes: tuple[str, ...] = FLOATING
 
     @property
     def datasets(self) -> tuple[str, ...]:
@@ -125,10 +129,24 @@ def check_attr(name: str, value: Any) -> float | str:
     raise ValueError(f"no rule for attribute {name!r}")
 
 
+def dtype_name(t: Tensor) -> str:
+    """A tensor's dtype as the torch name (``float32``, ``bool``)."""
+    return str(t.dtype).removeprefix("torch.")
+
+
+def check_dtype(c: Codec, key: str, t: Tensor) -> None:
+    """ValueError unless dataset ``key`` of a ``c.kind`` record has one of the codec's dtypes."""
+    if dtype_name(t) not in c.dtypes:
+        raise ValueError(
+            f"dataset {key!r} has dtype {dtype_name(t)}; a {c.kind} record stores {', '.join(c.dtypes)}"
+        )
+
+
 def check_record(rec: Stored) -> None:
     """Check a record against its codec before anything is computed from it: required datasets present,
-    no unknown ones, matrices 2-D and vectors 1-D, no empty factor, attributes valid, a declared shape
-    of 2 positive integers (1 for vectors). ValueError naming what is wrong."""
+    no unknown ones, each of a dtype the codec allows (floating), matrices 2-D and vectors 1-D, no empty
+    factor, attributes valid, a declared shape of 2 positive integers (1 for vectors). ValueError naming
+    what is wrong."""
     c = codec(rec.kind)
     missing = [k for k in c.tensors if k not in rec.tensors]
     if missing:
@@ -140,6 +158,7 @@ def check_record(rec: Stored) -> None:
     if len(rec.shape) != dims or any(d < 1 for d in rec.shape):
         raise ValueError(f"shape attribute {list(rec.shape)} is not {dims} positive integer(s)")
     for key, t in rec.tensors.items():
+        check_dtype(c, key, t)
         want = 2 if key in c.matrices else 1
         if t.ndim != want:
             raise ValueError(f"dataset {key!r} has {t.ndim} dimension(s); expected {want}")

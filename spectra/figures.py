@@ -8,7 +8,7 @@ Every builder takes a list of :class:`RunView` (one for ``spectra analyze``, sev
 compare``); a run keeps its colour across all figures. Curves are medians over a run's analysed matrix
 modules at each recorded step, with the band between the 25th and 75th percentiles. Runs that differ
 only by seed are drawn as one (:func:`spectra.report.seed_view`): the mean over the seeds, its band the
-bootstrap 95 % interval of that mean (:mod:`spectra.stats`). One module holds every builder (over 400
+range of the seeds (:mod:`spectra.stats`; not a confidence interval). One module holds every builder (over 400
 lines) so that they share their helpers.
 """
 
@@ -111,7 +111,7 @@ class RunView:
     logs: pd.DataFrame
     evals: pd.DataFrame
     ks: tuple[int, ...]
-    e1_min: float = 0.5
+    e1_min: float | None = None  # the collapse early warning's threshold on median E_1 (unset: none drawn)
 
 
 def _median_line(
@@ -125,13 +125,18 @@ def _median_line(
 
 
 def series_band(frame: pd.DataFrame, col: str) -> tuple[pd.Series, pd.Series] | None:
-    """The shaded band of a column: the seeds' bootstrap interval (``_lo``/``_hi``, zero width where one
+    """The shaded band of a column: the seeds' range (``_lo``/``_hi``, zero width where one
     seed has a value) when the view averages seeds, else the quartiles over modules, else none."""
     if f"{col}_lo" in frame.columns:
         return frame[f"{col}_lo"].fillna(frame[col]), frame[f"{col}_hi"].fillna(frame[col])
     if f"{col}_q25" in frame.columns:
         return frame[f"{col}_q25"], frame[f"{col}_q75"]
     return None
+
+
+def _warning_line(v: RunView) -> list[tuple[float, str]]:
+    """The early warning's E_1 threshold as a reference line, where the rule sets one."""
+    return [] if v.e1_min is None else [(v.e1_min, "early-warning threshold on median E_1")]
 
 
 def _collapse_marks(v: RunView, metric: str) -> list[Marks]:
@@ -243,14 +248,15 @@ def overview(views: Sequence[RunView], k: int | None = None) -> FigureSpec:
         _panel("Spectral concentration E_1 = σ₁²/‖ΔW‖²", "E_1",
                [_median_line(v, "E_1", _name(v, "median", views)) for v in views],
                marks=[m for v in views for m in _collapse_marks(v, "E_1")],
-               hlines=[(views[0].e1_min, "collapse threshold")]),
+               hlines=_warning_line(views[0])),
     ]  # fmt: skip
     return FigureSpec(
         "overview",
         "Accuracy and update geometry over training",
         "Top: training reward (dotted) and held-out accuracy (Avg@n solid, Pass@n dashed). Below: medians "
         f"over adapted modules (band: 25th–75th percentile) of the off-principal energy at k = {k}, the "
-        "effective rank and E_1 of ΔW. Red crosses: checkpoints flagged by the rank-collapse rule.",
+        "effective rank and E_1 of ΔW. Red crosses: checkpoints at or after a collapse (a performance "
+        "fall beyond the reward's noise, not a geometry threshold).",
         [p for p in panels if p is not None],
     )
 
@@ -299,7 +305,7 @@ def rank(views: Sequence[RunView], k: int | None = None) -> FigureSpec:
                [_median_line(v, "erank", _name(v, "median", views)) for v in views],
                marks=[m for v in views for m in _collapse_marks(v, "erank")]),
         _panel(f"Spectral concentration E_k = Σ_{{i≤k}} σᵢ²/‖ΔW‖² (k = 1, {k})", "share of ‖ΔW‖²", conc,
-               marks=marks_e, hlines=[(views[0].e1_min, "collapse threshold on median E_1")]),
+               marks=marks_e, hlines=_warning_line(views[0])),
         _panel("Relative update size ‖ΔW‖_F / ‖W0‖_F", "ratio",
                [_median_line(v, "relative_size", _name(v, "median", views)) for v in views], logy=True),
     ]  # fmt: skip
@@ -307,8 +313,8 @@ def rank(views: Sequence[RunView], k: int | None = None) -> FigureSpec:
         "rank",
         "Effective rank and spectral concentration of ΔW",
         "Medians over modules (band: 25th–75th percentile). A collapsing update folds its energy into a "
-        "few directions: E_1 rises and the effective rank falls. Red crosses: checkpoints flagged by the "
-        "rank-collapse rule (median E_1 above the threshold while the reward falls).",
+        "few directions: E_1 rises and the effective rank falls. Red crosses: checkpoints at or after a "
+        "collapse (the performance verdict; the geometry is its mechanism, not its test).",
         [p for p in panels if p is not None],
     )
 
@@ -382,9 +388,11 @@ def esd_alpha(views: Sequence[RunView]) -> FigureSpec:
         "Heavy-tailed spectral density of the weights over training",
         "The exponent α of the power-law tail of the eigenvalues σ_i² of each weight matrix (the fit "
         "WeightWatcher uses: Clauset–Shalizi–Newman, x_min at the minimum KS distance), median over modules "
-        "(band: 25th–75th percentile), for the fine-tuned W_t and, dashed, for W0. Martin & Mahoney read "
-        "α of 2–4 as well trained and a falling α as training adding correlations. Modules with fewer "
-        "than 50 eigenvalues have no fit.",
+        "(band: 25th–75th percentile), for the fine-tuned W_t and, dashed, for W0. WeightWatcher reads "
+        "α of 2–6 as typical of well-trained layers, below 2 as very heavy-tailed (over-trained) and above "
+        "6 as under-trained, and a falling α as training adding correlations. Each α has a standard error "
+        "(α − 1)/√n_tail (metrics.csv: alpha_stderr, alpha_num_tail). Modules with fewer than 50 "
+        "eigenvalues, or whose fitted tail holds fewer than 10, have no α.",
         [panel] if panel is not None else [],
     )
 

@@ -2,8 +2,16 @@
 
 HDF5 has no bfloat16; a bfloat16 tensor is stored as its raw 16-bit pattern (uint16) with the attribute
 ``dtype = "bfloat16"``. Every dataset carries ``dtype`` (the torch dtype name) so that a reader in any
-language knows what the bits mean, and HDF5's fletcher32 checksum, so that a damaged byte is an error
-when read rather than a changed number.
+language knows what the bits mean, HDF5's fletcher32 checksum of each chunk, and ``crc32``: the CRC-32
+(zlib) of the whole array's bytes (C order, little-endian, as stored), so that a damaged byte is an
+error when read rather than a changed number.
+
+Why a whole-array checksum as well as fletcher32: fletcher32 only checks the chunks HDF5 finds. A
+damaged chunk index (a flipped byte in a B-tree node) loses a chunk, and HDF5 then returns the fill
+value (zeros) for it without any error. The CRC-32 of the array as read catches that, and any other way
+of reading numbers that are not the ones written (a damaged shape, type or filter mask). Files written
+before ``crc32`` existed are checked as far as they can be: every chunk of the array present exactly
+once, each with its filters applied (:func:`check_chunks`).
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -103,7 +112,53 @@ def write_tensor(group: h5py.Group, name: str, t: Tensor, compression: str | Non
     checksum = data.ndim > 0 and data.size > 0  # HDF5 filters need a chunked, non-empty dataset
     ds = group.create_dataset(name, data=data, compression=compression, fletcher32=checksum)
     ds.attrs["dtype"] = _TORCH_TO_NAME[t.dtype]
+    ds.attrs[DATA_CHECKSUM] = data_checksum(data)
     return ds
+
+
+DATA_CHECKSUM = "crc32"
+
+
+class ChecksumError(ValueError):
+    """A dataset's numbers are not the ones written: its crc32 differs, or a chunk is missing."""
+
+
+def data_checksum(arr: np.ndarray) -> int:
+    """CRC-32 (zlib) of an array's bytes in C order, little-endian: the ``crc32`` attribute of a dataset."""
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and sys.byteorder == "big"):
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return zlib.crc32(arr.reshape(-1).view(np.uint8))
+
+
+def check_chunks(ds: h5py.Dataset) -> None:
+    """ChecksumError unless every chunk of a chunked dataset is stored exactly once, with all its
+    filters applied (HDF5 reads a chunk its index has lost as the fill value, without an error)."""
+    if ds.chunks is None or ds.size == 0:
+        return
+    found: list[tuple[tuple[int, ...], int]] = []
+    try:
+        ds.id.chunk_iter(lambda info: found.append((tuple(info.chunk_offset), info.filter_mask)))
+    except AttributeError:  # HDF5 before 1.14: one look-up per chunk
+        for i in range(ds.id.get_num_chunks()):
+            info = ds.id.get_chunk_info(i)
+            found.append((tuple(info.chunk_offset), info.filter_mask))
+    expected = 1
+    for size, chunk in zip(ds.shape, ds.chunks, strict=True):
+        expected *= -(-size // chunk)
+    offsets = {offset for offset, _ in found}
+    on_grid = all(
+        o % c == 0 and o < size
+        for offset in offsets
+        for o, c, size in zip(offset, ds.chunks, ds.shape, strict=True)
+    )
+    if len(found) != expected or len(offsets) != expected or not on_grid:
+        raise ChecksumError(
+            f"dataset {ds.name!r}: its chunk index lists {len(found)} chunk(s) of the {expected} its shape "
+            "needs (a damaged index: lost chunks would read as zeros)"
+        )
+    if any(mask for _, mask in found):
+        raise ChecksumError(f"dataset {ds.name!r}: a chunk is stored with its filters (checksum) skipped")
 
 
 def read_tensor(
@@ -113,7 +168,9 @@ def read_tensor(
 
     ``strict``: the ``dtype`` attribute must match the type HDF5 stores (an ``int32`` label on float data
     would otherwise be read as other numbers), and may be absent only for plain float data; ValueError
-    otherwise."""
+    otherwise. Always: every chunk present (:func:`check_chunks`) and the whole array's ``crc32`` where
+    the dataset has one (read whole even for a block); :class:`ChecksumError` otherwise."""
+    check_attrs(ds)
     name = ds.attrs.get("dtype", None)
     name = name.decode() if isinstance(name, bytes) else name
     unlabelled_float = name is None and ds.dtype.kind == "f"  # self-describing: read as stored
@@ -122,11 +179,20 @@ def read_tensor(
             f"dataset {ds.name!r} declares dtype {name!r} but stores {ds.dtype}; expected one of "
             f"{', '.join(f'{k} (stored as {v})' for k, v in _STORED_AS.items())}"
         )
-    if rows is not None or cols is not None:
-        arr = ds[: rows if rows is not None else ds.shape[0], : cols if cols is not None else ds.shape[1]]
+    check_chunks(ds)
+    stored = ds.attrs.get(DATA_CHECKSUM, None)
+    block = rows is not None or cols is not None
+    if stored is not None or not block:
+        arr = np.asarray(ds[()])  # the whole array: its checksum covers the whole
+        if stored is not None and _as_int(stored) != data_checksum(arr):
+            raise ChecksumError(
+                f"dataset {ds.name!r}: its numbers fail their crc32 checksum (a damaged chunk, chunk "
+                "index, shape or type)"
+            )
+        if block:
+            arr = arr[:rows, :cols]
     else:
-        arr = ds[()]
-    arr = np.asarray(arr)
+        arr = np.asarray(ds[:rows, :cols])
     if name == "bfloat16":
         return torch.from_numpy(arr.view(np.int16).copy()).view(torch.bfloat16)
     t = torch.from_numpy(np.ascontiguousarray(arr))
@@ -135,14 +201,46 @@ def read_tensor(
     return t
 
 
+def _as_int(value: Any) -> int | None:
+    """An integer attribute's value, or None when it is not one."""
+    v = np.asarray(value)
+    return int(v) if v.shape == () and v.dtype.kind in "iu" else None
+
+
 ATTRS_CHECKSUM = "attrs_crc32"
+
+
+#: The attribute types spectra writes (HDF5 type classes): numbers and strings, nothing else.
+_ATTR_CLASSES = frozenset({h5py.h5t.INTEGER, h5py.h5t.FLOAT, h5py.h5t.STRING})
+_ATTR_MAX_ELEMENTS = 1 << 16  # spectra's attributes are scalars and short lists
+
+
+def check_attrs(obj: h5py.HLObject, names: tuple[str, ...] | None = None) -> None:
+    """ValueError when an attribute of ``obj`` (or those of ``names`` present) has a type or size that
+    spectra never writes. A damaged header can declare such a type, and HDF5 may crash the process
+    when asked to read it (a variable-length type that is not a string), so this is checked from the
+    type alone, before any value is read."""
+    for name in obj.attrs if names is None else names:
+        key = name.encode() if isinstance(name, str) else name
+        if names is not None and not h5py.h5a.exists(obj.id, key):
+            continue
+        attr = h5py.h5a.open(obj.id, key)
+        t = attr.get_type()
+        cls = t.get_class()
+        ok = cls in _ATTR_CLASSES and (cls == h5py.h5t.STRING or t.get_size() <= 8)
+        elements = attr.get_space().get_simple_extent_npoints()
+        if not ok or elements > _ATTR_MAX_ELEMENTS:
+            raise ValueError(
+                f"{obj.name}: attribute {name!r} has a type or size spectra never writes (damaged header?)"
+            )
 
 
 def attrs_checksum(obj: h5py.HLObject) -> int:
     """CRC-32 of an HDF5 object's attributes (all but the checksum itself), in a canonical JSON form.
 
     Datasets are protected by fletcher32; this protects the attributes that change what they mean
-    (``scale``, ``shape``, ``kind``, references), which HDF5 does not checksum."""
+    (``scale``, ``shape``, ``kind``, references), which HDF5 does not checksum. Call
+    :func:`check_attrs` first on an object of a file that may be damaged."""
     items = {k: _plain(v) for k, v in obj.attrs.items() if k != ATTRS_CHECKSUM}
     return zlib.crc32(json.dumps(items, sort_keys=True).encode())
 
@@ -158,6 +256,7 @@ def _plain(v: Any) -> Any:
 
 
 def attr_str(obj: h5py.HLObject, key: str, default: str | None = None) -> str | None:
-    """A string attribute, decoded."""
+    """A string attribute, decoded (its type checked first: :func:`check_attrs`)."""
+    check_attrs(obj, (key,))
     v = obj.attrs.get(key, default)
     return v.decode() if isinstance(v, bytes) else (None if v is None else str(v))

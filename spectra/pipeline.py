@@ -166,7 +166,7 @@ class Run(RunStore):
         """The rank-collapse flag per checkpoint (:func:`spectra.metrics.detect_collapse`), from
         ``analysis`` (or a fresh :meth:`analyze`) and the ``reward`` column of metrics.jsonl."""
         analysis = self.analyze() if analysis is None else analysis
-        return collapse_flags(analysis, self.rewards, rule or _run_rule(self))
+        return collapse_flags(analysis, self.rewards, rule or _run_rule(self), self.eval)
 
 
 def _run_rule(run: RunStore) -> CollapseRule:
@@ -300,7 +300,13 @@ def analyze_run(
         run, plotted, spectra_path if save and not force else None, config, sigmas, set(todo)
     )
     engine = engine_options(config)
-    summary, per_step = summarize(run.config, str(run.path), table, config.ks, engine, run.rewards, rule)
+    rewards, log_problem = run.reward_log()  # an unreadable log gives no rewards: no verdict from them
+    summary, per_step = summarize(
+        run.config, str(run.path), table, config.ks, engine, rewards, rule, run.eval
+    )
+    if log_problem:
+        found.append(log_problem)
+        summary["problems"] = [*summary.get("problems", []), log_problem]
     if save:
         summary |= {"cache": key, "fingerprints": prints}
         folder.mkdir(exist_ok=True)
@@ -405,7 +411,8 @@ def _analyze_steps(
 
 def _plan(run: Run, steps: list[int], config: EngineConfig) -> tuple[list[Unit], list[dict[str, Any]]]:
     """The units of ``steps`` in order (from the files' declared shapes, no tensor read), and the rows
-    of what cannot be analysed (a file or a module's metadata unreadable)."""
+    of what cannot be analysed (a file or a module's metadata unreadable, a module missing from a step's
+    file)."""
     units: list[Unit] = []
     rows: list[dict[str, Any]] = []
     for step in steps:
@@ -415,6 +422,8 @@ def _plan(run: Run, steps: list[int], config: EngineConfig) -> tuple[list[Unit],
             rows.append(_status_row(step, None, "unreadable", str(e)))
             continue
         with dfile:
+            for module, why in run.missing_modules(step, dfile):  # a gap is a row, not a smaller step
+                rows.append(_status_row(step, module, "missing", why))
             groups: dict[tuple[Any, ...], list[str]] = {}
             for module in dfile.modules:
                 try:

@@ -4,9 +4,10 @@ The report is one HTML file with plotly's JavaScript embedded: it opens from dis
 nothing. Its header holds the run's configuration; each mechanism figure follows with a caption.
 
 Runs given to a comparison that differ only by seed (:func:`spectra.stats.seed_groups`) are drawn as one
-curve per configuration, the mean over seeds with a bootstrap band (:func:`seed_view`), and tabled as the
-mean with its bootstrap 95 % interval (``compare_seeds.csv``, :func:`seed_table`), which also says
-whether each configuration's main score lies within the seed noise of the best one.
+curve per configuration, the mean over seeds with the seeds' range as its band (:func:`seed_view`), and
+tabled as the mean with its Student-t 95 % interval (``compare_seeds.csv``, :func:`seed_table`), which
+also says whether each configuration's main score lies within the seed noise of the best one (Welch's
+interval of the difference, Bonferroni over the comparisons).
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ from spectra.pipeline import Analysis
 from spectra.render import save_png, to_plotly
 from spectra.stats import (
     CONFIDENCE,
-    bootstrap_ci,
     difference_ci,
     distinguishing_keys,
     mean_over_seeds,
     seed_groups,
+    t_interval,
 )
+from spectra.tables import against_healthy, collapse_columns
 
 
 def run_view(analysis: Analysis, label: str | None = None, color: str = PALETTE[0]) -> RunView:
@@ -54,14 +56,14 @@ def run_view(analysis: Analysis, label: str | None = None, color: str = PALETTE[
 
 #: Appended to a figure's caption when some of its curves average several seeds.
 SEED_NOTE = (
-    " Where runs differ only by seed, a curve is the mean over the seeds and its band the bootstrap 95 % "
-    "interval of that mean; crosses mark steps flagged in any seed."
+    " Where runs differ only by seed, a curve is the mean over the seeds and its band the range of the "
+    "seeds (not a confidence interval); crosses mark steps flagged in any seed."
 )
 
 
 def seed_view(views: Sequence[RunView], label: str, color: str) -> RunView:
     """Runs that differ only by seed as one :class:`RunView`: per step, the mean over the seeds of each
-    median (band ``<metric>_lo``/``_hi``: its bootstrap 95 % interval, :func:`spectra.stats.mean_over_seeds`),
+    median (band ``<metric>_lo``/``_hi``: the seeds' range, :func:`spectra.stats.mean_over_seeds`),
     of the reward and of each held-out score; ``collapsed`` where any seed was flagged. The module
     tables and spectra are pooled (each seed's modules kept apart). One view is returned relabelled."""
     if len(views) == 1:
@@ -71,19 +73,19 @@ def seed_view(views: Sequence[RunView], label: str, color: str) -> RunView:
         c for c in first.steps.columns
         if c not in ("step", "modules", "collapsed") and not c.endswith(("_q25", "_q75", "_mean"))
     ]  # fmt: skip
-    steps = mean_over_seeds([v.steps for v in views], "step", metrics)
+    steps = mean_over_seeds([v.steps for v in views], "step", metrics, interval="range")
     flags = [v.steps[["step", "collapsed"]] for v in views if "collapsed" in v.steps.columns]
     if flags:
         any_seed = pd.concat(flags).groupby("step")["collapsed"].any()
         steps["collapsed"] = steps["step"].map(any_seed).fillna(False).astype(bool)
     rewards = [v.logs[["step", "reward"]].dropna() for v in views if {"step", "reward"} <= set(v.logs)]
-    logs = mean_over_seeds(rewards, "step", ["reward"]) if rewards else pd.DataFrame()
+    logs = mean_over_seeds(rewards, "step", ["reward"], interval="range") if rewards else pd.DataFrame()
     evals = [v.evals for v in views if {"step", "benchmark"} <= set(v.evals.columns)]
     if evals:
         keys = ["benchmark", *(c for c in EVAL_SETTINGS if all(c in e.columns for e in evals)), "step"]
         scores = sorted({c for e in evals for c in e.columns if SCORE.fullmatch(c)})
         last = [e.drop_duplicates(keys, keep="last") for e in evals]  # a step evaluated again: its last row
-        evals_mean = mean_over_seeds(last, keys, scores)
+        evals_mean = mean_over_seeds(last, keys, scores, interval="range")
     else:
         evals_mean = pd.DataFrame()
 
@@ -181,16 +183,35 @@ def run_header(analysis: Analysis) -> str:
         f"{s['steps'][-1]['modules']} modules per step; "
         f"engine options {html.escape(json.dumps(s['engine']))}.</p>",
     ]
-    if s["collapsed_steps"]:
-        reason = next(e["collapse_reason"] for e in s["steps"] if e["collapsed"])
-        flagged = ", ".join(map(str, s["collapsed_steps"]))
-        parts.append(f'<p class="warn">Rank collapse flagged at steps {flagged} ({html.escape(reason)}).</p>')
-    else:
-        parts.append("<p>No checkpoint flagged by the rank-collapse rule.</p>")
+    parts.append(collapse_html(s.get("collapse")))
     if s["problems"]:
         items = "".join(f"<li>{html.escape(p)}</li>" for p in s["problems"][:20])
         parts.append(f'<p class="warn">{len(s["problems"])} problem(s):</p><ul>{items}</ul>')
     return "\n".join(parts)
+
+
+def collapse_html(record: dict[str, Any] | None) -> str:
+    """The collapse verdict in a sentence: performance, with its step, and the geometry's signature."""
+    if not record or record.get("collapsed") is None:
+        why = html.escape(record["reason"]) if record else "no collapse record"
+        return f"<p>Collapse: no verdict ({why}).</p>"
+    if not record["collapsed"]:
+        return f"<p>Collapse: no ({html.escape(record['reason'])}).</p>"
+    geometry = []
+    for when in ("onset", "end"):
+        g = record.get(when)
+        if g:
+            names = {"e1_norm_median": "rank-normalised E_1", "erank_median": "effective rank",
+                     "size_median": "relative size"}  # fmt: skip
+            values = [(g.get(key), label) for key, label in names.items()]
+            shown = ", ".join(f"{label} {v:.3g}" for v, label in values if v is not None)
+            geometry.append(f"at the {when} (step {g['step']}): {shown}")
+    return (
+        f'<p class="warn">Collapsed (performance) from step {record["step"]}: '
+        f"{html.escape(record['reason'])}. "
+        f"Signature: <b>{html.escape(str(record['signature']))}</b> "
+        f"({html.escape(str(record['signature_reason']))}); {html.escape('; '.join(geometry))}.</p>"
+    )
 
 
 def write_run_report(analysis: Analysis, k: int | None = None, heat_step: int | None = None) -> list[Path]:
@@ -200,8 +221,11 @@ def write_run_report(analysis: Analysis, k: int | None = None, heat_step: int | 
     return [*pngs, page]
 
 
-def final_row(view: RunView, summary: dict[str, Any]) -> dict[str, Any]:
-    """One line of the comparison table: final accuracy and final geometry of a run."""
+def final_row(
+    view: RunView, summary: dict[str, Any], collapse: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One line of the comparison table: final accuracy and final geometry of a run, and its collapse
+    verdict (``collapse``: a record judged against other runs, default the run's own summary's)."""
     k = default_k(view.ks)
     last = summary["steps"][-1] if summary["steps"] else {"step": None, "median": {}}
     med = last["median"]
@@ -223,8 +247,8 @@ def final_row(view: RunView, summary: dict[str, Any]) -> dict[str, Any]:
         f"rho_{k}": med.get(f"rho_{k}"),
         f"off_principal_{k}": med.get(f"off_principal_{k}"),
         "relative_size": med.get("relative_size"),
-        "collapse flagged at": ", ".join(map(str, summary["collapsed_steps"])) or "never",
     }
+    row |= collapse_columns(collapse if collapse is not None else summary.get("collapse"))
     return row
 
 
@@ -263,7 +287,8 @@ def seed_table(
 ) -> pd.DataFrame:
     """One row per seed group of a per-run table: ``configuration``, its ``runs`` and ``seeds``, the
     columns in ``keep`` as they are (the first run's), and for each other numeric column (but ``skip``)
-    its mean, ``<col> ci_low`` and ``<col> ci_high`` (bootstrap 95 %, empty for one seed); then, on the
+    its mean, ``<col> ci_low`` and ``<col> ci_high`` (the Student-t 95 % interval of the mean, empty for
+    one seed); then, on the
     main score (:func:`main_score`), the difference from the best configuration with its interval and
     whether it lies ``within seed noise of best`` (yes / no / "one seed")."""
     numeric = [c for c in table.select_dtypes("number").columns if c not in (*keep, *skip)]
@@ -275,7 +300,7 @@ def seed_table(
                                "seeds": len(g)}  # fmt: skip
         row |= {c: part[c].iloc[0] for c in keep if c in part.columns}
         for c in numeric:
-            ci = bootstrap_ci(part[c].to_numpy(dtype=float))
+            ci = t_interval(part[c].to_numpy(dtype=float))
             row[c] = ci.mean
             row[f"{c} ci_low"], row[f"{c} ci_high"] = ci.low, ci.high
         rows.append(row)
@@ -348,7 +373,7 @@ def write_comparison(
 ) -> tuple[pd.DataFrame, list[Path]]:
     """Runs side by side: out/compare.csv (final accuracy and geometry per run), out/plots/*.png,
     out/report.html; and out/compare_seeds.csv where some runs differ only by seed (their figures then
-    show one curve per configuration: the mean over seeds with a bootstrap band)."""
+    show one curve per configuration: the mean over seeds with the seeds' range as its band)."""
     names = list(labels) if labels else [a.name for a in analyses]
     if len(set(names)) < len(names):  # two runs of the same name: tell them apart by their folders
         names = [f"{n} ({a.run_dir})" for n, a in zip(names, analyses, strict=True)]
@@ -356,7 +381,9 @@ def write_comparison(
         run_view(a, n, PALETTE[i % len(PALETTE)])
         for i, (n, a) in enumerate(zip(names, analyses, strict=True))
     ]
-    table = pd.DataFrame([final_row(v, a.summary) for v, a in zip(views, analyses, strict=True)])
+    records = against_healthy([a.summary.get("collapse") for a in analyses], [a.rule for a in analyses])
+    rows = [final_row(v, a.summary, r) for v, a, r in zip(views, analyses, records, strict=True)]
+    table = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "compare.csv") as tmp:
         table.to_csv(tmp, index=False)
@@ -375,7 +402,7 @@ def write_comparison(
             seed_view([views[i] for i in g], lab, PALETTE[j % len(PALETTE)])
             for j, (g, lab) in enumerate(zip(groups, glabels, strict=True))
         ]
-        header += "<p>Runs that differ only by seed, as the mean over seeds [bootstrap 95 % interval]:</p>"
+        header += "<p>Runs that differ only by seed, as the mean over seeds [Student-t 95 % interval]:</p>"
         header += _table_html(seed_display(seeds).to_dict("records"))
         header += "".join(f"<p>{html.escape(s)}</p>" for s in noise_sentences(seeds))
     else:

@@ -1,21 +1,26 @@
-"""Seeds and uncertainty: runs that differ only by seed, the bootstrap interval of their mean, and whether
-two configurations differ by more than the seed noise.
+"""Seeds and uncertainty: runs that differ only by seed, intervals of their mean, and whether two
+configurations differ by more than the seed noise.
 
-Pure numpy/pandas (the tables layer). Runs are *replicates* when their configurations (``run.json``) are
-equal once the seed and the keys that do not change what is trained (:data:`NOT_CONFIGURATION`) are left
-out (:func:`seed_groups`). A quantity measured on n replicates x_1 … x_n is shown as its mean
-x̄ = Σ x_i / n with a percentile-bootstrap interval (:func:`bootstrap_ci`): the α/2 and 1 − α/2
-quantiles of the distribution of the mean of n values drawn with replacement from the x_i. With the few
-seeds a study affords, that distribution is computed exactly (every multiset of n draws, weighted by its
-multinomial probability n!/(∏ c_j!)/nⁿ) while it has at most ``resamples`` atoms (n ≤ 8 for the default
-10 000), and by ``resamples`` seeded Monte-Carlo draws beyond, so the same numbers always give the same
-interval. Read that interval as the spread the seeds show, not as a guarantee: the percentile bootstrap
-covers less than its nominal 95 % with 2–5 values (with n = 2 it spans the two values). One value has no
-interval.
+Pure numpy/pandas/scipy (the tables layer). Runs are *replicates* when their configurations
+(``run.json``) are equal once the seed and the keys that do not change what is trained
+(:data:`NOT_CONFIGURATION`) are left out (:func:`seed_groups`). A quantity measured on n replicates
+x_1 … x_n is shown as its mean x̄ = Σ x_i / n with one of two intervals, each named for what it is:
+
+- the **Student-t interval of the mean** (:func:`t_interval`), x̄ ± t_{(1+c)/2, n−1} · s/√n (s the
+  unbiased standard deviation): the interval a table calls "95 %". It covers the mean at its nominal
+  level for normal noise at any n ≥ 2, and is wide when the seeds are few (t_{0.975, 1} = 12.7): that
+  width is what 2 or 3 seeds can tell;
+- the **range of the seeds** (:func:`seed_range`), [min x_i, max x_i]: what the figures' bands show,
+  labelled "range of n seeds", never "95 %" — with 2 seeds it covers the mean half of the time, with 3
+  three quarters.
+
+The percentile bootstrap (:func:`bootstrap_ci`, exact for n ≤ 8) is kept for larger samples; with 2 or 3
+values it *is* the seeds' range (with n = 2 it spans the two values), so it is never shown as a 95 %
+interval of a few seeds. One value has no interval.
 
 Whether two configurations differ by more than the seed noise is a question for a test that keeps its
 level at such n: Welch's t-interval of the difference of their means (:func:`difference_ci`,
-:func:`within_noise`), which is honest about how little 2 or 3 seeds can tell.
+:func:`within_noise`), with Bonferroni's correction over the comparisons a verdict makes.
 """
 
 from __future__ import annotations
@@ -171,6 +176,37 @@ def bootstrap_ci(
     return Interval(float(x.mean()), low, high, len(x))
 
 
+def t_interval(values: Sequence[float] | np.ndarray, confidence: float = CONFIDENCE) -> Interval:
+    """The mean of the finite ``values`` and its Student-t interval x̄ ± t_{(1+c)/2, n−1}·s/√n (s the
+    unbiased standard deviation). No interval for fewer than 2 values; a zero-width one when they are
+    all equal."""
+    from scipy.stats import t as student_t
+
+    x = _clean(values)
+    if len(x) == 0:
+        return Interval(math.nan, None, None, 0)
+    mean = float(x.mean())
+    if len(x) == 1:
+        return Interval(mean, None, None, 1)
+    half = float(student_t.ppf((1 + confidence) / 2, len(x) - 1)) * float(x.std(ddof=1)) / math.sqrt(len(x))
+    return Interval(mean, mean - half, mean + half, len(x))
+
+
+def seed_range(values: Sequence[float] | np.ndarray) -> Interval:
+    """The mean of the finite ``values`` and their range [min, max] (a band to draw, labelled "range of
+    n seeds"; not a confidence interval). No range for fewer than 2 values."""
+    x = _clean(values)
+    if len(x) == 0:
+        return Interval(math.nan, None, None, 0)
+    if len(x) == 1:
+        return Interval(float(x[0]), None, None, 1)
+    return Interval(float(x.mean()), float(x.min()), float(x.max()), len(x))
+
+
+#: The intervals :func:`mean_over_seeds` can give: Student-t of the mean, or the seeds' range.
+INTERVALS = {"t": t_interval, "range": seed_range}
+
+
 def difference_ci(
     a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, confidence: float = CONFIDENCE
 ) -> Interval:
@@ -213,13 +249,17 @@ def within_noise(
 
 def mean_over_seeds(
     frames: Sequence[pd.DataFrame], on: str | Sequence[str], columns: Sequence[str] | None = None,
-    confidence: float = CONFIDENCE,
+    confidence: float = CONFIDENCE, interval: str = "t",
 ) -> pd.DataFrame:  # fmt: skip
     """Replicates' tables (one per seed, rows keyed by ``on``, e.g. the step) → one table: per key and
-    column, the mean over the replicates that have a finite value (``<column>``), its bootstrap interval
+    column, the mean over the replicates that have a finite value (``<column>``), its interval
     (``<column>_lo``, ``<column>_hi``; NaN with one value) and the count (``<column>_n``).
 
-    ``columns``: the numeric columns to average (default: every numeric column but ``on``)."""
+    ``columns``: the numeric columns to average (default: every numeric column but ``on``).
+    ``interval``: "t" (the Student-t interval of the mean at ``confidence``) or "range" (the seeds'
+    range, for bands)."""
+    if interval not in INTERVALS:
+        raise ValueError(f"mean_over_seeds: interval must be one of {', '.join(INTERVALS)}, got {interval!r}")
     keys = [on] if isinstance(on, str) else list(on)
     parts = [f.assign(_replicate=i) for i, f in enumerate(frames) if len(f)]
     if not parts:
@@ -232,7 +272,8 @@ def mean_over_seeds(
     for key, g in both.groupby(keys, sort=True, dropna=False):
         row = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
         for c in columns:
-            ci = bootstrap_ci(pd.to_numeric(g[c], errors="coerce").to_numpy(dtype=float), confidence)
+            values = pd.to_numeric(g[c], errors="coerce").to_numpy(dtype=float)
+            ci = t_interval(values, confidence) if interval == "t" else seed_range(values)
             row[c] = ci.mean
             row[f"{c}_lo"] = math.nan if ci.low is None else ci.low
             row[f"{c}_hi"] = math.nan if ci.high is None else ci.high

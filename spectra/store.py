@@ -12,14 +12,17 @@ computes. The on-disk format is documented in docs/format.md so that it can be r
       metrics.jsonl            one JSON object per logged training step
       eval.jsonl               evaluation results over training
 
-Writing is :mod:`spectra.writer`'s. Every dataset carries HDF5's fletcher32 checksum, so a flipped
-bit is reported as a corrupt file rather than read as a changed number (files written before checksums
-existed still read).
+Writing is :mod:`spectra.writer`'s. Every dataset carries HDF5's fletcher32 checksum and the crc32
+of the whole array (:mod:`spectra.h5io`), so a flipped bit, in the numbers or in the chunk index, is
+reported as a corrupt file rather than read as a changed number (files written before checksums existed
+still read, their chunk index checked complete).
 
 Reading trusts nothing: a path that is not a regular file is never opened (a FIFO would block), a
 file's ``step`` must match its name, a dataset's ``dtype`` attribute must match what HDF5 stores, and
-every record is checked against its codec; each problem is a :class:`DeltaFileError` naming the file
-and module.
+every record is checked against its codec (dtypes included); each problem is a :class:`DeltaFileError`
+naming the file and module. A step whose file lacks a module the run records is found by
+:meth:`RunStore.missing_modules`; a reward log that cannot be read gives no rewards
+(:meth:`RunStore.reward_log` says so).
 
 (Longer than most modules, on purpose: every read of a run's files and every check on them is here, so
 that no other module opens them.)
@@ -41,13 +44,15 @@ import pandas as pd
 from torch import Tensor
 
 from spectra.codecs import CODECS, Stored, check_record, codec
-from spectra.errors import DeltaFileError, RunDirError, first_line
-from spectra.h5io import ATTRS_CHECKSUM, attr_str, attrs_checksum, read_tensor
+from spectra.errors import DeltaFileError, RunDirError, SpectraError, first_line
+from spectra.h5io import ATTRS_CHECKSUM, ChecksumError, attr_str, attrs_checksum, check_attrs, read_tensor
 
 SCHEMA_VERSION = 1
 DELTA_FORMAT = "spectra-delta"
 WEIGHTS_FORMAT = "spectra-base-weights"
 SPECTRA_FORMAT = "spectra-base-spectra"
+#: Root attribute of a delta file: how many module groups the writer put in it.
+MODULE_COUNT = "module_count"
 _STEP_RE = re.compile(r"^step_(\d{6,})\.h5$")
 
 
@@ -92,6 +97,7 @@ def _open(path: Path, fmt: str) -> h5py.File:
             f"{path}: not a readable HDF5 file (truncated or damaged?): {first_line(e)}"
         ) from None
     try:
+        check_attrs(f)
         _check_version(f, path, fmt)
     except DeltaFileError:
         f.close()
@@ -145,13 +151,21 @@ class DeltaFile:
                 raise DeltaFileError(f"{self.path}: /modules is not a group")
             self._groups: dict[str, h5py.Group] = {}
             self.duplicates: set[str] = set()
+            self._held = 0  # module groups in the file (a name stored twice counts twice)
             for key, g in groups.items():
+                self._held += 1
                 if not isinstance(g, h5py.Group):
                     raise DeltaFileError(f"{self.path}: /modules/{key} is not a group")
                 name = attr_str(g, "name") or key
                 if name in self._groups:
                     self.duplicates.add(name)
                 self._groups[name] = g
+            count = self._f.attrs.get(MODULE_COUNT, None)
+            self.declared: int | None = None if count is None else _as_count(count)
+            if count is not None and self.declared is None:
+                raise DeltaFileError(
+                    f"{self.path}: {MODULE_COUNT} attribute is {count!r}; expected a non-negative integer"
+                )
         except DeltaFileError:
             self._f.close()
             raise
@@ -174,10 +188,16 @@ class DeltaFile:
     def modules(self) -> list[str]:
         return list(self._groups)
 
+    @property
+    def lost(self) -> int:
+        """How many module groups the file's ``module_count`` says it lacks (0 for files without it)."""
+        return max(0, (self.declared or 0) - self._held)
+
     def info(self, module: str) -> ModuleInfo:
         """Kind, declared shape and factored rank of ``module`` (checked against the codec table)."""
         g = self._group(module)
         try:
+            check_attrs(g)
             stored = g.attrs.get(ATTRS_CHECKSUM)
             if stored is not None and int(stored) != attrs_checksum(g):
                 raise DeltaFileError(
@@ -215,7 +235,7 @@ class DeltaFile:
                 raise ValueError(f"unexpected dataset {extra[0]!r} for kind {c.kind}")
             rec = Stored(info.kind, info.shape, tensors, {a: g.attrs[a] for a in c.attrs if a in g.attrs})
             check_record(rec)
-        except OSError as e:
+        except (OSError, ChecksumError) as e:
             raise DeltaFileError(f"{self.path}: module {module!r} is corrupt: {first_line(e)}") from None
         except Exception as e:
             raise DeltaFileError(f"{self.path}: module {module!r} is damaged: {first_line(e)}") from None
@@ -272,6 +292,7 @@ class RunStore:
                 f"{cfg}: schema_version {version!r} is not supported; expected {SCHEMA_VERSION}"
             )
         self._weights: h5py.File | None = None
+        self._listings: dict[int, set[str]] = {}  # step → modules its file holds (missing_modules)
         self._pointer: dict[str, Any] | None = None
         self._spectra: h5py.File | None = None
 
@@ -283,6 +304,8 @@ class RunStore:
         """Every file of deltas/ named like a delta file, by the step its name says."""
         d = self.path / "deltas"
         found: dict[int, list[Path]] = {}
+        if d.exists() and not d.is_dir():
+            raise RunDirError(f"{d}: not a folder; expected the folder of delta files (step_NNNNNN.h5)")
         if d.is_dir():
             for p in sorted(d.iterdir()):
                 if m := _STEP_RE.match(p.name):
@@ -307,6 +330,62 @@ class RunStore:
     def open_delta(self, step: int) -> DeltaFile:
         """The delta file of ``step`` (raises :class:`DeltaFileError` when missing or damaged)."""
         return DeltaFile(self.delta_path(step), step)
+
+    def missing_modules(self, step: int, dfile: DeltaFile) -> list[tuple[str | None, str]]:
+        """What the open delta file of ``step`` lacks: ``(module, why)`` for each module the run records
+        that the file does not hold, and ``(None, why)`` when its ``module_count`` says it lost groups
+        that cannot be named. A module the run records is one with a base weight that some step's file
+        holds (so a base that lists modules never recorded, as a pointer to a whole checkpoint may, is
+        not a gap)."""
+        held = set(dfile.modules)
+        try:
+            base = [m for m in self.modules if m not in held]
+        except SpectraError:
+            base = []  # base/ unreadable: every module's row says so
+        named = [m for m in base if self._recorded_elsewhere(m, step)]
+        lost = dfile.lost
+        if lost > len(named) and len(base) == lost:  # the file counts them: base/ names them
+            named = base
+        rows: list[tuple[str | None, str]] = [
+            (m, f"{dfile.path}: module {m!r} is missing from this step's file (the run records it)")
+            for m in named
+        ]
+        if lost > len(named):
+            rows.append(
+                (None, f"{dfile.path}: the file was written with {dfile.declared} module(s) but holds "
+                 f"{len(held)}: {lost - len(named)} lost")
+            )  # fmt: skip
+        return rows
+
+    def incomplete_steps(self) -> dict[int, list[tuple[str | None, str]]]:
+        """``{step: missing_modules(...)}`` for every recorded step whose file lacks a module (files that
+        cannot be opened are not listed: reading them says why)."""
+        gaps = {}
+        for step in self.steps:
+            try:
+                dfile = self.open_delta(step)
+            except SpectraError:
+                continue
+            with dfile:
+                if found := self.missing_modules(step, dfile):
+                    gaps[step] = found
+        return gaps
+
+    def _recorded_elsewhere(self, module: str, step: int) -> bool:
+        """Whether a step's file other than ``step``'s holds ``module`` (file listings cached)."""
+        cache = self._listings
+        for other in self.steps:
+            if other == step:
+                continue
+            if other not in cache:
+                try:
+                    with self.open_delta(other) as d:
+                        cache[other] = set(d.modules)
+                except SpectraError:
+                    cache[other] = set()
+            if module in cache[other]:
+                return True
+        return False
 
     @property
     def modules(self) -> list[str]:
@@ -400,13 +479,31 @@ class RunStore:
 
     @property
     def rewards(self) -> pd.DataFrame | None:
-        """``step`` and ``reward`` of metrics.jsonl (logged rows with a reward), or None without any."""
-        logged = self.metrics
+        """``step`` and ``reward`` of metrics.jsonl (logged rows with a reward), or None without any
+        (and when the log could not be read at all: :meth:`reward_log` says so)."""
+        return self.reward_log()[0]
+
+    def reward_log(self) -> tuple[pd.DataFrame | None, str | None]:
+        """``(rewards, problem)``: the rewards of metrics.jsonl as :attr:`rewards` gives them, and one
+        line saying what of the log could not be read (None when all of it could). A log none of whose
+        lines can be read gives no rewards: nothing is guessed from it."""
+        path = self.path / "metrics.jsonl"
+        rows, bad, lines = _jsonl_rows(path)
+        problem = None
+        if lines and not rows:
+            problem = (
+                f"{path}: could not be read (none of its {lines} line(s) is a JSON object of UTF-8 text); "
+                "no reward, so no reward-based verdict"
+            )
+            return None, problem
+        if bad:
+            problem = f"{path}: skipped {len(bad)} unreadable line(s): {bad[:10]}"
+        logged = pd.DataFrame(rows)
         if not {"step", "reward"} <= set(logged.columns):
-            return None
+            return None, problem
         rewards = logged[["step", "reward"]].copy()
         rewards["reward"] = pd.to_numeric(rewards["reward"], errors="coerce")
-        return rewards.dropna().sort_values("step")
+        return rewards.dropna().sort_values("step"), problem
 
     def close(self) -> None:
         for f in (self._weights, self._spectra):
@@ -483,13 +580,27 @@ def read_jsonl(path: Path, integer_keys: tuple[str, ...] = ("step",)) -> pd.Data
     """A JSON-lines file as a DataFrame. A missing file gives an empty frame. A line that is not a JSON
     object of UTF-8 text (a torn append from an interrupted run, a damaged byte), or whose
     ``integer_keys`` are not integers, is skipped with one warning naming the file and the lines."""
-    if not path.exists():
-        return pd.DataFrame()
-    rows, bad = [], []
+    rows, bad, _ = _jsonl_rows(path, integer_keys)
+    if bad:
+        warnings.warn(f"{path}: skipped {len(bad)} unreadable line(s): {bad[:10]}", stacklevel=2)
+    return pd.DataFrame(rows)
+
+
+def _jsonl_rows(
+    path: Path, integer_keys: tuple[str, ...] = ("step",)
+) -> tuple[list[dict[str, Any]], list[int], int]:
+    """The readable rows of a JSON-lines file, the numbers of its unreadable lines, and how many
+    non-blank lines it has (a missing file: none)."""
+    rows: list[dict[str, Any]] = []
+    bad: list[int] = []
+    lines = 0
+    if not path.is_file():
+        return rows, bad, lines
     with open(path, "rb") as fh:
         for i, raw in enumerate(fh, 1):
             if not raw.strip():
                 continue
+            lines += 1
             try:
                 row = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError):
@@ -498,9 +609,13 @@ def read_jsonl(path: Path, integer_keys: tuple[str, ...] = ("step",)) -> pd.Data
                 rows.append(row)
             else:
                 bad.append(i)
-    if bad:
-        warnings.warn(f"{path}: skipped {len(bad)} unreadable line(s): {bad[:10]}", stacklevel=2)
-    return pd.DataFrame(rows)
+    return rows, bad, lines
+
+
+def _as_count(v: Any) -> int | None:
+    """A non-negative integer attribute's value, or None when it is not one."""
+    a = np.asarray(v)
+    return int(a) if a.shape == () and a.dtype.kind in "iu" and int(a) >= 0 else None
 
 
 def _is_int(v: Any) -> bool:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import h5py
 from torch import Tensor
 
-from spectra.codecs import CODECS, Stored
+from spectra.codecs import CODECS, Stored, check_dtype
 from spectra.h5io import (
     ATTRS_CHECKSUM,
     atomic_path,
@@ -26,7 +26,15 @@ from spectra.h5io import (
     write_json,
     write_tensor,
 )
-from spectra.store import DELTA_FORMAT, SCHEMA_VERSION, SPECTRA_FORMAT, WEIGHTS_FORMAT, delta_filename, h5name
+from spectra.store import (
+    DELTA_FORMAT,
+    MODULE_COUNT,
+    SCHEMA_VERSION,
+    SPECTRA_FORMAT,
+    WEIGHTS_FORMAT,
+    delta_filename,
+    h5name,
+)
 
 
 class Storable(Protocol):
@@ -98,9 +106,15 @@ class RunWriter:
         return path
 
     def write_delta(
-        self, step: int, modules: Mapping[str, Storable], shared: Mapping[str, Tensor] | None = None
+        self,
+        step: int,
+        modules: Mapping[str, Storable] | Iterable[tuple[str, Storable]],
+        shared: Mapping[str, Tensor] | None = None,
     ) -> Path:
         """``deltas/step_NNNNNN.h5`` with every module's update in its exact stored form.
+
+        ``modules``: a mapping, or ``(name, update)`` pairs consumed one at a time (an importer streams a
+        model's updates through it, one module in memory at a time).
 
         ``shared`` names matrices stored once under ``/shared`` (VeRA's random matrices): a factor that
         is a leading block view of one of them (``shared[:rows, :cols]``) is written as a reference.
@@ -115,8 +129,11 @@ class RunWriter:
             for name, t in shared.items():
                 write_tensor(sh, name, t)
             mods = f.create_group("modules")
-            for name, rec in modules.items():
+            count = 0
+            for name, rec in modules.items() if isinstance(modules, Mapping) else modules:
                 _write_record(mods.create_group(h5name(name)), name, rec, shared)
+                count += 1
+            f.attrs[MODULE_COUNT] = count  # a group lost later is then a gap, not a smaller step
         return path
 
     def append_metrics(self, row: Mapping[str, Any], filename: str = "metrics.jsonl") -> None:
@@ -143,6 +160,11 @@ def _write_record(g: h5py.Group, name: str, op: Storable, shared: Mapping[str, T
             f"write_delta: module {name!r} has an update of type {type(op).__name__}; expected an "
             "operator of spectra.operators (one with a stored form)"
         )
+    for key, t in rec.tensors.items():
+        try:
+            check_dtype(rec.codec, key, t)
+        except ValueError as e:
+            raise TypeError(f"write_delta: module {name!r}: {e}") from None
     g.attrs["name"] = name
     g.attrs["kind"] = rec.kind
     g.attrs["shape"] = list(rec.shape)

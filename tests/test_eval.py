@@ -22,8 +22,9 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
+from _requires import require
 
-pytest.importorskip("trl")
+require("trl")
 
 import datasets
 from spectra.cli.main import app

@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 
 import pytest
+from _requires import require
 
-pytest.importorskip("trl")
+require("trl")
 
 from spectra.train.config import LOSSES, TrainConfig
 from spectra.train.trainer import grpo_config, train

@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _requires import require
+from scipy import stats
 from spectra.probes import maturity as mat
 from spectra.probes import weights
 from spectra.probes.maturity_runs import collect_runs, correlation
@@ -21,7 +23,7 @@ from typer.testing import CliRunner
 
 from spectra.metrics import esd
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 
 PLANTED = "model.layers.1.mlp.up_proj"
 
@@ -100,9 +102,19 @@ def test_streamed_equals_the_core_on_the_loaded_weights(tiny, tiny_probe):
     kv = table[table["proj"].isin(["k_proj", "v_proj"])]
     assert kv["alpha"].isna().all() and kv["stable_rank"].notna().all()
     assert kv["reason"].str.contains("32 eigenvalues").all()
-    without = result.summary["models"][str(tiny)]["without_fit"]
-    assert sorted(m for mods in without.values() for m in mods) == sorted(kv.index)
-    assert result.summary["models"][str(tiny)]["fitted"] == 10
+    # a 64×64 matrix whose KS scan settles on a tail of fewer than 10 eigenvalues: no α, the fit kept
+    short = table[table["reason"].str.contains("α needs 10")]
+    assert (short["num_tail"] < esd.MIN_TAIL).all() and short["ks_distance"].notna().all()
+    assert short["alpha"].isna().all() and short["alpha_stderr"].isna().all()
+    fitted = table.dropna(subset=["alpha"])
+    assert (fitted["num_tail"] >= esd.MIN_TAIL).all() and PLANTED in fitted.index
+    np.testing.assert_allclose(fitted["alpha_stderr"], (fitted["alpha"] - 1) / np.sqrt(fitted["num_tail"]))
+    summary = result.summary["models"][str(tiny)]
+    without = summary["without_fit"]
+    assert sorted(m for mods in without.values() for m in mods) == sorted([*kv.index, *short.index])
+    assert summary["fitted"] == 10 - len(short) == len(fitted) and summary["short_tail"] == len(short)
+    assert summary["median"]["num_tail"] == fitted["num_tail"].median()
+    assert summary["pvalue_tested"] == 0 and table["alpha_pvalue"].isna().all()  # not asked for
 
 
 def test_all_weights_adds_embeddings_and_head(tiny, tmp_path):
@@ -220,7 +232,7 @@ def test_unreadable_model_is_reported_and_the_others_analysed(tiny, tiny_probe, 
 
 
 def test_hub_ids_come_from_the_local_cache_only(tiny, tmp_path, monkeypatch):
-    hub = pytest.importorskip("huggingface_hub")
+    hub = require("huggingface_hub")
     monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(mat.MaturityError, match="not in the local hub cache"):
@@ -321,7 +333,41 @@ def test_seeds_of_one_configuration_count_by_their_mean(tmp_path):
     out = model_outcomes(collect_runs([tmp_path], []))
     assert out["best_lora"] == pytest.approx(0.65) and "lora r=4" in out["best_lora_run"]
     assert out["best_structured"] == pytest.approx(0.3) and "mean of 2 seeds" in out["best_structured_run"]
-    assert out["structured_minus_lora"] == pytest.approx(-0.35)
+    assert "structured_minus_lora" not in out  # a best of several means minus another: biased, gone
+    # the named pair: DoRA r8's seeds against LoRA r8's (not the best LoRA, r4), Welch's interval
+    (pair,) = out["pairs"]
+    assert pair["pair"] == "dora r=8 − lora r=8" and (pair["n"], pair["n_lora"]) == (2, 2)
+    assert pair["difference"] == pytest.approx(-0.3) and out["dora r=8 − lora r=8"] == pytest.approx(-0.3)
+    ref = stats.ttest_ind([0.2, 0.4], [0.5, 0.7], equal_var=False).confidence_interval(0.95)
+    assert (pair["low"], pair["high"]) == pytest.approx((ref.low, ref.high), rel=1e-9)
+    assert pair["verdict"] == "cannot tell"
+
+
+def test_pairs_are_fixed_settings_with_a_welch_verdict(tmp_path):
+    """A pair is a structured method against LoRA in the same setting (here: the rank); a difference is
+    called only when Welch's interval, at the Bonferroni level over the pairs, excludes 0."""
+    from spectra.probes.maturity_runs import pairs
+
+    def run(name, method, rank, seed, acc):
+        folder = write_run(tmp_path / name, "m", method, rank, evals=[(20, acc)])
+        config = json.loads((folder / "run.json").read_text()) | {"seed": seed, "name": name}
+        (folder / "run.json").write_text(json.dumps(config))
+
+    for seed, (lora, dora, miss) in enumerate([(0.50, 0.80, 0.52), (0.52, 0.82, 0.47), (0.51, 0.81, 0.55)]):
+        run(f"lora-r32-s{seed}", "lora", 32, seed, lora)
+        run(f"dora-r32-s{seed}", "dora", 32, seed, dora)
+        run(f"miss-r32-s{seed}", "miss", 32, seed, miss)
+        run(f"dora-r64-s{seed}", "dora", 64, seed, 0.99)  # no LoRA r64: no pair
+    found = {p["pair"]: p for p in pairs(collect_runs([tmp_path], []), tests=2)}
+    assert set(found) == {"dora r=32 − lora r=32", "miss r=32 − lora r=32"}
+    dora, miss = found["dora r=32 − lora r=32"], found["miss r=32 − lora r=32"]
+    assert dora["difference"] == pytest.approx(0.30) and dora["verdict"] == "higher"
+    assert miss["verdict"] == "cannot tell" and miss["low"] < 0 < miss["high"]
+    ref = stats.ttest_ind([0.80, 0.82, 0.81], [0.50, 0.52, 0.51], equal_var=False).confidence_interval(0.95)
+    assert (dora["low"], dora["high"]) == pytest.approx((ref.low, ref.high), rel=1e-9)
+    # Bonferroni: with enough pairs in the join even a clear-looking difference of 3 seeds is not called
+    close = {p["pair"]: p for p in pairs(collect_runs([tmp_path], []), tests=10**6)}
+    assert close["dora r=32 − lora r=32"]["verdict"] == "cannot tell"
 
 
 def test_correlation_needs_three_models_and_variation():
@@ -356,7 +402,14 @@ def test_cli_probe_joins_runs_and_writes_the_report(sweeps, tiny_probe, shared_o
     # m0's QuanTA has a training reward only (0.9): compared on held-out scores, DoRA's 0.7 is the best
     assert o.loc[m0, "best_lora"] == 0.6 and o.loc[m0, "best_structured"] == pytest.approx(0.7)
     assert o.loc[m0, "collapse_rank"] == 16 and o.loc[m0, "runs"] == 5
-    assert o.loc[m1, "structured_minus_lora"] == pytest.approx(0.05) and pd.isna(o.loc[m1, "collapse_rank"])
+    assert o.loc[m1, "miss r=8 − lora r=8"] == pytest.approx(0.05) and pd.isna(o.loc[m1, "collapse_rank"])
+    assert o.loc[m0, "dora r=16 − lora r=16"] == pytest.approx(0.1)  # not best DoRA − best LoRA
+    compared = {(p["model"], p["pair"]): p for p in summary["join"]["pairs"]}
+    assert set(compared) == {(m0, "dora r=16 − lora r=16"), (m1, "miss r=8 − lora r=8"),
+                             (m2, "dora r=8 − lora r=8")}  # fmt: skip
+    assert summary["join"]["pair_tests"] == 3
+    assert all(p["verdict"] == "one seed: no interval" for p in compared.values())
+    assert o.loc[m0, "num_tail"] == summary["models"][m0]["median"]["num_tail"]
     assert o.loc[m2, "best_lora"] == 0.1 and o.loc[m2, "best_structured"] == 0.3
     corr = summary["join"]["correlations"]["alpha"]
     assert corr["best_lora"]["n"] == 3
@@ -364,6 +417,9 @@ def test_cli_probe_joins_runs_and_writes_the_report(sweeps, tiny_probe, shared_o
     assert corr["collapse_rank"] == {"n": 1, "pearson": None, "spearman": None}
     page = (out / "report.html").read_text()
     assert "α per projection kind" in page and "Maturity against what adapters did" in page
+    assert "Structured against LoRA, named pairs" in page and "dora r=16 − lora r=16" in page
+    assert "median SE(α)" in page and "median tail" in page and "2–6 as typical" in page
+    assert "median SE" in res.output and "median tail" in res.output
     assert "rests on 3 model(s)" in page
     pngs = {p.name for p in (out / "plots").glob("*.png")}
     assert pngs >= {"alpha_distribution.png", "depth.png", "outcomes.png"}
@@ -411,3 +467,31 @@ def test_held_out_scores_are_not_mixed_with_rewards(tmp_path):
     write_run(tmp_path / "quanta", "m", "quanta", 8, evals=[(20, 0.5)])
     out = model_outcomes(collect_runs([tmp_path], []))
     assert out["best_structured"] == pytest.approx(0.5) and "quanta" in out["best_structured_run"]
+
+
+def test_cli_pvalue_tests_each_fit(tiny, tmp_path):
+    """--pvalue: the goodness-of-fit p of every matrix with an α (seeded: the core's p on the same σ),
+    none where α is empty; a different cache entry from the plain probe; a bad sample count is one line."""
+    from spectra.cli.main import app
+
+    out = tmp_path / "p"
+    res = CliRunner().invoke(
+        app, ["probe", "maturity", str(tiny), "--out", str(out), "--pvalue", "--pvalue-samples", "20"]
+    )
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(out / "maturity.csv").set_index("module")
+    has = table["alpha"].notna()
+    assert has.any() and table.loc[has, "alpha_pvalue"].between(0, 1).all()
+    assert table.loc[~has, "alpha_pvalue"].isna().all()
+    W = heavy_tailed(64, 64, 1.5, 0).float().double()
+    ref, _ = esd.esd_fit(torch.linalg.svdvals(W)[None], (64, 64), pvalue_samples=20, seed=0)
+    assert table.loc[PLANTED, "alpha_pvalue"] == pytest.approx(ref["alpha_pvalue"].item(), abs=1e-12)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["esd"]["pvalue"]["samples"] == 20 and summary["esd"]["min_tail"] == esd.MIN_TAIL
+    s = summary["models"][str(tiny)]
+    assert s["pvalue_tested"] == int(has.sum())
+    assert s["ruled_out"] == int((table.loc[has, "alpha_pvalue"] <= 0.1).sum())
+    assert f"of {s['pvalue_tested']} tested" in res.output and "(cached)" not in res.output
+    args = ["probe", "maturity", str(tiny), "--out", str(out), "--pvalue-samples", "0"]
+    bad = CliRunner().invoke(app, args)
+    assert bad.exit_code == 1 and "--pvalue-samples 0" in bad.output and "Traceback" not in bad.output

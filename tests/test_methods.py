@@ -12,9 +12,10 @@ import dataclasses
 
 import pytest
 import torch
+from _requires import require
 
-pytest.importorskip("peft")
-pytest.importorskip("transformers")
+require("peft")
+require("transformers")
 
 from spectra.train.checkpoint import BaseCheckpoint
 from spectra.train.config import TrainConfig, TrainConfigError

@@ -106,23 +106,25 @@ def _rewards(values):
 
 @pytest.mark.parametrize("shift", [0.0, 1.0, -3.0])
 def test_collapse_rule_works_for_any_reward_range(shift):
+    """Issue 23 changed this test: the former rule's scale max(|peak|, peak − first) depended on where zero
+    is (flagged at offsets 0 and +1, not at −3); the verdict is now the same wherever zero is."""
     per_step = pd.DataFrame({"step": [0, 10, 20], "e1_median": [0.9, 0.9, 0.9]})
     falling = [v + shift for v in [-0.2] * 5 + [-0.93] * 16]  # −0.2 → −0.93, shifted
     out = detect_collapse(per_step, _rewards(falling), CollapseRule(reward_window=3))
-    if shift == -3.0:  # −3.2 → −3.93: a 23 % fall of the peak's magnitude, under the 50 % drop
-        assert not out["collapsed"].any()
-    else:
-        assert out["collapsed"].tolist() == [False, True, True]
+    assert out["collapsed"].tolist() == [False, True, True]
     steady = [v + shift for v in [-0.2] * 21]
     assert not detect_collapse(per_step, _rewards(steady), CollapseRule(reward_window=3))["collapsed"].any()
 
 
 def test_collapse_rule_on_rewards_that_climbed_from_negative():
     per_step = pd.DataFrame({"step": [0, 20, 40], "e1_median": [0.9, 0.9, 0.9]})
-    # −1 → +0.2 (peak) → −0.5: a fall of 0.7 against a climb of 1.2: flagged at 50 %
+    # −1 → +0.2 (peak) → −0.5: a fall of 0.7, beyond 3 standard errors of the window means (≈ 0.28)
     r = [-1.0] * 5 + [0.2] * 15 + [-0.5] * 25
     out = detect_collapse(per_step, _rewards(r), CollapseRule(reward_window=3))
     assert out["collapsed"].tolist() == [False, False, True]
+    # the same curve with a floor at −1 (the reward's lowest value): 0.7 ≥ 0.5 × 1.2, flagged too
+    floored = detect_collapse(per_step, _rewards(r), CollapseRule(reward_window=3, reward_floor=-1.0))
+    assert floored["collapsed"].tolist() == [False, False, True]
 
 
 def test_topk_angles_match_the_full_svd_on_a_flat_spectrum(tmp_path):

@@ -15,8 +15,9 @@ import warnings
 import pandas as pd
 import pytest
 import torch
+from _requires import require
 
-pytest.importorskip("trl")
+require("trl")
 
 from spectra.train import TrainConfig, TrainConfigError
 from spectra.train.checkpoint import BaseCheckpoint, load_pretrained
@@ -155,7 +156,7 @@ def test_sample_modules_spreads_over_projections_and_layers():
 
 
 def test_geometry_reaches_the_console_metrics_and_tensorboard(organism_dir, tmp_path, varied_reward, capsys):
-    pytest.importorskip("tensorboard")
+    require("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     # logging every 5 steps: the monitor asks for a log at its own step (1) all the same
@@ -181,25 +182,29 @@ def test_geometry_reaches_the_console_metrics_and_tensorboard(organism_dir, tmp_
 
 def test_a_run_that_collapses_stops_from_the_command_line(organism_dir, tmp_path, trace_reward):
     """LoRA at lr 3 (300× the tiny runs' 1e-2): ΔW outgrows W0 a thousandfold within two steps, folds into
-    one direction (median E_1 ≈ 0.86) and the trace reward falls from ≈ 0.5 to ≈ 0.1."""
+    one direction (median E_1 ≈ 0.86) and the trace reward falls from ≈ 0.5 to ≈ 0.1 (then the model
+    blows up, at step 6). So short a run has no room for the default windows of 5 steps and 3 standard
+    errors: windows of 1 step and 1 standard error (the stop's mechanics are tested here, the verdict's
+    statistics in tests/test_collapse.py)."""
     from spectra.cli.main import app
     from typer.testing import CliRunner
 
     args = ["train", "--model", str(organism_dir), "--rank", "4", "--alpha", "8", "--dropout", "0",
             "--lr", "3", "--max-steps", "8", "--batch-size", "2", "--num-generations", "4",
             "--max-completion-length", "12", "--delta-every", "100", "--eval-every", "0",
-            "--monitor-every", "1", "--collapse-window", "2", "--on-collapse", "stop",
+            "--monitor-every", "1", "--collapse-window", "1", "--collapse-z", "1", "--on-collapse", "stop",
             "--out", str(tmp_path), "--name", "hot"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    lines = [line for line in result.output.splitlines() if "rank collapse" in line]
+    lines = [line for line in result.output.splitlines() if "collapsed at step" in line]
     assert len(lines) == 1 and "stopping (--on-collapse stop)" in lines[0], result.output
     run_dir = tmp_path / "hot"
     summary = json.loads((run_dir / "train_summary.json").read_text())
     step = summary["collapse_step"]
     assert summary["stopped_on_collapse"] and 1 < step < 8, summary
-    assert "median E_1" in summary["collapse_reason"] and "fell from its peak" in summary["collapse_reason"]
-    assert f"rank collapse at step {step}" in lines[0]
+    assert "fell from its peak" in summary["collapse_reason"] and summary["collapse_onset"] <= step
+    assert summary["collapse_signature"] in ("concentrated", "large", "neither")
+    assert f"collapsed at step {step}" in lines[0]
     run = spectra.load_run(run_dir)
     assert run.steps == [0, step]  # the final ΔW is recorded where training stopped
     assert (run_dir / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").exists()
@@ -220,33 +225,44 @@ def test_a_run_that_does_not_collapse_runs_to_the_end(organism_dir, tmp_path, tr
 
 
 def test_the_alarm_warns_once_and_stop_sets_the_trainer_flags(tmp_path, capsys):
-    """The rule online, fed logs by hand: a reward that halves under concentrated geometry fires once."""
-    logs = [
-        {"reward": 0.8, "geometry/E_1": 0.9, "geometry/erank": 1.2},
-        {"reward": 0.7, "geometry/E_1": 0.9, "geometry/erank": 1.2},
-        {"reward": 0.1, "geometry/E_1": 0.4, "geometry/erank": 3.0},  # reward fell, geometry spread
-        {"reward": 0.1, "geometry/E_1": 0.9, "geometry/erank": 1.2},  # both: collapse
-        {"reward": 0.1, "geometry/E_1": 0.95, "geometry/erank": 1.1},  # again: no second event
-    ]
+    """The verdict online, fed logs by hand: a reward that falls far beyond its noise fires once, at the
+    first measured step of the fall, with the geometry there and its signature (issue 23: the reward
+    decides; the geometry is reported beside it)."""
+    rewards = [0.8, 0.82, 0.79, 0.81, 0.8, 0.1, 0.1, 0.12, 0.1, 0.11]  # full windows of 2: falls at 7
+    geometry = {"geometry/E_1": 0.3, "geometry/erank": 9.0, "geometry/E_1_norm": 0.2,
+                "geometry/relative_size": 0.4, "geometry/update_rank": 16.0}  # fmt: skip
+    rule = CollapseRule(reward_window=2, reward_floor=0.0)
     for action in ("warn", "stop"):
         writer = RunWriter(tmp_path / action)
-        alarm = CollapseAlarm(writer, CollapseRule(reward_window=1), action)
+        alarm = CollapseAlarm(writer, rule, action)
         state, fired = TrainerState(), []
-        for step, log in enumerate(logs, 1):
+        for step, reward in enumerate(rewards, 1):
             control = TrainerControl()
             state.global_step = step
-            alarm.on_log(None, state, control, logs=dict(log))
+            alarm.on_log(None, state, control, logs={"reward": reward, **geometry})
             fired.append((control.should_training_stop, control.should_save))
         stops = action == "stop"
-        assert fired == [(False, False)] * 3 + [(stops, stops)] + [(False, False)]
+        assert fired == [(False, False)] * 6 + [(stops, stops)] + [(False, False)] * 3
         rows = spectra.store.read_jsonl(writer.path / "metrics.jsonl")
-        assert rows.to_dict("records")[0] | {"reason": ""} == {
-            "step": 4, "event": "collapse", "action": action, "reason": "", "e1_median": 0.9,
-            "erank_median": 1.2, "reward_smoothed": 0.1, "reward_peak": 0.8,
-        } and len(rows) == 1  # fmt: skip
-        assert alarm.summary()["collapse_step"] == 4 and alarm.summary()["stopped_on_collapse"] == stops
+        event = rows.to_dict("records")[0]
+        assert len(rows) == 1 and event["step"] == 7 and event["onset"] == 7 and event["action"] == action
+        assert event["signature"] == "large" and event["size_median"] == 0.4 and event["e1_median"] == 0.3
+        assert "fell from its peak 0.81" in event["reason"] and event["reward_smoothed"] == pytest.approx(0.1)
+        summary = alarm.summary()
+        assert summary["collapse_step"] == 7 and summary["stopped_on_collapse"] == stops
+        assert summary["collapse_signature"] == "large" and summary["collapse_warning_step"] is None
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and "training goes on (--on-collapse warn)" in out[0] and "stopping" in out[1]
+    assert "collapsed at step 7" in out[0] and "signature large" in out[0]
+    # the former concentration test is an early warning: once, never a stop, never a collapse
+    alarm = CollapseAlarm(RunWriter(tmp_path / "early"), CollapseRule(reward_window=2, e1_min=0.25), "stop")
+    state = TrainerState()
+    for step, reward in enumerate([0.8, 0.82, 0.79, 0.81], 1):
+        control, state.global_step = TrainerControl(), step
+        alarm.on_log(None, state, control, logs={"reward": reward, **geometry})
+        assert not control.should_training_stop
+    assert alarm.summary()["collapse_warning_step"] == 1 and alarm.summary()["collapse_step"] is None
+    assert "early warning at step 1" in capsys.readouterr().out
 
 
 def test_a_failed_measurement_warns_and_training_goes_on(tmp_path, monkeypatch):

@@ -9,13 +9,13 @@ check their own results with ``assert``; a cell that raises fails the test with 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import sys
 from pathlib import Path
 
 import pytest
+from _requires import require
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 CORE_NOTEBOOK = "metrics_on_synthetic.ipynb"  # needs the analysis core only
@@ -78,9 +78,9 @@ def headless(tmp_path, monkeypatch):
 
 def execute(name: str, work: Path, timeout: int) -> None:
     """Run every cell of notebooks/<name> in ``work``; fail with the first failing cell's error."""
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
+    nbformat = require("nbformat")
+    nbclient = require("nbclient")
+    require("ipykernel")
     from nbclient.exceptions import CellExecutionError
 
     path = NOTEBOOKS / name
@@ -104,8 +104,7 @@ def test_metrics_on_synthetic_notebook_runs(headless):
 
 
 def test_explore_run_notebook_builds_a_run_and_runs(headless):
-    missing = [pkg for pkg in TRAIN_EXTRA if importlib.util.find_spec(pkg) is None]
-    if missing:
-        pytest.skip(f"the train extra is not installed (missing {', '.join(missing)})")
+    for pkg in TRAIN_EXTRA:
+        require(pkg, "the train extra")
     execute(RUN_NOTEBOOK, headless, timeout=600)
     assert not any(headless.iterdir())  # the run was built in a temporary directory, not in the cwd

@@ -215,3 +215,124 @@ def test_register_refuses_taken_and_non_lower_case_names():
     with pytest.raises(ValueError, match="name 'LoRA2' is not a lower-case identifier"):
         register(Upper)
     assert type(methods()["lora"]) is LoRA and "LoRA2" not in methods()
+
+
+# ------------------------------------------------------------------- the names other tools give options
+
+
+def test_help_lists_methods_from_source_without_importing_them():
+    from spectra.train.methods import declared_names, method_names
+
+    assert declared_names() == method_names()  # the source read for --help says what the registry says
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; from spectra.train.config import declared_method_names as d; "
+         "print(','.join(d()), 'torch' in sys.modules)"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.stdout.split() == [",".join(method_names()), "False"], done.stderr
+
+
+@dataclass
+class Aliased:
+    lr: float = field(default=0.1, metadata={"help": "Rate.", "aliases": ("--learning-rate",)})
+    loud: bool = field(default=False, metadata={"help": "Shout.", "aliases": ("--shout",)})
+    quiet: bool = field(default=False, metadata={"help": "Hush.", "flags": ("--quiet",), "aliases": ("-q",)})
+
+
+def test_aliases_are_further_spellings_of_one_option():
+    seen: list = []
+    app = typer.Typer()
+
+    @app.command(cls=ConfigCommand)
+    @config_options(Aliased)
+    def run(cfg: Aliased) -> None:
+        seen.append(cfg)
+
+    @app.command()
+    def other() -> None:
+        pass
+
+    for args, want in (
+        (["--lr", "0.5"], Aliased(lr=0.5)),
+        (["--learning-rate", "0.5", "--shout", "-q"], Aliased(lr=0.5, loud=True, quiet=True)),
+        (["--loud", "--no-loud"], Aliased()),  # the boolean keeps its --no- form beside its alias
+    ):
+        result = runner.invoke(app, ["run", *args])
+        assert result.exit_code == 0 and seen[-1] == want, (args, result.output)
+    from spectra.cli.options import to_args
+
+    assert to_args(Aliased(lr=0.5, loud=True)) == ["--lr", "0.5", "--loud"]  # the first spelling
+
+
+def test_learning_rate_is_an_alias_of_lr_in_train_and_sweep():
+    from spectra.cli.main import app
+
+    commands = typer.main.get_command(app).commands
+    ctx = commands["train"].make_context("train", ["--learning-rate", "3e-4"])
+    assert ctx.params["lr"] == 3e-4
+    ctx = commands["sweep"].make_context("sweep", ["--learning-rate", "1e-4,1e-3"])
+    assert ctx.params["lr"] == "1e-4,1e-3"
+    from spectra.cli.sweep import parse_also
+
+    assert parse_also("learning-rate=1e-4,1e-3") == {"lr": (1e-4, 1e-3)}  # --also takes it too
+    help_text = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    assert "--learning-rate" in help_text
+
+
+@pytest.mark.parametrize(
+    ("command", "typed", "said"),
+    [
+        (["train"], "--per-device-train-batch-size", "(spectra's name for it: --micro-batch-size)"),
+        (["train"], "--lora-alpha", "(spectra's name for it: --alpha)"),
+        (["train"], "--lora_r", "(spectra's name for it: --rank)"),
+        (["train"], "--lora-dropout", "(spectra's name for it: --dropout)"),
+        (["train"], "--output-dir", "(spectra's name for it: --out)"),
+        (["train"], "--max_steps", "(spectra's name for it: --max-steps)"),  # TRL's parser takes _ too
+        (["train"], "--num-train-epochs", "(in spectra: --max-steps (optimizer steps))"),
+        (["train"], "--use-dora", "(in spectra: --method dora)"),
+        (["sweep"], "--lora-alpha", "(spectra's name for it: --alpha)"),
+        (["eval", "organism"], "--max-new-tokens", "(spectra's name for it: --max-tokens)"),
+        (["eval", "organism"], "--use-vllm", "(in spectra: --backend vllm)"),
+    ],
+)
+def test_an_unknown_option_of_another_tool_gets_spectras_name(command, typed, said):
+    from spectra.cli.main import app
+
+    result = runner.invoke(app, [*command, typed, "4"], env={"COLUMNS": "250"})
+    assert result.exit_code == 2
+    assert f"No such option: {typed} {said}" in result.output, result.output
+
+
+def test_an_option_no_tool_has_keeps_clicks_error():
+    from spectra.cli.main import app
+
+    result = runner.invoke(app, ["train", "--fooo", "4"], env={"COLUMNS": "250"})
+    assert result.exit_code == 2 and "No such option: --fooo" in result.output
+    assert "spectra's name" not in result.output
+    result = runner.invoke(app, ["info", "--learning-rate", "4"], env={"COLUMNS": "250"})  # no such option
+    assert result.exit_code == 2 and "spectra's name" not in result.output
+
+
+def test_every_name_of_the_table_points_at_an_option_that_exists():
+    from spectra.cli.main import app
+    from spectra.cli.options import ECOSYSTEM_NAMES
+
+    def names(command) -> set[str]:
+        found = {p.name for p in command.params}
+        for sub in getattr(command, "commands", {}).values():
+            found |= names(sub)
+        return found
+
+    options = names(typer.main.get_command(app))
+    for theirs, (ours, _note) in ECOSYSTEM_NAMES.items():
+        assert set(ours) & options, theirs  # (only a command that has the option names it)
+
+
+def test_flags_show_no_bool_placeholder():
+    from spectra.cli.main import app
+
+    for words in ([], ["train"], ["sweep"], ["eval"], ["probe", "maturity"]):
+        out = runner.invoke(app, [*words, "--help"], env={"COLUMNS": "200"}).output
+        assert "--help" in out and "<bool>" not in out, words
+    out = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    assert "<int>" in out and "<float>" in out  # the placeholders of options that take a value stay

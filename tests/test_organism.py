@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from _requires import require
 
-pytest.importorskip("transformers")
+require("transformers")
 import torch
 from safetensors.torch import load_file
 from spectra.train.checkpoint import find_model_dir, load_pretrained

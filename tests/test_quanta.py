@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _requires import require
 from spectra.train.methods.quanta import (
     QuantaConfig,
     QuantaLinear,
@@ -68,7 +69,7 @@ def _dense_by_kronecker(layer: QuantaLinear, which: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def qwen2_config():
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     return transformers.Qwen2Config(
         hidden_size=64,
         intermediate_size=128,

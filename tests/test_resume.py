@@ -15,8 +15,9 @@ import sys
 
 import pytest
 import torch
+from _requires import require
 
-pytest.importorskip("trl")
+require("trl")
 
 from spectra.train.trainer import _complete, prepare
 from test_train import tiny

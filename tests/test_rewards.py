@@ -9,8 +9,9 @@ import threading
 import time
 
 import pytest
+from _requires import require
 
-pytest.importorskip("math_verify")
+require("math_verify")
 
 from spectra.train import math_worker, rewards
 from spectra.train.rewards import (

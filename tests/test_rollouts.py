@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _requires import require
 
-pytest.importorskip("trl")
+require("trl")
 
 from spectra.train.methods import method_names
 from spectra.train.trainer import prepare

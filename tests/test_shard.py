@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _requires import require
 
 from spectra.engine import EngineConfig
 from spectra.pipeline import Unit, _share, analyze_run
@@ -89,7 +90,7 @@ def test_the_devices_option_reaches_the_analysis(tmp_path):
 
 
 def _workers() -> list:
-    psutil = pytest.importorskip("psutil")
+    psutil = require("psutil")
     kids = psutil.Process().children(recursive=True)
     return [p for p in kids if any("spawn_main" in part for part in p.cmdline())]
 

@@ -1,5 +1,6 @@
-"""Seeds and uncertainty (spectra.stats): replicate groups, the bootstrap interval against known answers and
-scipy's bootstrap, the seed-noise verdict, and the comparison of runs that differ only by seed."""
+"""Seeds and uncertainty (spectra.stats): replicate groups, the Student-t interval of the mean and the
+seeds' range (with their coverage), the bootstrap interval against known answers and scipy's bootstrap,
+the seed-noise verdict, and the comparison of runs that differ only by seed."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from spectra.stats import (
     distinguishing_keys,
     mean_over_seeds,
     seed_groups,
+    seed_range,
+    t_interval,
     weighted_quantiles,
     within_noise,
 )
@@ -67,6 +70,29 @@ def test_one_value_has_no_interval_and_nan_is_left_out():
     assert bootstrap_ci([1.0, float("nan"), 3.0]).n == 2
     assert bootstrap_ci([]).n == 0 and str(bootstrap_ci([])) == "—"
     assert bootstrap_ci([2.0, 2.0, 2.0]).low == bootstrap_ci([2.0, 2.0, 2.0]).high == 2.0
+
+
+@pytest.mark.parametrize("values", [[0.5, 0.6], [0.61, 0.64, 0.70], [1.0, 3.0, 2.0, 7.0, 4.0]])
+def test_t_interval_is_scipys_student_t_interval_of_the_mean(values):
+    x = np.array(values)
+    want = scipy_stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=scipy_stats.sem(x))
+    got = t_interval(values)
+    assert (got.low, got.high) == pytest.approx(want, rel=1e-12) and got.mean == pytest.approx(x.mean())
+    assert t_interval([0.42]).low is None and t_interval([]).n == 0
+    assert (t_interval([2.0, 2.0]).low, t_interval([2.0, 2.0]).high) == (2.0, 2.0)
+    assert (seed_range(values).low, seed_range(values).high) == (min(values), max(values))
+
+
+@pytest.mark.parametrize(("seeds", "range_cover"), [(2, 0.5), (3, 0.75)])
+def test_a_t_interval_covers_the_mean_at_95_percent_and_the_seeds_range_does_not(seeds, range_cover):
+    """Why a table's "95 %" is Student-t: with 2 or 3 seeds the range (= the percentile bootstrap's interval)
+    covers the true mean 1 − 2·2⁻ⁿ of the time (50 %, 75 %)."""
+    rng = np.random.default_rng(seeds)
+    draws = rng.normal(size=(4000, seeds))
+    t_cover = np.mean([t_interval(d).contains(0.0) for d in draws])
+    r_cover = np.mean([seed_range(d).contains(0.0) for d in draws])
+    b_cover = np.mean([bootstrap_ci(d).contains(0.0) for d in draws[:400]])
+    assert abs(t_cover - 0.95) < 0.015 and abs(r_cover - range_cover) < 0.03 and b_cover < 0.8
 
 
 def test_weighted_quantiles_invert_the_distribution_function():
@@ -117,12 +143,16 @@ def test_seed_groups_ignore_the_seed_and_bookkeeping_keys():
 def test_mean_over_seeds_aligns_steps_and_bands():
     a = pd.DataFrame({"step": [0, 10], "E_1": [0.1, 0.3]})
     b = pd.DataFrame({"step": [0, 10, 20], "E_1": [0.3, 0.5, 0.9]})
-    m = mean_over_seeds([a, b], "step", ["E_1"])
+    m = mean_over_seeds([a, b], "step", ["E_1"], interval="range")
     assert list(m["step"]) == [0, 10, 20]
     assert list(m["E_1"]) == pytest.approx([0.2, 0.4, 0.9])
     assert list(m["E_1_lo"][:2]) == pytest.approx([0.1, 0.3])
     assert list(m["E_1_hi"][:2]) == pytest.approx([0.3, 0.5])
     assert math.isnan(m["E_1_lo"].iloc[2]) and list(m["E_1_n"]) == [2, 2, 1]
+    t = mean_over_seeds([a, b], "step", ["E_1"])  # the default: Student-t, 12.7 × s/√2 each side
+    assert t["E_1_lo"].iloc[0] == pytest.approx(0.2 - 12.706204736 * 0.1)
+    with pytest.raises(ValueError, match="interval must be one of t, range"):
+        mean_over_seeds([a, b], "step", ["E_1"], interval="bootstrap")
 
 
 def _seeded_run(path, shapes, seed: int, rank: int, avg: float):
@@ -152,19 +182,19 @@ def test_compare_groups_seeds_into_mean_and_interval(tmp_path):
     assert list(seeds["seeds"]) == [2, 2, 1]
     assert list(seeds["configuration"][:2]) == ["alpha 8.0, rank 4 (2 seeds)", "alpha 4.0, rank 2 (2 seeds)"]
     assert seeds["organism avg@4"].tolist() == pytest.approx([0.55, 0.55, 0.10])
-    # two seeds: the interval of the mean spans them
-    assert seeds.loc[0, "organism avg@4 ci_low"] == pytest.approx(0.5)
-    assert seeds.loc[0, "organism avg@4 ci_high"] == pytest.approx(0.6)
+    # two seeds: the Student-t interval of the mean, 0.55 ± 12.7 · 0.0707/√2 (not their range)
+    assert seeds.loc[0, "organism avg@4 ci_low"] == pytest.approx(0.55 - 12.706204736 * 0.05)
+    assert seeds.loc[0, "organism avg@4 ci_high"] == pytest.approx(0.55 + 12.706204736 * 0.05)
     assert pd.isna(seeds.loc[2, "organism avg@4 ci_low"])  # one seed: the value as it is
     verdicts = list(seeds["within seed noise of best"])
     assert verdicts[2] == "one seed" and sorted(verdicts[:2]) == ["yes", "—"]
     page = files[-1].read_text()
-    assert "within the seed noise" in page and "bootstrap 95 %" in page
+    assert "within the seed noise" in page and "Student-t 95 %" in page and "bootstrap" not in page
     assert '"name":"alpha 8.0, rank 4 (2 seeds): \\u0394W"' in page  # one curve per configuration
     # the command prints the seed table and the verdicts
     r = CliRunner().invoke(app, ["compare", *map(str, runs), "--out", str(tmp_path / "cmp2")])
     assert r.exit_code == 0, r.output
-    assert "mean [bootstrap 95 % interval]" in r.output and "0.55 [0.5, 0.6]" in r.output
+    assert "mean [Student-t 95 % interval]" in r.output and "0.55 [-0.0" in r.output
     assert "within the seed noise" in r.output and "no noise estimate" in r.output
 
 

@@ -9,12 +9,13 @@ import sys
 import pandas as pd
 import pytest
 import typer
+from _requires import require
 from spectra.cli.main import app
 from spectra.cli.options import config_options, grid_values, to_args
 from spectra.cli.sweep import parse_also
 from typer.testing import CliRunner
 
-pytest.importorskip("trl")
+require("trl")
 
 from spectra.probes.sweep import PRESETS, SweepError, check_cells, plan_sweep, run_sweep
 from spectra.probes.sweep_processes import cell_command, gpu_slots
@@ -267,7 +268,9 @@ def test_report_averages_seeds_and_marks_collapse(tmp_path, small_shapes):
     assert list(seeds["configuration"]) == ["lora-r2-b4", "lora-r2-b8", "lora-r4-b4", "lora-r4-b8"]
     last = seeds.iloc[3]
     assert last["organism avg@4"] == pytest.approx(0.65)  # (0.7 + 0.6) / 2
-    assert (last["organism avg@4 ci_low"], last["organism avg@4 ci_high"]) == pytest.approx((0.6, 0.7))
+    half = 12.706204736 * 0.05  # Student-t of two seeds: t_{0.975, 1} · s/√2 (issue 23: not their range)
+    interval = (last["organism avg@4 ci_low"], last["organism avg@4 ci_high"])
+    assert interval == pytest.approx((0.65 - half, 0.65 + half))
     flagged = table[table["collapsed"] == "yes"]
     assert list(flagged["cell"]) == ["lora-r4-b8-s1"] and flagged["collapse step"].iloc[0] == 3
     assert "monitor" in flagged["collapse flagged by"].iloc[0] and seeds.loc[3, "collapsed"] == "1 of 2"

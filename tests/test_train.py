@@ -13,8 +13,9 @@ import shutil
 
 import pytest
 import torch
+from _requires import require
 
-pytest.importorskip("trl")
+require("trl")
 
 from spectra.train import TrainConfig, TrainConfigError
 from spectra.train.methods import method_names
@@ -227,7 +228,7 @@ def test_parquet_dataset_with_a_solution_column(organism_dir, tmp_path):
 
 
 def test_report_to_passes_through_to_tensorboard(organism_dir, tmp_path, varied_reward):
-    pytest.importorskip("tensorboard")
+    require("tensorboard")
     from spectra.train.trainer import grpo_config
 
     assert grpo_config(tiny(organism_dir, tmp_path, "lora").resolve(), tmp_path).report_to == []

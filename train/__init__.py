@@ -2,7 +2,14 @@
 
 >>> from spectra.train import TrainConfig, train
 >>> run_dir = train(TrainConfig(method="dora", max_steps=20))   # doctest: +SKIP
+
+In a training script of one's own (any transformers/TRL Trainer), one callback records the same run:
+
+>>> from spectra.train import SpectraCallback
+>>> trainer.add_callback(SpectraCallback(out="runs", name="my-run"))   # doctest: +SKIP
 """
+
+from typing import Any
 
 from spectra.train.config import TrainConfig, TrainConfigError
 
@@ -14,4 +21,13 @@ def train(cfg: TrainConfig, resume: bool = False):
     return _train(cfg, resume=resume)
 
 
-__all__ = ["TrainConfig", "TrainConfigError", "train"]
+def __getattr__(attr: str) -> Any:
+    """``SpectraCallback`` and ``CallbackError``, imported when first asked for (they need transformers)."""
+    if attr in ("SpectraCallback", "CallbackError"):
+        from spectra.train import callback
+
+        return getattr(callback, attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+__all__ = ["CallbackError", "SpectraCallback", "TrainConfig", "TrainConfigError", "train"]

@@ -50,9 +50,14 @@ def resolve_model_dir(model: str) -> Path:
 
 def find_model_dir(model: str) -> Path:
     """The directory of ``model``: an organism (``organism``, ``organism@N``, ``random-organism``: built once
-    and cached), a local directory or a hub id."""
-    from spectra.train.config import organism_sft_steps
+    and cached), ``smollm2`` (SmolLM2-135M-Instruct, converted once and cached), a local directory or a hub
+    id."""
+    from spectra.train.config import SMOLLM2, organism_sft_steps
 
+    if model == SMOLLM2:
+        from spectra.train.smollm2 import smollm2_dir
+
+        return smollm2_dir()
     sft_steps = organism_sft_steps(model)
     if sft_steps is not None:
         from spectra.train.organism import build_organism

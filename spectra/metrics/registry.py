@@ -10,7 +10,10 @@ the layer × projection heatmaps, docs/metrics.md (:func:`markdown`) and the par
 
 The engine computes its quantities lazily, so a metric costs only what it reads: ``sigma`` (σ(ΔW)),
 ``principal`` / ``minor`` (alignment curves with W0's kept vectors), ``wt`` (singular vectors, and with
-``wt="full"`` values, of W_t = W0 + ΔW), ``w0`` and ``delta`` (dense, for bf16 sparsity).
+``wt="full"`` values, of W_t = W0 + ΔW), ``w0`` and ``delta`` (dense, for bf16 sparsity), ``delta``
+alone (dense ΔW, for the shares of unchanged weights). A metric marked ``pooled`` also gets a
+per-model value in the summary: pooled by entry count over a step's modules
+(:func:`spectra.metrics.precision.pooled_share`), not a median.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
-from spectra.metrics.esd import esd_alpha
-from spectra.metrics.precision import bf16_update_sparsity
+from spectra.metrics.collapse import numerical_rank, rank_normalised_concentration
+from spectra.metrics.esd import esd_alpha, esd_power_law
+from spectra.metrics.precision import bf16_update_sparsity, near_zero_share, unchanged_share
 from spectra.metrics.spectral import (
     effective_rank,
     frobenius_norm,
@@ -38,8 +42,9 @@ from spectra.metrics.spectral import (
 from spectra.metrics.subspace import alignment_baseline, intruder_dimensions, max_principal_angle
 
 #: What a metric needs computed: σ(ΔW); alignment with W0's kept vectors; W_t's top vectors; W_t's
-#: full spectrum; the dense ΔW and W0 (bf16 sparsity); nothing (constants of the shape).
-Stage = Literal["sigma", "alignment", "wt", "wt_full", "bf16", "constant"]
+#: full spectrum; the dense ΔW and W0 (bf16 sparsity); the dense ΔW alone (shares of unchanged weights;
+#: enabled with ``bf16``); nothing (constants of the shape).
+Stage = Literal["sigma", "alignment", "wt", "wt_full", "bf16", "delta", "constant"]
 
 
 class Quantities(Protocol):
@@ -94,6 +99,7 @@ class Metric:
     scale_degree: int | None = None
     rotation_invariant: bool = False
     optional: bool = False  # may be NaN for a reason of its own (e.g. too few eigenvalues for a fit)
+    pooled: bool = False  # a share of entries: also pooled per model by entry count in the summary
 
     def column(self, k: int | None = None, rank_fraction: float = 0.9) -> str:
         return self.name.format(k=k, pct=round(rank_fraction * 100))
@@ -114,6 +120,11 @@ def register(metric: Metric) -> Metric:
 
 def _at(curves: dict[str, Tensor], side: str, q: Quantities, k: int) -> Tensor:
     return curves[side][..., min(k, q.kmax) - 1]
+
+
+def _power_law(sigma: Tensor, q: Quantities, name: str) -> Tensor:
+    """One statistic of the power-law fit beside α (its standard error, its tail size), fitted once."""
+    return esd_power_law(sigma, (q.m, q.n))[name]
 
 
 def _const(q: Quantities, value: float) -> Tensor:
@@ -144,8 +155,17 @@ for _m in (
            "fewest σ_i holding 90 % of Σσ_i²", **_SIGMA, **_SHAPE, lower=1.0, upper="rank",
            higher="energy spread over more directions", integer=True),
     Metric("E_1", lambda q, k: spectral_concentration(q.sigma, 1), "E_1", "σ₁² / Σσ_i²", **_SIGMA,
-           **_SHAPE, **_SHARE, higher="energy folded into one direction (rank collapse)", summary=True,
+           **_SHAPE, **_SHARE, higher="energy folded into one direction", summary=True,
            heatmap=True),
+    Metric("E_1_norm", lambda q, k: rank_normalised_concentration(q.sigma), "rank-normalised E_1",
+           "(E_1 − 1/r) / (1 − 1/r), r = #{σ_i > 1e-10·σ₁} (the rank of ΔW); NaN for r = 1",
+           **_SIGMA, **_SHAPE, **_SHARE, optional=True, summary=True,
+           higher="energy folded into one of the r directions the update can use (the study's collapse "
+                  "signature)"),
+    Metric("update_rank", lambda q, k: numerical_rank(q.sigma), "rank of ΔW",
+           "r = #{σ_i > 1e-10·σ₁} (a rank-r LoRA: r; PiSSA/MiLoRA: up to 2r; dense: min(m, n) in general)",
+           **_SIGMA, **_SHAPE, lower=1.0, upper="rank", integer=True, summary=True,
+           higher="more directions in the update"),
     Metric("E_{k}", lambda q, k: spectral_concentration(q.sigma, k), "E_k", "Σ_{i≤k} σ_i² / Σσ_i²",
            **_SIGMA, **_SHAPE, **_SHARE, per_k=True, higher="energy in fewer directions", summary=True),
     Metric("rho_{k}", lambda q, k: _at(q.principal, "two_sided", q, k), "ρ_k",
@@ -193,25 +213,46 @@ for _m in (
            summary=True),
     Metric("alpha", lambda q, k: esd_alpha(q.wt_sigma, (q.m, q.n)), "ESD α of W_t",
            "power-law exponent of the tail of λ_i = σ_i(W_t)² (Clauset–Shalizi–Newman MLE, x_min at "
-           "minimum KS distance; WeightWatcher 0.7.7's fit)", stage="wt_full", lower=1.0,
-           higher="a lighter-tailed, less correlated spectrum (Martin & Mahoney: 2–4 well trained)",
-           summary=True, optional=True),
+           "minimum KS distance; WeightWatcher 0.7.7's fit); NaN when the tail holds < 10 eigenvalues",
+           stage="wt_full", lower=1.0,
+           higher="a lighter-tailed spectrum (WeightWatcher: 2–6 typical of well-trained layers, < 2 very "
+                  "heavy-tailed / over-trained, > 6 under-trained)", summary=True, optional=True),
+    Metric("alpha_stderr", lambda q, k: _power_law(q.wt_sigma, q, "alpha_stderr"),
+           "standard error of α (W_t)", "(α − 1)/√n_tail (Clauset et al. 2009, eq. 3.2)", stage="wt_full",
+           lower=0.0, higher="a less certain α (a shorter tail)", summary=True, optional=True),
+    Metric("alpha_num_tail", lambda q, k: _power_law(q.wt_sigma, q, "num_tail"), "tail size of α (W_t)",
+           "n_tail = #{λ_i ≥ x_min}: the eigenvalues α is fitted to", stage="wt_full", lower=1.0,
+           higher="α read from more eigenvalues", integer=True, summary=True, optional=True),
     Metric("alpha_base", lambda q, k: esd_alpha(q.base_sigma, (q.m, q.n)), "ESD α of W0",
            "the same fit of λ_i = σ_i(W0)²", stage="constant", lower=1.0,
            higher="a lighter-tailed base spectrum", summary=True, optional=True),
+    Metric("alpha_base_stderr", lambda q, k: _power_law(q.base_sigma, q, "alpha_stderr"),
+           "standard error of α (W0)", "(α − 1)/√n_tail of W0's fit", stage="constant", lower=0.0,
+           higher="a less certain α (a shorter tail)", summary=True, optional=True),
+    Metric("alpha_base_num_tail", lambda q, k: _power_law(q.base_sigma, q, "num_tail"), "tail size of α (W0)",
+           "n_tail = #{λ_i(W0) ≥ x_min}", stage="constant", lower=1.0, higher="α read from more eigenvalues",
+           integer=True, summary=True, optional=True),
     Metric("bf16_sparsity", lambda q, k: bf16_update_sparsity(q.w0, q.delta), "bf16 update sparsity",
            "mean over entries of [bf16(W0 + ΔW) = bf16(W0)]", stage="bf16", **_SHARE,
            higher="more of the update lost when the model is stored in bf16", summary=True),
+    Metric("unchanged_share", lambda q, k: unchanged_share(q.delta), "unchanged weights (ΔW = 0)",
+           "#{ΔW_ij = 0} / (m·n), ΔW the exact difference of the stored values (sparsity_in_rl's update "
+           "sparsity, Mukherjee et al. 2025)", stage="delta", **_SHARE, higher="a sparser update",
+           summary=True, pooled=True, scale_degree=0),
+    Metric("near_zero_share", lambda q, k: near_zero_share(q.delta), "near-zero weights (|Δw| ≤ 1e-5)",
+           "#{|ΔW_ij| ≤ 1e-5} / (m·n) (sparsity_in_rl's isclose(ΔW, 0, atol=1e-5))", stage="delta",
+           **_SHARE, higher="more of the update below 1e-5", summary=True, pooled=True),
 ):  # fmt: skip
     register(_m)
 
 
 def selected(wt: str = "full", bf16: bool = True, names: Sequence[str] | None = None) -> list[Metric]:
     """The metrics an analysis computes: those whose stage is enabled (``wt`` "full", "topk" or
-    "none"; ``bf16``), restricted to ``names`` (registry names) when given."""
+    "none"; ``bf16``: the metrics of the dense ΔW, bf16 sparsity and the unchanged shares), restricted
+    to ``names`` (registry names) when given."""
     enabled = {"sigma", "alignment", "constant"}
     enabled |= {"wt", "wt_full"} if wt == "full" else {"wt"} if wt == "topk" else set()
-    enabled |= {"bf16"} if bf16 else set()
+    enabled |= {"bf16", "delta"} if bf16 else set()
     if names is not None:
         unknown = sorted(set(names) - set(METRICS))
         if unknown:
@@ -250,6 +291,11 @@ def shape_columns(ks: Sequence[int], rank_fraction: float = 0.9) -> list[str]:
 def summary_columns(ks: Sequence[int]) -> list[str]:
     """Columns aggregated per step (summary.json, the per-step tables the figures draw)."""
     return _flagged("summary", ks)
+
+
+def pooled_columns() -> list[str]:
+    """Columns also pooled per model by entry count in the summary (shares of a module's entries)."""
+    return [m.name for m in METRICS.values() if m.pooled and not m.per_k]
 
 
 def heatmap_columns(k: int) -> list[tuple[str, str]]:
@@ -312,5 +358,6 @@ _STAGES: dict[str, str] = {
     "wt": "W_t's top vectors (`wt` ≠ none)",
     "wt_full": "σ(W_t) (`wt` = full)",
     "bf16": "dense W0 + ΔW (`bf16`)",
+    "delta": "dense ΔW (`bf16`)",
     "constant": "W0's spectrum or the shape only",
 }

@@ -56,6 +56,30 @@ def method_names() -> tuple[str, ...]:
     return tuple(methods())
 
 
+def declared_names() -> tuple[str, ...]:
+    """The method names the family modules declare (``name = "..."`` of each ``@register`` class), read
+    from their source without importing them (no torch): what ``spectra train --help`` lists. The same
+    names in the same order as :func:`method_names` (tests/test_options.py)."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    names = []
+    for family in FAMILIES:
+        spec = importlib.util.find_spec(f"{__name__}.{family}")
+        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+        for node in tree.body:
+            marked = isinstance(node, ast.ClassDef) and any(
+                isinstance(d, ast.Name) and d.id == "register" for d in node.decorator_list
+            )
+            for stmt in node.body if marked else ():
+                target = stmt.targets[0] if isinstance(stmt, ast.Assign) else getattr(stmt, "target", None)
+                value = getattr(stmt, "value", None)
+                if isinstance(target, ast.Name) and target.id == "name" and isinstance(value, ast.Constant):
+                    names.append(value.value)
+    return tuple(names)
+
+
 def get_method(name: str) -> Method:
     """The registered method called ``name`` (a one-line error listing the choices otherwise)."""
     from spectra.train.config import TrainConfigError
@@ -81,4 +105,7 @@ def _origin(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-__all__ = ["FAMILIES", "METHODS", "Delta", "Method", "get_method", "method_names", "methods", "register"]
+__all__ = [
+    "FAMILIES", "METHODS", "Delta", "Method", "declared_names", "get_method", "method_names", "methods",
+    "register",
+]

@@ -51,14 +51,15 @@ DEFAULT_SFT_STEPS: int = ORGANISM_SFT_STEPS
 """Optimizer steps of the supervised warm start of the default organism (the model id ``organism``)."""
 
 _ORGANISM_JSON = "organism.json"
-_REQUIRED_FILES = (
+#: The files of a saved model directory that a cached build must have (besides its own marker file).
+MODEL_FILES = (
     "config.json",
     "generation_config.json",
     "model.safetensors",
     "tokenizer.json",
     "tokenizer_config.json",
-    _ORGANISM_JSON,
 )
+_REQUIRED_FILES = (*MODEL_FILES, _ORGANISM_JSON)
 
 
 def cache_dir() -> Path:

@@ -282,16 +282,27 @@ def memory_case(args: argparse.Namespace, work: Path) -> dict[str, object]:
     return row
 
 
+def _drop_page_cache(cold: bool) -> None:
+    """With ``--cold``: write dirty pages out and drop the page cache (root only), so that the next
+    measurement reads the models from disk, as a first import does."""
+    if cold:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
 def time_case(args: argparse.Namespace, work: Path) -> dict[str, object]:
     """(b): import_run against reading both models' files once, alternated, fresh processes."""
     t = time.perf_counter()
     base, rl, _ = write_pair(work / f"qwen2-1.5b-{args.time_layers}l", QWEN2_1_5B, args.time_layers,
                              args.changed)  # fmt: skip
     written = round(time.perf_counter() - t, 1)
-    measure("read", base, rl, work / "runs", args.threads)  # warm the page cache for both alike
+    if not args.cold:
+        measure("read", base, rl, work / "runs", args.threads)  # warm the page cache for both alike
     reads, imports, peaks = [], [], []
     for _ in range(args.repeat):
+        _drop_page_cache(args.cold)
         r = measure("read", base, rl, work / "runs", args.threads)
+        _drop_page_cache(args.cold)
         i = measure("import", base, rl, work / "runs", args.threads, args.profile)
         reads.append(r["seconds"])
         imports.append(i["seconds"])
@@ -344,6 +355,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="cProfile each import (to stderr)")
     ap.add_argument("--work", type=Path, default=HERE / "out" / "import", help="folder for pairs and runs")
     ap.add_argument("--keep", action="store_true", help="keep the pairs written (reused by the next run)")
+    ap.add_argument("--cold", action="store_true",
+                    help="(b) from disk: drop the page cache before each run (root only)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     ap.add_argument("--child", choices=["bare", "read", "import"], help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)

@@ -129,7 +129,7 @@ def main() -> None:
         family("PiSSA against LoRA, each at its best rate", t, ACC, [(label, pissa, lora)])
     if "w6-cliff" in tables:
         t = tables["w6-cliff"].copy()
-        t["lr"] = t["lr"].fillna("default") if "lr" in t else "default"
+        t["lr"] = t["lr"].astype(object).where(t["lr"].notna(), "default") if "lr" in t else "default"
         means("The rank cliff (20 steps)", t, ["method", "rank", "lr", "batch_size"],
               [REWARD, ACC, "relative_size", "E_1"])  # fmt: skip
         pairs = []

@@ -240,3 +240,46 @@ def test_no_learning_signal_is_said_while_every_group_is_flat_and_not_after():
     checks.observe({"frac_reward_zero_std": 0.5})  # one group with a signal: the gradient is not 0
     assert checks.check(4, end=True) == []
     assert checks.summary()["live_checks"]["no_learning_signal"] == {"step": 3, "logged_steps": 3}
+
+
+def test_a_plain_trainer_and_rloo_record_runs_that_analyze_reads(organism_dir, tmp_path):
+    """The callback on transformers' own Trainer (full fine-tuning: no PEFT) and on TRL's RLOOTrainer
+    (LoRA); train_summary.json names every recorded step, the last included."""
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from trl import RLOOConfig, RLOOTrainer
+
+    tokenizer, model = _model(organism_dir)
+    texts = [f"{a} + {b} = {a + b}" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]]
+    data = Dataset.from_list([tokenizer(t) for t in texts])
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "ckpt"), use_cpu=True, max_steps=2, learning_rate=1e-3,
+        per_device_train_batch_size=2, logging_steps=1, save_strategy="no", report_to="none",
+        disable_tqdm=True,
+    )  # fmt: skip
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator)
+    trainer.add_callback(SpectraCallback(out=tmp_path, name="plain", delta_every=1, monitor_every=1))
+    trainer.train()
+
+    tokenizer, model = _model(organism_dir, lora={})
+    prompts = Dataset.from_list([{"prompt": f"{a} + {b} ="} for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]])
+    args = RLOOConfig(
+        output_dir=str(tmp_path / "rloo-ckpt"), use_cpu=True, bf16=False, max_steps=2, learning_rate=1e-2,
+        per_device_train_batch_size=4, num_generations=2, max_completion_length=8, logging_steps=1,
+        save_strategy="no", report_to="none", disable_tqdm=True,
+    )  # fmt: skip
+    rloo = RLOOTrainer(model=model, reward_funcs=[length_reward], args=args, train_dataset=prompts,
+                       processing_class=tokenizer)  # fmt: skip
+    rloo.add_callback(SpectraCallback(out=tmp_path, name="rloo", delta_every=2, monitor_every=1))
+    rloo.train()
+
+    for name, method, trainer_class, steps in (("plain", "full", "Trainer", [0, 1, 2]),
+                                               ("rloo", "lora", "RLOOTrainer", [0, 2])):  # fmt: skip
+        run_dir = tmp_path / name
+        config = json.loads((run_dir / "run.json").read_text())
+        assert (config["method"], config["trainer"]) == (method, trainer_class)
+        assert spectra.load_run(run_dir).steps == steps
+        assert json.loads((run_dir / "train_summary.json").read_text())["recorded_steps"] == steps
+        r = runner.invoke(app, ["analyze", str(run_dir), "--device", "cpu"])
+        assert r.exit_code == 0, r.output

@@ -213,7 +213,7 @@ def test_summary_json_has_the_per_model_share_pooled_by_entries(tmp_path):
 def test_an_imported_bf16_pair_pools_to_the_share_of_equal_stored_values(tmp_path):
     """Through `spectra import` (import_run) and the analysis: a bf16 model pair's per-model
     unchanged_share is the share of stored values that are equal over its 2-D tensors, exactly."""
-    save_file = pytest.importorskip("safetensors.torch").save_file
+    from safetensors.torch import save_file
     from spectra.train.importing.run import import_run
 
     layer = "model.layers.0."

@@ -94,7 +94,7 @@ def bare_trainer(cfg: Any, run_dir: Path) -> Any:
 
 def one_run(variant: str, args: argparse.Namespace, out: Path, name: str) -> dict[str, Any]:
     """Build one variant's trainer, train it, and time it."""
-    from spectra.train.evaluation import HeldOutEval
+    from spectra.train.eval.evaluation import HeldOutEval
     from spectra.train.trainer import prepare
 
     cfg = config(args, out, name, variant)

@@ -1,4 +1,5 @@
-"""Cost of seeded sampling (``spectra.train.sampling.SeededSampling``) against transformers' own sampling.
+"""Cost of seeded sampling (``spectra.train.eval.sampling.SeededSampling``) against transformers'
+own sampling.
 
 spectra draws each completion from its own random stream so that `spectra eval` gives the same samples
 whatever ``--limit`` and ``--batch-size`` are. This measures what that costs, side by side in one run:
@@ -19,7 +20,7 @@ import platform
 import time
 
 import torch
-from spectra.train.sampling import Sampling, SeededSampling, row_seed, sample_completions
+from spectra.train.eval.sampling import Sampling, SeededSampling, row_seed, sample_completions
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 
@@ -41,8 +42,8 @@ def per_token(rows: int, vocab: int, device: torch.device, repeat: int) -> tuple
 
 def end_to_end(device: torch.device, problems: int, n: int, repeat: int) -> tuple[float, float]:
     """Seconds to sample n completions of ``problems`` organism problems: (spectra, generate)."""
-    from spectra.train.benchmarks import encode_prompt, get_benchmark, load_problems
     from spectra.train.checkpoint import load_pretrained
+    from spectra.train.eval.benchmarks import encode_prompt, get_benchmark, load_problems
     from spectra.train.organism import build_organism
 
     folder = build_organism()

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 from spectra.train import TrainConfig
-from spectra.train.eval_run import EvalConfig, run_eval
-from spectra.train.sampling import VLLMSampler
+from spectra.train.eval.run import EvalConfig, run_eval
+from spectra.train.eval.sampling import VLLMSampler
 from spectra.train.trainer import prepare
 
 

@@ -18,7 +18,7 @@ from spectra.train.config import (  # light: no trainer stack imported
     WHERE,
     TrainConfig,
 )
-from spectra.train.eval_config import EvalConfig  # light too
+from spectra.train.eval.config import EvalConfig  # light too
 
 import spectra
 
@@ -353,7 +353,7 @@ app.command(cls=ConfigCommand)(sweep_command)  # spectra sweep (cli/sweep.py)
 def eval_(cfg: EvalConfig) -> None:
     """Avg@n and Pass@k on math benchmarks, scored by math-verify on the final \\boxed{} answer. On a run:
     its base plus ΔW at the chosen steps, appended to the run's eval.jsonl for `spectra analyze`."""
-    from spectra.train.eval_run import run_eval
+    from spectra.train.eval.run import run_eval
 
     with _one_line_errors():
         with _bars("problems", transient=False) as (bar, add):

@@ -16,7 +16,7 @@ Each training process imports a ``sitecustomize`` module (put on ``PYTHONPATH``)
   step has non-zero advantages on the barely warm-started organism, which never answers right); each
   rollout is logged with its process and step, to see how the rollouts of a step are split;
 - the sampling of rollouts: each from its own seeded stream keyed by its prompt and its place in its
-  group (:class:`spectra.train.sampling.SeededSampling`, the Gumbel-max draw of ``spectra eval``). TRL
+  group (:class:`spectra.train.eval.sampling.SeededSampling`, the Gumbel-max draw of ``spectra eval``). TRL
   draws a step's rollouts in one ``generate`` call per process, seeded ``seed + rank``: with its sampler
   one process and two processes draw different rollouts, and their numbers differ by sampling, not by
   data parallelism. With the same rollouts they differ only by floating-point rounding;
@@ -86,7 +86,7 @@ class _SeededDraw:
     returned as a one-hot distribution, so that TRL's ``do_sample=True`` takes that token."""
 
     def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        from spectra.train.sampling import SeededSampling, row_seed
+        from spectra.train.eval.sampling import SeededSampling, row_seed
 
         seen: collections.Counter = collections.Counter()
         seeds = []

@@ -29,14 +29,20 @@ require("trl")
 import datasets
 from spectra.cli.main import app
 from spectra.train import TrainConfig
-from spectra.train.benchmarks import BENCHMARKS, benchmark_name, encode_prompt, get_benchmark, load_problems
 from spectra.train.config import EvalError
 from spectra.train.data import MATH_TEMPLATE
-from spectra.train.eval_config import EvalConfig
-from spectra.train.eval_run import run_eval
-from spectra.train.evaluation import Scored, score_completions
-from spectra.train.run_model import DamagedStep, apply_delta, load_target, resolve_target
-from spectra.train.sampling import (
+from spectra.train.eval.benchmarks import (
+    BENCHMARKS,
+    benchmark_name,
+    encode_prompt,
+    get_benchmark,
+    load_problems,
+)
+from spectra.train.eval.config import EvalConfig
+from spectra.train.eval.evaluation import Scored, score_completions
+from spectra.train.eval.run import run_eval
+from spectra.train.eval.run_model import DamagedStep, apply_delta, load_target, resolve_target
+from spectra.train.eval.sampling import (
     Sampling,
     SeededSampling,
     VLLMSampler,
@@ -225,7 +231,7 @@ def test_backend_choice_without_vllm(monkeypatch):
 
 def test_backend_choice_with_vllm(monkeypatch):
     """auto: vLLM only where a GPU is seen; vllm by name: also vLLM's CPU build, else a one-line error."""
-    from spectra.train import sampling
+    from spectra.train.eval import sampling
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
@@ -300,7 +306,7 @@ def test_vllm_sampler_asks_n_per_prompt_with_a_seed_each(monkeypatch, tmp_path):
     assert all(b - a > 1000 for a, b in itertools.pairwise(seeds))
     greedy = sampler.sample(prompts[:1], Sampling(n=4, max_tokens=9, temperature=0.0))
     assert len(greedy.texts[0]) == 4 and len(set(greedy.texts[0])) == 1  # vLLM refuses n > 1 when greedy
-    monkeypatch.setattr("spectra.train.sampling._reloads_in_place", lambda: True)
+    monkeypatch.setattr("spectra.train.eval.sampling._reloads_in_place", lambda: True)
     assert sampler.reload(tmp_path / "step10")
     # the new weights in place, then the KV blocks cached under the old ones dropped
     assert seen["order"] == [
@@ -309,7 +315,7 @@ def test_vllm_sampler_asks_n_per_prompt_with_a_seed_each(monkeypatch, tmp_path):
     ]
     with pytest.warns(UserWarning, match="could not reload the weights in place"):
         assert not sampler.reload(tmp_path / "broken")  # a failed reload: the caller builds anew
-    monkeypatch.setattr("spectra.train.sampling._reloads_in_place", lambda: False)
+    monkeypatch.setattr("spectra.train.eval.sampling._reloads_in_place", lambda: False)
     assert not sampler.reload(tmp_path / "step20") and len(seen["order"]) == 2  # vLLM < 0.16
     sampler.close()
     # the engine process is ended (given 30 s to exit), not left to the GC
@@ -320,7 +326,7 @@ def test_one_vllm_engine_across_steps_rebuilt_only_when_it_must(monkeypatch, tmp
     """`--step all` on vLLM: the first step builds the engine, later ones reload in place; a change of
     precision, or a vLLM that cannot reload, builds a new one; each step's weights folder outlives only
     its own step."""
-    from spectra.train import sampling_session
+    from spectra.train.eval import sampling_session
 
     log = []
 

@@ -326,7 +326,7 @@ def test_a_trl_checkpoint_folder_imports_the_recorded_updates(method, trained, o
 def test_an_imported_pair_evaluates_as_the_model_it_came_from(trained, organism_dir, tmp_path):
     import shutil
 
-    from spectra.train.run_model import load_target, resolve_target
+    from spectra.train.eval.run_model import load_target, resolve_target
 
     # outside its run folder, the checkpoint is just a model (inside, `spectra eval` reads it as the run)
     ckpt = shutil.copytree(trained["full"].run_dir / "checkpoints" / "checkpoint-3", tmp_path / "rl")

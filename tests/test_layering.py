@@ -119,3 +119,48 @@ def test_no_import_cycle_in_the_core():
 
     cycles = [cycle for node in sorted(graph) if node not in state and (cycle := visit(node, []))]
     assert cycles == []
+
+
+TRAIN = CORE.parent / "train"
+#: What the trainer may import of evaluation: its callback and the benchmark names.
+TRAINER_USES_OF_EVAL = {"spectra.train.eval.evaluation", "spectra.train.eval.benchmarks"}
+#: What evaluation may import of the trainer: model loading, configuration and its errors, the answer
+#: extraction the rewards share, the organism's task, and the data's prompt templates.
+EVAL_USES_OF_TRAINER = (
+    "checkpoint", "config", "versions", "answers", "math_worker", "rewards", "data", "organism",
+)  # fmt: skip
+
+
+def _train_imports() -> dict[str, set[str]]:
+    """spectra.train module → the spectra.train modules it imports (anywhere in the file)."""
+    graph: dict[str, set[str]] = {}
+    for path in TRAIN.rglob("*.py"):
+        rel = path.relative_to(TRAIN).with_suffix("")
+        name = ".".join(("spectra", "train", *rel.parts)).removesuffix(".__init__")
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("spectra.train"):
+                deps.add(node.module)
+        graph[name] = deps
+    return graph
+
+
+def test_evaluation_is_a_room_of_its_own():
+    """The trainer uses evaluation only through its callback (and the benchmark names); evaluation uses
+    the trainer's model loading and configuration, never the trainer itself."""
+    graph = _train_imports()
+    assert "spectra.train.eval.run" in graph  # the room exists where this test looks for it
+    eval_mods = {m for m in graph if m.startswith("spectra.train.eval")}
+    trainer_side = {m: deps for m, deps in graph.items() if m not in eval_mods}
+    used = {m: {d for d in deps if d.startswith("spectra.train.eval")} for m, deps in trainer_side.items()}
+    wrong = {m: sorted(d - TRAINER_USES_OF_EVAL) for m, d in used.items()}
+    assert not {m: d for m, d in wrong.items() if d}
+    allowed = {f"spectra.train.{m}" for m in EVAL_USES_OF_TRAINER}
+
+    def permitted(d: str) -> bool:
+        return d.startswith("spectra.train.eval") or d == "spectra.train" or any(
+            d == a or d.startswith(a + ".") for a in allowed
+        )
+
+    outside = {m: sorted(d for d in graph[m] if not permitted(d)) for m in eval_mods}
+    assert not {m: d for m, d in outside.items() if d}

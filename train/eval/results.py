@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from spectra.train.config import ORGANISM
-from spectra.train.evaluation import Scored
-from spectra.train.run_model import Weights
-from spectra.train.sampling import Samples, Sampling
+from spectra.train.eval.evaluation import Scored
+from spectra.train.eval.run_model import Weights
+from spectra.train.eval.sampling import Samples, Sampling
 
 from spectra.h5io import atomic_path
 
 if TYPE_CHECKING:
-    from spectra.train.eval_run import Plan, Task
+    from spectra.train.eval.run import Plan, Task
 
 
 def result_filename(task: Task, step: int | None, seed: int, backend: str) -> str:
@@ -51,7 +51,7 @@ def result_record(
     dtype: torch.dtype,
 ) -> dict[str, Any]:
     """The JSON of one benchmark at one step (see the module docstring)."""
-    from spectra.train.trainer import versions
+    from spectra.train.versions import versions
 
     bench, run = task.bench, p.target.run
     return {

@@ -1,13 +1,13 @@
 """Held-out accuracy: sample n completions per problem, score them, report Avg@k and Pass@k.
 
-Generation is :mod:`spectra.train.sampling` (here transformers' ``generate``, each sample from its own
+Generation is :mod:`spectra.train.eval.sampling` (here transformers' ``generate``, each sample from its own
 seeded random stream, so that evaluating during training leaves the training random stream untouched and
 the same seed gives the same samples). Scoring is the training reward's own function
 (:func:`spectra.train.rewards.judge_answers`); a completion without a final ``\\boxed{}``, or with one
 math-verify cannot read, scores 0 and is counted as unparsable.
 
 :class:`HeldOutEval` evaluates during training (``eval.jsonl``); `spectra eval` after it
-(:mod:`spectra.train.eval_run`).
+(:mod:`spectra.train.eval.run`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spectra.train.data import make_prompt, prompt_ids
-from spectra.train.sampling import Sampling, sample_completions
+from spectra.train.eval.sampling import Sampling, sample_completions
 from torch import nn
 from transformers import TrainerCallback
 

@@ -1,7 +1,7 @@
 """A sampling session: one backend kept across the models a command samples from (`spectra eval --step all`).
 
-Built on the backends of :mod:`spectra.train.sampling`. With transformers, each model is moved to the device
-as it arrives and the previous one is released first. With vLLM, one engine serves every model: weights
+Built on the backends of :mod:`spectra.train.eval.sampling`. With transformers, each model is moved to the
+device as it arrives and the previous one is released first. With vLLM, one engine serves every model: weights
 that exist only in memory (a run rebuilt at a step, a merged adapter) are saved to a temporary directory
 that the engine reads, and later models are reloaded into the running engine in place
 (:meth:`VLLMSampler.reload`); a new engine is built only where this vLLM cannot reload, or when the
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from spectra.train.sampling import Progress, Samples, Sampling, VLLMSampler, sample_completions
+from spectra.train.eval.sampling import Progress, Samples, Sampling, VLLMSampler, sample_completions
 
 
 class SamplingSession:

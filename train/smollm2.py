@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import transformers
 from spectra.train.config import SMOLLM2, TrainConfigError
-from spectra.train.organism.cache import MODEL_FILES, _reap_stale_tmp, _tmp_prefix, cache_dir
+from spectra.train.organism.cache import MODEL_FILES, _reap_stale_tmp, _tmp_prefix, cache_dir, is_built
 
 from spectra.h5io import current_umask
 
@@ -86,13 +86,7 @@ def gguf_path() -> Path:
 
 def _is_complete(path: Path) -> bool:
     """Whether ``path`` is a finished conversion of this recipe (all files there, smollm2.json matching)."""
-    if not all((path / f).is_file() for f in _REQUIRED_FILES):
-        return False
-    try:
-        meta = json.loads((path / _MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get("version") == SMOLLM2_VERSION
+    return is_built(path, _MARKER, {"version": SMOLLM2_VERSION})
 
 
 def _sha256(path: Path) -> str:

@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -59,7 +60,6 @@ MODEL_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
 )
-_REQUIRED_FILES = (*MODEL_FILES, _ORGANISM_JSON)
 
 
 def cache_dir() -> Path:
@@ -76,16 +76,24 @@ def _name(seed: int, sft_steps: int) -> str:
     return name if sft_steps == DEFAULT_SFT_STEPS else f"{name}-sft{sft_steps}"
 
 
-def _is_complete(path: Path, seed: int, sft_steps: int) -> bool:
-    """Whether ``path`` is a finished organism of this recipe (all files there, organism.json matching)."""
-    if not all((path / f).is_file() for f in _REQUIRED_FILES):
+_REQUIRED_FILES = (*MODEL_FILES, _ORGANISM_JSON)
+
+
+def is_built(path: Path, marker: str, expected: dict[str, Any]) -> bool:
+    """Whether ``path`` is a finished build of a cached model: every file of :data:`MODEL_FILES` and the
+    ``marker`` JSON there, the marker holding the ``expected`` values (its recipe)."""
+    if not all((path / f).is_file() for f in (*MODEL_FILES, marker)):
         return False
     try:
-        meta = json.loads((path / _ORGANISM_JSON).read_text())
+        meta = json.loads((path / marker).read_text())
     except (OSError, ValueError):
         return False
-    expected = {"version": ORGANISM_VERSION, "seed": seed, "sft_steps": sft_steps}
-    return all(meta.get(k) == v for k, v in expected.items())
+    return isinstance(meta, dict) and all(meta.get(k) == v for k, v in expected.items())
+
+
+def _is_complete(path: Path, seed: int, sft_steps: int) -> bool:
+    """Whether ``path`` is a finished organism of this recipe (all files there, organism.json matching)."""
+    return is_built(path, _ORGANISM_JSON, {"version": ORGANISM_VERSION, "seed": seed, "sft_steps": sft_steps})
 
 
 def _tmp_prefix(name: str) -> str:

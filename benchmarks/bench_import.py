@@ -14,9 +14,8 @@ equal (sparsity_in_rl reports 70–95 % of weights unchanged by RL).
     count. ``import_run`` runs in a fresh process; its peak resident memory (VmHWM) is compared with
     2 × the largest tensor's stored bytes (its float32 ΔW, held whole for the writer) + ``--budget-gib``,
     a budget that does not grow with the model: default 2 GiB = the bare process (interpreter, torch,
-    h5py, spectra imported: ~0.3 GiB, measured and printed) + the importer's row-block working set (the
-    two stored 64 MiB blocks, both in float64, their float64 difference, its float32 copy and the
-    exactness check's float64 copy: ~0.85 GiB) + HDF5 writing, headers and allocator slack (~0.85 GiB).
+    h5py, spectra imported: ~0.3 GiB, measured and printed) + the importer's row-block buffers (1 MiB
+    stored blocks, five float32 buffers of a block: ~12 MiB) + HDF5 writing, headers and allocator slack.
 (b) Time, Qwen2-1.5B shapes (hidden 1536, intermediate 8960, kv 256, vocab 151936, tied embeddings;
     all 28 layers by default, ``--time-layers``): ``import_run`` against reading both models' files once
     (safetensors ``safe_open(...).get_tensor(...).clone()`` of every tensor: get_tensor alone maps the

@@ -346,6 +346,9 @@ def test_an_imported_pair_evaluates_as_the_model_it_came_from(trained, organism_
         (torch.bfloat16, 1.0, 512.0, torch.float32),  # 511 needs nine significant bits, bf16 has eight
         (torch.float32, 1.0, 1.0 + 2**-23, torch.bfloat16),  # 2⁻²³ is a power of two
         (torch.float32, 2**-30, 1.0 + 2**-23, torch.float64),  # float32 cannot hold 1 + 2⁻²³ − 2⁻³⁰
+        (torch.bfloat16, 2**-16, 1.0, torch.float32),  # exponents 16 apart, the difference still exact
+        (torch.bfloat16, 2**-30, 1.0078125, torch.float64),  # 31 significant bits: float32 rounds
+        (torch.bfloat16, -(2.0**127), 2.0**127, torch.float64),  # 2¹²⁸ overflows float32, not float64
     ],
 )
 def test_each_difference_is_exact_and_stored_in_the_narrowest_type_that_holds_it(
@@ -421,3 +424,28 @@ def test_a_tensor_widens_to_float32_when_a_later_block_needs_it(tmp_path):
     d = exact_difference(base, other, "w.weight", block_bytes=6)  # one row per block
     assert d.dtype == torch.float32
     assert torch.equal(d.double(), wt.double() - w0.double())
+
+
+def test_the_exponent_gap_test_passes_only_differences_that_float32_holds():
+    """``_exponents_close`` lets a bf16 block skip TwoSum: wherever it says yes, fl₃₂(a − b) must be
+    a − b exactly (float64 holds every difference of two bf16 values within 2⁴⁴ of each other, and
+    finite bf16 values here are drawn so); checked entry by entry on random bit patterns, every
+    sign, exponent and fraction, zeros and subnormals included."""
+    from spectra.train.importing.pair import _exponents_close
+
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(-(2**15), 2**15, (2, 200_000), generator=gen, dtype=torch.int32)
+    a, b = (x.to(torch.int16).view(torch.bfloat16) for x in bits)
+    exponent_a, exponent_b = ((x.view(torch.int16).int() >> 7) & 0xFF for x in (a, b))
+    finite = (exponent_a < 255) & (exponent_b < 255)
+    s1, s2 = torch.empty(1, dtype=torch.float32), torch.empty(1, dtype=torch.float32)
+    said_close = inexact = 0
+    for i in torch.nonzero(finite).flatten()[:100_000].tolist():
+        x, y = a[i : i + 1], b[i : i + 1]
+        close = _exponents_close(x, y, s1, s2)
+        exact = (x.float() - y.float()).double() == x.double() - y.double()
+        assert exact or not close, (x.item(), y.item())
+        said_close += close
+        inexact += not bool(exact)
+    assert said_close > 5_000 and inexact > 5_000  # both sides of the test were exercised
+    assert not _exponents_close(a[:4].half(), b[:4].half(), s1, s2)  # fp16: TwoSum decides

@@ -18,28 +18,28 @@ import json
 import math
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from spectra.train.importing.errors import SourceError
 from torch import Tensor
 
 from spectra.errors import first_line
 
-#: safetensors dtype → (torch dtype, numpy type of the raw bytes). bfloat16 is read as its 16-bit pattern.
-DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
-    "F64": (torch.float64, np.dtype("<f8")),
-    "F32": (torch.float32, np.dtype("<f4")),
-    "F16": (torch.float16, np.dtype("<f2")),
-    "BF16": (torch.bfloat16, np.dtype("<i2")),
-    "I64": (torch.int64, np.dtype("<i8")),
-    "I32": (torch.int32, np.dtype("<i4")),
-    "I16": (torch.int16, np.dtype("<i2")),
-    "I8": (torch.int8, np.dtype("i1")),
-    "U8": (torch.uint8, np.dtype("u1")),
-    "BOOL": (torch.bool, np.dtype("?")),
+#: safetensors dtype → torch dtype (every value little-endian, as safetensors stores them).
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 FLOATING = ("F64", "F32", "F16", "BF16")
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit
@@ -91,7 +91,7 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             raise SourceError(f"{path}: tensor {name!r} has a malformed header entry") from None
         if dtype not in DTYPES:
             raise SourceError(f"{path}: tensor {name!r} has dtype {dtype}, which spectra does not read")
-        if end - begin != math.prod(shape) * DTYPES[dtype][1].itemsize or end > size:
+        if end - begin != math.prod(shape) * DTYPES[dtype].itemsize or end > size:
             raise SourceError(f"{path}: tensor {name!r}: its byte range does not fit its shape (truncated?)")
         entries[name] = TensorEntry(path, dtype, shape, begin, end)
     return entries
@@ -101,6 +101,8 @@ class ModelFiles:
     """The safetensors tensors of a model (or adapter) folder, by name; ``label`` names it in errors."""
 
     def __init__(self, folder: str | Path, label: str = "model"):
+        if sys.byteorder != "little":  # the bytes are viewed in place as torch tensors
+            raise SourceError(f"{folder}: safetensors (little-endian) are read on little-endian hosts only")
         self.dir = Path(folder)
         self.label = label
         self.entries: dict[str, TensorEntry] = {}
@@ -141,21 +143,29 @@ class ModelFiles:
     def files(self) -> list[Path]:
         return sorted({e.file for e in self.entries.values()})
 
-    def rows(self, name: str, start: int = 0, stop: int | None = None) -> Tensor:
-        """Rows ``start:stop`` of tensor ``name`` (its first dimension), read from disk, as stored."""
+    def block(self, name: str, start: int = 0, stop: int | None = None) -> tuple[int, int, tuple[int, ...]]:
+        """``(start, stop, shape)`` of rows ``start:stop`` of tensor ``name`` (``stop`` clipped)."""
         e = self.entries[name]
-        torch_dtype, raw = DTYPES[e.dtype]
         if not e.shape:
-            start, stop, row_items = 0, 1, 1
-        else:
-            stop = e.shape[0] if stop is None else min(stop, e.shape[0])
-            row_items = math.prod(e.shape[1:])
-        width = row_items * raw.itemsize
+            return 0, 1, ()
+        stop = e.shape[0] if stop is None else min(stop, e.shape[0])
+        return start, stop, (stop - start, *e.shape[1:])
+
+    def rows_into(self, name: str, start: int, stop: int | None, buffer: Tensor) -> Tensor:
+        """Rows ``start:stop`` of tensor ``name`` read from disk into ``buffer`` (a contiguous uint8
+        tensor at least that many bytes long, reused by the caller so that no block allocates), as a
+        view of it in the stored dtype and shape."""
+        e = self.entries[name]
+        start, stop, shape = self.block(name, start, stop)
+        dtype = DTYPES[e.dtype]
+        width = math.prod(shape[1:]) * dtype.itemsize if shape else dtype.itemsize
         count = (stop - start) * width
+        view = memoryview(buffer.numpy()).cast("B")[:count]
+        if len(view) < count:
+            raise ValueError(f"rows_into: a buffer of {len(view)} bytes for {count}")
         fd = os.open(e.file, os.O_RDONLY)
         try:
-            buf = bytearray(count)
-            view, done = memoryview(buf), 0
+            done = 0
             while done < count:  # pread may return less than asked for
                 got = os.preadv(fd, [view[done:]], e.begin + start * width + done)
                 if got == 0:
@@ -163,12 +173,13 @@ class ModelFiles:
                 done += got
         finally:
             os.close(fd)
-        arr = np.frombuffer(buf, dtype=raw)
-        t = torch.from_numpy(arr)  # shares buf: no copy
-        if e.dtype == "BF16":
-            t = t.view(torch.bfloat16)
-        shape = (stop - start, *e.shape[1:]) if e.shape else ()
-        return t.reshape(shape).to(torch_dtype) if t.dtype != torch_dtype else t.reshape(shape)
+        return buffer[:count].view(dtype).reshape(shape)
+
+    def rows(self, name: str, start: int = 0, stop: int | None = None) -> Tensor:
+        """Rows ``start:stop`` of tensor ``name`` (its first dimension), read from disk, as stored."""
+        start, stop, shape = self.block(name, start, stop)
+        nbytes = math.prod(shape) * DTYPES[self.entries[name].dtype].itemsize
+        return self.rows_into(name, start, stop, torch.empty(nbytes, dtype=torch.uint8))
 
     def get(self, name: str) -> Tensor:
         """The whole tensor ``name`` as stored."""

@@ -27,7 +27,8 @@ import torch
 from bench_stream import DTYPES, write_run
 
 from spectra.engine import EngineConfig
-from spectra.pipeline import _plan, _Reader, analyze_run, load_run
+from spectra.pipeline import analyze_run, load_run
+from spectra.schedule import _plan, _Reader
 from spectra.synthetic import qwen2_shapes
 
 

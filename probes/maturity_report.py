@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from spectra.figures import PALETTE, FigureSpec, HeatPanel, Line, Marks, Panel
+from spectra.figspec import FigureSpec, HeatPanel, Line, Marks, Panel
+from spectra.figures import PALETTE
 from spectra.names import PROJECTIONS
 from spectra.report import _table_html, write_figures
 

@@ -32,7 +32,8 @@ from typing import Any
 import pandas as pd
 
 import spectra
-from spectra.figures import PALETTE, FigureSpec, HeatPanel, Line, Marks, Panel, series_band
+from spectra.figspec import FigureSpec, HeatPanel, Line, Marks, Panel
+from spectra.figures import PALETTE, series_band
 from spectra.h5io import atomic_path
 from spectra.metrics.collapse import CollapseRule, performance_verdict
 from spectra.pipeline import Analysis, analyze_run
@@ -263,7 +264,8 @@ def geometry_vs_rank(
             lines.append(Line([ranks[j] for j in keep], mean, name, PALETTE[i % len(PALETTE)],
                               band=(low, high), group=name))  # fmt: skip
         if lines:
-            panels.append(Panel(title, metric, lines, xlabel="rank", logx=True))
+            ticks = sorted({float(r) for ln in lines for r in ln.x})  # at the ranks: 2, 8, 64 on a log axis
+            panels.append(Panel(title, metric, lines, xlabel="rank", logx=True, xticks=ticks))
     if not panels:
         return None
     return FigureSpec(

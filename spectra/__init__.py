@@ -9,9 +9,9 @@ imports the trainer (``spectra.train``), the probes or the command line.
 >>> analysis = spectra.analyze_run("runs/lora")      # … and analysis/ written     # doctest: +SKIP
 
 Inside, imports run one way (tests/test_layering.py, docs/architecture.md): files (``h5io``, ``codecs``,
-``store``, ``writer``) → tensors (``operators``, ``svd``, ``base``) → metrics (``metrics``, with the
-registry) → engine (``engine``) → tables (``tables``) → pipeline (``pipeline``) → reports (``figures``,
-``render``, ``report``).
+``deltafile``, ``store``, ``writer``) → tensors (``operators``, ``svd``, ``base``) → metrics (``metrics``,
+with the registry) → engine (``engine``) → tables (``tables``) → pipeline (``run``, ``schedule``,
+``pipeline``, ``shard``) → reports (``figures``, ``render``, ``report``).
 """
 
 from typing import TYPE_CHECKING, Any

@@ -1,9 +1,9 @@
 """The analysis engine: every registered metric for modules already in memory, batched and chunked.
 
 The engine sees items (a module's ΔW operator, its W0 and W0's reference spectrum), never a run
-directory: :mod:`spectra.pipeline` reads them from the store and writes what comes out. Items are
-grouped by (shape, factored rank); each group is cut into chunks whose working memory stays under
-``max_batch_bytes``, and each chunk is moved to the device and analysed as one batch.
+directory: :mod:`spectra.schedule` reads them from the store, and :mod:`spectra.pipeline` writes what
+comes out. Items are grouped by (shape, factored rank); each group is cut into chunks whose working
+memory stays under ``max_batch_bytes``, and each chunk is moved to the device and analysed as one batch.
 
 Per chunk the engine computes, lazily and only as the selected metrics (:mod:`spectra.metrics.registry`)
 ask for them:

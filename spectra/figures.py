@@ -1,26 +1,29 @@
 """The mechanism plots, as data: each builder turns analysed runs into a :class:`FigureSpec`.
 
-A spec says what to draw (panels of lines with quartile bands, reference lines, collapse marks, or
-layer × projection heatmaps) and nothing about how; :mod:`spectra.render` draws the same spec as a PNG
-(matplotlib) and as an interactive figure (plotly), so the report and the PNGs can never disagree.
+A spec (:mod:`spectra.figspec`) says what to draw (panels of lines with quartile bands, reference lines,
+collapse marks, or layer × projection heatmaps) and nothing about how; :mod:`spectra.render` draws the
+same spec as a PNG (matplotlib) and as an interactive figure (plotly), so the report and the PNGs can
+never disagree. A line's ``kind`` says what it shows, the same for every run; a random update's baseline
+is a reference line, grey, with one legend entry however many runs are drawn.
 
 Every builder takes a list of :class:`RunView` (one for ``spectra analyze``, several for ``spectra
 compare``); a run keeps its colour across all figures. Curves are medians over a run's analysed matrix
 modules at each recorded step, with the band between the 25th and 75th percentiles. Runs that differ
 only by seed are drawn as one (:func:`spectra.report.seed_view`): the mean over the seeds, its band the
-range of the seeds (:mod:`spectra.stats`; not a confidence interval). One module holds every builder (over 400
-lines) so that they share their helpers.
+range of the seeds (:mod:`spectra.stats`; not a confidence interval). One module holds every builder so
+that they share their helpers.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+from spectra.figspec import REFERENCE_COLOR, FigureSpec, HeatPanel, Line, Marks, Panel
 from spectra.metrics.registry import heatmap_columns
 from spectra.names import PROJECTIONS
 
@@ -29,70 +32,6 @@ PALETTE = (
     "#7f7f7f",
 )  # fmt: skip
 STEP_PALETTE = ("#c6dbef", "#6baed6", "#2171b5", "#08306b", "#000000")
-COLLAPSE_COLOR = "#d62728"
-
-
-@dataclass
-class Line:
-    """One curve. ``band`` (lower, upper) is shaded; ``group`` ties a run's traces together."""
-
-    x: Sequence[float]
-    y: Sequence[float]
-    name: str
-    color: str
-    dash: str = "solid"  # solid | dash | dot | dashdot
-    band: tuple[Sequence[float], Sequence[float]] | None = None
-    markers: bool = True
-    width: float = 1.8
-    group: str = ""
-    legend: bool = True
-
-
-@dataclass
-class Marks:
-    """Points drawn as crosses (collapsed checkpoints)."""
-
-    x: Sequence[float]
-    y: Sequence[float]
-    name: str
-    color: str = COLLAPSE_COLOR
-
-
-@dataclass
-class Panel:
-    title: str
-    ylabel: str
-    lines: list[Line] = field(default_factory=list)
-    marks: list[Marks] = field(default_factory=list)
-    hlines: list[tuple[float, str]] = field(default_factory=list)
-    xlabel: str = "training step"
-    logy: bool = False
-    logx: bool = False
-
-
-@dataclass
-class HeatPanel:
-    title: str
-    z: list[list[float]]  # rows = y labels, columns = x labels
-    x: list[str]
-    y: list[str]
-    colorbar: str
-    xlabel: str = "projection"
-    ylabel: str = "layer"
-    marks: list[tuple[str, str]] = field(default_factory=list)  # (x, y) cells drawn with a cross
-    marks_name: str = ""  # the legend of the crosses
-    zrange: tuple[float, float] | None = None  # the colour scale's ends (default: the data's)
-    annotate: bool = False  # write each cell's value in it
-
-
-@dataclass
-class FigureSpec:
-    name: str  # file stem of the PNG, id in the report
-    title: str
-    caption: str
-    panels: list[Panel | HeatPanel]
-    columns: int = 1
-    sharex: bool = True
 
 
 @dataclass
@@ -115,13 +54,16 @@ class RunView:
 
 
 def _median_line(
-    v: RunView, metric: str, name: str, dash: str = "solid", legend: bool = True, band: bool = True
-) -> Line | None:
+    v: RunView, metric: str, kind: str, views: Sequence[RunView], dash: str = "solid", band: bool = True,
+    reference: bool = False,
+) -> Line | None:  # fmt: skip
+    """A run's median of ``metric`` over steps; a ``reference`` (a random update's baseline) is grey."""
     s = v.steps
     if metric not in s.columns or s[metric].isna().all():
         return None
-    return Line(s["step"], s[metric], name, v.color, dash, series_band(s, metric) if band else None,
-                group=v.label, legend=legend)  # fmt: skip
+    return Line(s["step"], s[metric], _name(v, kind, views), REFERENCE_COLOR if reference else v.color,
+                "dash" if reference else dash, series_band(s, metric) if band else None, group=v.label,
+                kind=kind, reference=reference)  # fmt: skip
 
 
 def series_band(frame: pd.DataFrame, col: str) -> tuple[pd.Series, pd.Series] | None:
@@ -144,7 +86,7 @@ def _collapse_marks(v: RunView, metric: str) -> list[Marks]:
     if "collapsed" not in s.columns or metric not in s.columns or not s["collapsed"].any():
         return []
     c = s[s["collapsed"]]
-    return [Marks(c["step"], c[metric], f"{v.label}: collapse flagged")]
+    return [Marks(c["step"], c[metric], f"{v.label}: collapse flagged", kind="collapse flagged")]
 
 
 def _panel(title: str, ylabel: str, lines: list[Line | None], **kw) -> Panel | None:
@@ -173,9 +115,9 @@ def _name(v: RunView, what: str, views: Sequence[RunView]) -> str:
 
 
 def _off_principal(v: RunView, k: int, views: Sequence[RunView]) -> list[Line | None]:
-    """1 − ρ_k of ΔW and of a random update of the same shapes (1 − k²/(mn), dashed)."""
-    line = _median_line(v, f"off_principal_{k}", _name(v, "ΔW", views))
-    base = _median_line(v, f"rho_baseline_{k}", _name(v, "random baseline", views), "dash", band=False)
+    """1 − ρ_k of ΔW and of a random update of the same shapes (1 − k²/(mn), grey dashed)."""
+    line = _median_line(v, f"off_principal_{k}", "ΔW", views)
+    base = _median_line(v, f"rho_baseline_{k}", "random baseline", views, band=False, reference=True)
     if base is not None:
         base.y = 1 - pd.Series(base.y)
     return [line, base]
@@ -223,13 +165,14 @@ def accuracy_lines(v: RunView, views: Sequence[RunView]) -> list[Line]:
         r = v.logs.dropna(subset=["step", "reward"])
         band = series_band(r, "reward") if "reward_lo" in r else None
         lines.append(Line(r["step"], r["reward"], _name(v, "reward", views), v.color, "dot", markers=False,
-                          width=1.2, group=v.label, band=band))  # fmt: skip
+                          width=1.2, group=v.label, band=band, kind="reward"))  # fmt: skip
     for i, (bench, e, avg, passes) in enumerate(eval_series(v.evals)):
         for col, dash in ((avg, "solid" if i == 0 else "dashdot"), (passes[-1] if passes else None, "dash")):
             if col is not None:
-                name = _name(v, f"{bench} {col.replace('avg', 'Avg').replace('pass', 'Pass')}", views)
-                lines.append(Line(e["step"], e[col], name, v.color, dash, group=v.label,
-                                  band=series_band(e, col) if f"{col}_lo" in e else None))  # fmt: skip
+                kind = f"{bench} {col.replace('avg', 'Avg').replace('pass', 'Pass')}"
+                band = series_band(e, col) if f"{col}_lo" in e else None
+                name = _name(v, kind, views)
+                lines.append(Line(e["step"], e[col], name, v.color, dash, band, group=v.label, kind=kind))
     return lines
 
 
@@ -243,10 +186,10 @@ def overview(views: Sequence[RunView], k: int | None = None) -> FigureSpec:
         _panel(f"Off-principal energy 1 − ρ_{k}", "share of ‖ΔW‖²",
                [ln for v in views for ln in _off_principal(v, k, views)]),
         _panel("Effective rank of ΔW", "exp(entropy of σᵢ/Σσ)",
-               [_median_line(v, "erank", _name(v, "median", views)) for v in views],
+               [_median_line(v, "erank", "median", views) for v in views],
                marks=[m for v in views for m in _collapse_marks(v, "erank")]),
         _panel("Spectral concentration E_1 = σ₁²/‖ΔW‖²", "E_1",
-               [_median_line(v, "E_1", _name(v, "median", views)) for v in views],
+               [_median_line(v, "E_1", "median", views) for v in views],
                marks=[m for v in views for m in _collapse_marks(v, "E_1")],
                hlines=_warning_line(views[0])),
     ]  # fmt: skip
@@ -267,14 +210,9 @@ def alignment(views: Sequence[RunView], k: int | None = None) -> FigureSpec:
     lines_p: list[Line | None] = []
     lines_m: list[Line | None] = []
     for v in views:
-        lines_p.append(_median_line(v, f"rho_{k}", _name(v, "ΔW", views)))
-        lines_p.append(
-            _median_line(v, f"rho_baseline_{k}", _name(v, "random baseline k²/(mn)", views), "dash")
-        )
-        lines_m.append(_median_line(v, f"rho_minor_{k}", _name(v, "ΔW", views)))
-        lines_m.append(
-            _median_line(v, f"rho_baseline_{k}", _name(v, "random baseline", views), "dash", False)
-        )
+        base = _median_line(v, f"rho_baseline_{k}", "random baseline", views, reference=True)
+        lines_p += [_median_line(v, f"rho_{k}", "ΔW", views), base]
+        lines_m += [_median_line(v, f"rho_minor_{k}", "ΔW", views), base]
     panels = [
         _panel(f"Principal alignment ρ_{k} = ‖U_kᵀ ΔW V_k‖²/‖ΔW‖²", "share of ‖ΔW‖²", lines_p, logy=True),
         _panel(f"Off-principal energy 1 − ρ_{k}", "share of ‖ΔW‖²",
@@ -287,7 +225,7 @@ def alignment(views: Sequence[RunView], k: int | None = None) -> FigureSpec:
         f"Alignment of ΔW with W0's principal and minor directions (k = {k})",
         f"How much of the update's energy lies in the span of W0's top-{k} (principal) or bottom-{k} "
         "(minor) singular vector pairs. A random update of the same shape has ρ_k = k²/(mn) on average "
-        "(dashed). Medians over modules, band 25th–75th percentile; log scale.",
+        "(grey, dashed). Medians over modules, band 25th–75th percentile; log scale.",
         [p for p in panels if p is not None],
     )
 
@@ -297,17 +235,17 @@ def rank(views: Sequence[RunView], k: int | None = None) -> FigureSpec:
     k = _k(views, k)
     conc: list[Line | None] = []
     for v in views:
-        conc.append(_median_line(v, "E_1", _name(v, "E_1", views)))
-        conc.append(_median_line(v, f"E_{k}", _name(v, f"E_{k}", views), "dash"))
+        conc.append(_median_line(v, "E_1", "E_1", views))
+        conc.append(_median_line(v, f"E_{k}", f"E_{k}", views, "dash"))
     marks_e = [m for v in views for m in _collapse_marks(v, "E_1")]
     panels = [
         _panel("Effective rank of ΔW", "exp(entropy of σᵢ/Σσ)",
-               [_median_line(v, "erank", _name(v, "median", views)) for v in views],
+               [_median_line(v, "erank", "median", views) for v in views],
                marks=[m for v in views for m in _collapse_marks(v, "erank")]),
         _panel(f"Spectral concentration E_k = Σ_{{i≤k}} σᵢ²/‖ΔW‖² (k = 1, {k})", "share of ‖ΔW‖²", conc,
                marks=marks_e, hlines=_warning_line(views[0])),
         _panel("Relative update size ‖ΔW‖_F / ‖W0‖_F", "ratio",
-               [_median_line(v, "relative_size", _name(v, "median", views)) for v in views], logy=True),
+               [_median_line(v, "relative_size", "median", views) for v in views], logy=True),
     ]  # fmt: skip
     return FigureSpec(
         "rank",
@@ -356,12 +294,12 @@ def angles(views: Sequence[RunView], k: int | None = None) -> FigureSpec:
     ang: list[Line | None] = []
     intr: list[Line | None] = []
     for v in views:
-        ang.append(_median_line(v, f"angle_left_{k}", _name(v, "left (output) space", views)))
-        ang.append(_median_line(v, f"angle_right_{k}", _name(v, "right (input) space", views), "dash"))
+        ang.append(_median_line(v, f"angle_left_{k}", "left (output) space", views))
+        ang.append(_median_line(v, f"angle_right_{k}", "right (input) space", views, "dash"))
         s = v.steps
         if "intruders_mean" in s.columns and s["intruders_mean"].notna().any():
             intr.append(Line(s["step"], s["intruders_mean"], _name(v, "mean over modules", views), v.color,
-                             group=v.label))  # fmt: skip
+                             group=v.label, kind="mean over modules"))  # fmt: skip
     panels = [
         _panel(f"Largest principal angle between top-{k} singular subspaces of W0 and W_t", "degrees", ang),
         _panel("Intruder dimensions among W_t's top singular vectors", "count per module", intr),
@@ -380,8 +318,8 @@ def esd_alpha(views: Sequence[RunView]) -> FigureSpec:
     """The power-law exponent α of W_t's eigenvalue spectrum over training, against W0's."""
     lines: list[Line | None] = []
     for v in views:
-        lines.append(_median_line(v, "alpha", _name(v, "W_t = W0 + ΔW", views)))
-        lines.append(_median_line(v, "alpha_base", _name(v, "W0", views), "dash", band=False))
+        lines.append(_median_line(v, "alpha", "W_t = W0 + ΔW", views))
+        lines.append(_median_line(v, "alpha_base", "W0", views, "dash", band=False))
     panel = _panel("ESD power-law exponent α (median over modules)", "α", lines)
     return FigureSpec(
         "esd_alpha",
@@ -455,4 +393,3 @@ def all_figures(
             figs.append(heat)
     figs.append(accuracy(views))
     return [f for f in figs if f.panels]
-

@@ -22,11 +22,11 @@ from typing import Any
 
 import pandas as pd
 
+from spectra.figspec import FigureSpec
 from spectra.figures import (
     EVAL_SETTINGS,
     PALETTE,
     SCORE,
-    FigureSpec,
     RunView,
     all_figures,
     default_k,

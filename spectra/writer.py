@@ -18,15 +18,7 @@ import h5py
 from torch import Tensor
 
 from spectra.codecs import CODECS, Stored, check_dtype
-from spectra.h5io import (
-    ATTRS_CHECKSUM,
-    atomic_path,
-    attrs_checksum,
-    remove_stale_temporaries,
-    write_json,
-    write_tensor,
-)
-from spectra.store import (
+from spectra.deltafile import (
     DELTA_FORMAT,
     MODULE_COUNT,
     SCHEMA_VERSION,
@@ -34,6 +26,14 @@ from spectra.store import (
     WEIGHTS_FORMAT,
     delta_filename,
     h5name,
+)
+from spectra.h5io import (
+    ATTRS_CHECKSUM,
+    atomic_path,
+    attrs_checksum,
+    remove_stale_temporaries,
+    write_json,
+    write_tensor,
 )
 
 

@@ -28,8 +28,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-__all__ = ["BROWSER_NAMES", "BrowserError", "Rendered", "find_browser", "render"]
+__all__ = ["BROWSER_NAMES", "PLOTLY_TEXT_BOXES", "BrowserError", "Rendered", "find_browser", "render"]
 
 # Looked up on PATH in this order, then the known Debian locations.
 BROWSER_NAMES = (
@@ -51,6 +52,51 @@ _DEBIAN_BINARY = "/usr/lib/chromium/chromium"
 _SETTLE_JS = """new Promise(resolve => requestAnimationFrame(() => requestAnimationFrame(
     () => setTimeout(resolve, %d))))"""
 
+# For ``render(..., evaluate=PLOTLY_TEXT_BOXES)``: for each plotly figure of the page, the bounding
+# rectangles ([left, top, right, bottom], CSS pixels) of its text: ``kind`` is title (the figure's),
+# annotation (subplot titles are annotations), xtitle / ytitle (axis titles), legend (its whole box),
+# colorbar (bar, ticks and title) or tick (a tick label); ``legend`` the text of each legend entry;
+# ``axes`` each cartesian axis with its type (linear, log, category), title and tick labels as written
+# (plotly's ``data-unformatted``: ``10<sup>−3</sup>`` stays markup); ``figure`` the box of the whole figure.
+PLOTLY_TEXT_BOXES = r"""(() => {
+  const rect = el => { const r = el.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+  const label = el => el.getAttribute("data-unformatted") ?? (el.textContent || "").trim();
+  return Array.from(document.querySelectorAll(".js-plotly-plot")).map(gd => {
+    const out = {id: gd.id, figure: rect(gd), boxes: [], legend: [], axes: []};
+    const add = (kind, el, text) => {
+      const b = rect(el);
+      if (b[2] - b[0] > 0 && b[3] - b[1] > 0) out.boxes.push({kind, text: text ?? label(el), box: b});
+    };
+    gd.querySelectorAll("text.gtitle").forEach(el => add("title", el));
+    gd.querySelectorAll("g.annotation").forEach(
+      el => add("annotation", el.querySelector(".annotation-text-g") || el));
+    gd.querySelectorAll("g[class^='g-x'][class$='title'] > text").forEach(el => add("xtitle", el));
+    gd.querySelectorAll("g[class^='g-y'][class$='title'] > text").forEach(el => add("ytitle", el));
+    gd.querySelectorAll("g.legend").forEach(el => {
+      const entries = Array.from(el.querySelectorAll("g.traces text.legendtext")).map(label);
+      out.legend.push(...entries);
+      add("legend", el.querySelector("rect.bg") || el, entries.join(" | "));
+    });
+    gd.querySelectorAll("g.colorbar").forEach(el => {
+      const title = el.querySelector(".cbtitle text");
+      add("colorbar", el, title ? label(title) : "");
+    });
+    for (const sp of gd._fullLayout._subplots.cartesian || []) {
+      const g = gd.querySelector("g.subplot." + sp);
+      const names = sp.match(/^(x\d*)(y\d*)$/);
+      if (!g || !names) continue;
+      for (const [letter, id] of [["x", names[1]], ["y", names[2]]]) {
+        const ax = gd._fullLayout[letter + "axis" + id.slice(1)];
+        const ticks = Array.from(g.querySelectorAll(`.${letter}axislayer-above .${id}tick > text`));
+        ticks.forEach(el => add("tick", el));
+        const title = (ax.title && ax.title.text) || "";
+        out.axes.push({subplot: sp, axis: id, type: ax.type, title, ticks: ticks.map(label)});
+      }
+    }
+    return out;
+  });
+})()"""
+
 
 class BrowserError(RuntimeError):
     """The browser could not render the page: it did not start, crashed, or ran out of time."""
@@ -69,11 +115,13 @@ class Rendered:
     errors: the subset that are errors, without the level prefix: ``console.error``/``console.assert``
         failures, uncaught exceptions and unhandled promise rejections, browser error messages, and
         resources that failed to load (``Failed to load resource: net::ERR_... (<url>)``).
+    value: what ``render(..., evaluate=EXPRESSION)`` returned, as JSON (None without one).
     """
 
     dom: str
     console: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    value: Any = None
 
 
 def _is_shell_script(path: str) -> bool:
@@ -292,11 +340,15 @@ def render(
     *,
     browser: str | None = None,
     settle_s: float = 0.5,
+    evaluate: str | None = None,
 ) -> Rendered:
     """Open html_path in headless Chromium with the network blocked and return the DOM and console.
 
     browser: a path or a name on PATH; default find_browser(). Waits for the load event, then two
     animation frames and settle_s seconds, then reads the DOM (later timers are not waited for).
+    evaluate: a JavaScript expression run in the page after that (awaited if it is a promise); its
+    result, JSON-serialised, is ``Rendered.value`` (e.g. :data:`PLOTLY_TEXT_BOXES`). An exception it
+    throws raises BrowserError.
     Raises FileNotFoundError for a missing file, BrowserError when no browser is found, the browser
     does not start or crashes, or the whole render takes longer than timeout_s.
     """
@@ -355,6 +407,15 @@ def render(
             "Runtime.evaluate",
             {"expression": _SETTLE_JS % round(settle_s * 1000), "awaitPromise": True},
         )
+        value = None
+        if evaluate is not None:
+            got = cdp.call(
+                "Runtime.evaluate",
+                {"expression": evaluate, "awaitPromise": True, "returnByValue": True},
+            )
+            if "exceptionDetails" in got:
+                raise cdp._fail(f"evaluate failed: {_exception_text(got['exceptionDetails'])}")
+            value = got["result"].get("value")
         dom = cdp.call(
             "Runtime.evaluate",
             {
@@ -366,7 +427,7 @@ def render(
         with contextlib.suppress(BrowserError):
             cdp.call("Browser.close", page=False)
         closed = True
-        return Rendered(dom=dom, console=cdp.console, errors=cdp.errors)
+        return Rendered(dom=dom, console=cdp.console, errors=cdp.errors, value=value)
     finally:
         for fd in (to_browser_w, from_browser_r):
             with contextlib.suppress(OSError):

@@ -14,7 +14,8 @@ from spectra.cli.main import app
 from typer.testing import CliRunner
 
 import spectra
-from spectra.figures import Marks, all_figures
+from spectra.figspec import Marks
+from spectra.figures import all_figures
 from spectra.operators import Dense, LowRank
 from spectra.pipeline import NothingToAnalyze, analyze_run, plotted_steps
 from spectra.report import run_view, write_comparison, write_run_report

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 import spectra
+from spectra.deltafile import DeltaFile
 from spectra.h5io import ATTRS_CHECKSUM, attrs_checksum
 from spectra.operators import Dense, LowRank
 from spectra.pipeline import analyze_run
-from spectra.store import DeltaFile
 from spectra.synthetic import base_weights
 from spectra.writer import RunWriter
 

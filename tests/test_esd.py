@@ -14,7 +14,7 @@ from _requires import require
 from torch import nn
 
 from spectra import metrics as M
-from spectra.metrics import esd
+from spectra.metrics import esd, marchenko_pastur
 
 
 def heavy_tailed(m: int, n: int, mu: float, gen: torch.Generator) -> torch.Tensor:
@@ -148,7 +148,7 @@ def test_kernel_density_matches_scikit_learn(gen):
     pts = torch.rand(3, 40, generator=gen, dtype=torch.float64).sort(-1).values * 2
     pts[:, :5] = 0.0  # ties and zeros, as a rank-deficient ESD has
     grid = torch.linspace(-0.2, 2.3, 301, dtype=torch.float64).expand(3, -1).contiguous()
-    ours = esd._kde_linear(pts, grid, 0.1)
+    ours = marchenko_pastur._kde_linear(pts, grid, 0.1)
     for k in range(3):
         kde = neighbors.KernelDensity(kernel="linear", bandwidth=0.1).fit(pts[k].numpy()[:, None])
         ref = np.exp(kde.score_samples(grid[k].numpy()[:, None]))
@@ -165,7 +165,7 @@ def test_nelder_mead_is_scipy_fmin_step_for_step():
         return torch.where(d > 0, 3 * d, -d) + 0.1 * d * d
 
     x0 = torch.tensor([1.0, 1.0, 0.5, 40.0, 0.0], dtype=torch.float64)
-    ours = esd.nelder_mead_1d(f, x0)
+    ours = marchenko_pastur.nelder_mead_1d(f, x0)
     for k in range(len(x0)):
         ref = optimize.fmin(
             lambda x, k=k: float(f(torch.tensor([[x[0]]]).expand(5, 1))[k, 0]), [float(x0[k])], disp=False

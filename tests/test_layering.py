@@ -27,13 +27,13 @@ FORBIDDEN = (
     "spectra.cli",
 )
 LAYERS = {
-    "files": ("errors", "names", "h5io", "codecs", "store", "writer"),
+    "files": ("errors", "names", "h5io", "codecs", "deltafile", "store", "writer"),
     "tensors": ("operators", "svd", "base", "synthetic"),
     "metrics": ("metrics",),
     "engine": ("engine",),
     "tables": ("tables", "stats"),
-    "pipeline": ("pipeline", "shard"),
-    "reports": ("figures", "render", "report"),
+    "pipeline": ("run", "schedule", "pipeline", "shard"),
+    "reports": ("figspec", "figures", "render", "report"),
 }
 ORDER = list(LAYERS)
 
@@ -101,6 +101,15 @@ def test_files_never_import_compute_and_the_engine_never_the_store():
     files = [m for m in graph if _layer(m) == "files"]
     assert not [(m, d) for m in files for d in graph[m] if _layer(d) != "files"]
     assert not graph["spectra.engine"] & {"spectra.store", "spectra.writer", "spectra.pipeline"}
+
+
+def test_the_pipeline_runs_one_way():
+    """Inside the pipeline layer imports follow a ΔW's way: the run (and its caches) → the schedule → the
+    entry point; neither the run nor the shards import the schedule or the entry point."""
+    graph = _core_imports()
+    assert not graph["spectra.run"] & {"spectra.schedule", "spectra.pipeline", "spectra.shard"}
+    assert "spectra.pipeline" not in graph["spectra.schedule"]
+    assert not graph["spectra.shard"] & {"spectra.schedule", "spectra.pipeline"}
 
 
 def test_no_import_cycle_in_the_core():

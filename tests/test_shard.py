@@ -17,7 +17,8 @@ import torch
 from _requires import require
 
 from spectra.engine import EngineConfig
-from spectra.pipeline import Unit, _share, analyze_run
+from spectra.pipeline import analyze_run
+from spectra.schedule import Unit, _share
 from spectra.shard import ShardError
 from spectra.synthetic import qwen2_shapes, write_synthetic_run
 

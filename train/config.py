@@ -1,3 +1,4 @@
+# Whole on purpose: the one declaration of every `spectra train` option (type, default, help, check).
 """`TrainConfig`: every option of `spectra train`, in one dataclass that is written to ``run.json``.
 
 Each field declares its option once: type, default, and ``metadata`` with the help and the ``--help`` panel
@@ -34,9 +35,6 @@ Rewards are scaled by the group's std except for dr_grpo.
 
 GSPO's recipe also splits each generation batch into 4 optimizer steps; spectra keeps one step per batch
 for every loss (a recorded step is one update of the policy that sampled it).
-
-(Over 400 lines: TrainConfig is the one declaration of every `spectra train` option — type, default,
-bounds, help and panel — and its validation; splitting it would spread an option over files.)
 """
 
 from __future__ import annotations

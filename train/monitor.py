@@ -7,7 +7,7 @@ written per step, nothing is copied off the training device. It asks the method 
 copies) and hands them to the analysis core's engine (:func:`spectra.engine.analyze_checkpoint`, batched
 by shape, on the training device) with the metrics of :data:`METRICS`: relative size, E_1, E_k,
 effective rank, stable rank and ρ_k against W0's top singular vectors, for the engine's k (1, 8, 32). W0's
-σ and top vectors come from ``base/spectra.h5`` (:meth:`spectra.pipeline.Run.base_spectrum`, written by
+σ and top vectors come from ``base/spectra.h5`` (:meth:`spectra.run.RunInputs.base_spectrum`, written by
 the ΔW recorder when training begins), loaded onto the device once, at the first measured step. The
 numbers are those ``spectra analyze`` gives for the same step (tests/test_monitor.py).
 

@@ -6,7 +6,8 @@ U_k, V_k its top-k singular vectors and U_{-k}, V_{-k} its bottom-k, W_t = W0 + 
 
 from spectra.metrics.accuracy import avg_at_k, mean_pass_at_k, pass_at_k
 from spectra.metrics.collapse import CollapseRule, detect_collapse, step_medians
-from spectra.metrics.esd import esd_eigenvalues, esd_fit, mp_fit, power_law_fit, spectral_entropy
+from spectra.metrics.esd import esd_eigenvalues, esd_fit, power_law_fit, spectral_entropy
+from spectra.metrics.marchenko_pastur import mp_fit
 from spectra.metrics.precision import bf16_update_sparsity
 from spectra.metrics.spectral import (
     effective_rank,

@@ -36,9 +36,9 @@ from spectra.train.config import EvalError, TrainConfigError
 from torch import nn
 
 from spectra import Run, load_run
+from spectra.deltafile import DeltaFile, delta_filename
 from spectra.errors import SpectraError, first_line
 from spectra.operators import VectorDelta
-from spectra.store import DeltaFile, delta_filename
 
 
 @dataclass

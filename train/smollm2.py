@@ -19,18 +19,13 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import transformers
 from spectra.train.config import SMOLLM2, TrainConfigError
-from spectra.train.organism.cache import MODEL_FILES, _reap_stale_tmp, _tmp_prefix, cache_dir, is_built
-
-from spectra.h5io import current_umask
+from spectra.train.organism.cache import MODEL_FILES, build_once, cache_dir, is_built
 
 __all__ = ["GGUF_FILE", "INSTALL", "SMOLLM2_VERSION", "gguf_path", "missing_packages", "smollm2_dir"]
 
@@ -163,24 +158,5 @@ def smollm2_dir(root: Path | None = None, force: bool = False) -> Path:
         return final
     gguf = gguf_path()
 
-    root.mkdir(parents=True, exist_ok=True)
-    _reap_stale_tmp(root, _NAME)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(_NAME)}{os.getpid()}-", dir=root))
-    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the finished entry is an ordinary dir
-    try:
-        log.info("converting %s into %s (once; about 20 s)", gguf, final)
-        _convert(gguf, tmp)
-        if final.exists() and (force or not _is_complete(final)):
-            # Replace a stale/incomplete/forced-out directory: move it aside first, then delete it.
-            trash = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(_NAME)}{os.getpid()}-old-", dir=root))
-            final.rename(trash / "old")
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not _is_complete(final):  # lost a race to something that is not a finished conversion
-                raise
-            log.info("another process finished %s first; using it", final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    log.info("converting %s into %s (once; about 20 s)", gguf, final)
+    return build_once(final, lambda tmp: _convert(gguf, tmp), _is_complete, force)

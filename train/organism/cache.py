@@ -16,7 +16,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,14 +187,27 @@ def build_organism(
     if not force and _is_complete(final, seed, sft_steps):
         return final
 
+    log.info("building the model organism %s (seed %d, %d SFT steps)", final, seed, sft_steps)
+    return build_once(
+        final, lambda tmp: _build(tmp, seed, sft_steps), lambda p: _is_complete(p, seed, sft_steps), force
+    )
+
+
+def build_once(
+    final: Path, build: Callable[[Path], None], complete: Callable[[Path], bool], force: bool
+) -> Path:
+    """Run ``build(tmp)`` in a temporary sibling of ``final`` and rename it into place when finished, so a
+    killed build never leaves a directory that passes for a finished one (``complete``). A stale,
+    incomplete or (``force``) replaced ``final`` is moved aside and deleted first; of two concurrent
+    builds the first rename wins and the other uses it."""
+    root, name = final.parent, final.name
     root.mkdir(parents=True, exist_ok=True)
     _reap_stale_tmp(root, name)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(name)}{os.getpid()}-", dir=root))
     tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the finished entry is an ordinary dir
     try:
-        log.info("building the model organism %s (seed %d, %d SFT steps)", final, seed, sft_steps)
-        _build(tmp, seed, sft_steps)
-        if final.exists() and (force or not _is_complete(final, seed, sft_steps)):
+        build(tmp)
+        if final.exists() and (force or not complete(final)):
             # Replace a stale/incomplete/forced-out directory: move it aside first, then delete it.
             trash = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(name)}{os.getpid()}-old-", dir=root))
             final.rename(trash / "old")
@@ -202,7 +215,7 @@ def build_organism(
         try:
             tmp.rename(final)
         except OSError:
-            if not _is_complete(final, seed, sft_steps):  # lost a race to something that is not an organism
+            if not complete(final):  # lost a race to something that is not a finished build
                 raise
             log.info("another process finished %s first; using it", final)
     finally:
